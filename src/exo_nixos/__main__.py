@@ -1,0 +1,5 @@
+import sys
+
+from exo_nixos.cli import main
+
+sys.exit(main())

@@ -1,0 +1,434 @@
+"""The config contract between the NixOS module and the Python tool.
+
+One JSON document (``/etc/exo/config.json`` on a host), written by the module from the
+``services.exo`` options and parsed here by one typed model that every command uses. Keys are
+the option names, nested and spelled the same (camelCase). ``schemaVersion`` guards changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from exo_nixos.errors import ConfigError
+
+SCHEMA_VERSION = 1
+DEFAULT_CONFIG_PATH = Path("/etc/exo/config.json")
+
+EXO_API_PORT = 52415
+EXO_ZENOH_PORT = 52414
+EXO_DISCOVERY_PORT = 52413
+GATEWAY_PORT = 52417
+
+
+class Mode(StrEnum):
+    MASTER = "master"
+    WORKER = "worker"
+    AUTO = "auto"
+
+
+class Accelerator(StrEnum):
+    CUDA = "cuda"
+    ROCM = "rocm"
+    MLX = "mlx"
+    CPU = "cpu"
+
+
+LogLevel = Literal["error", "warning", "info", "debug"]
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+_SIZE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_PERCENT = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*%$")
+_UNIT_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def _interface_name(value: str) -> str:
+    if not _IFNAME.match(value) or value in {".", ".."}:
+        raise ValueError(
+            "must be a Linux interface name: 1 to 15 characters, no whitespace, '/' or ':'"
+        )
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path (starting with '/')")
+    return value
+
+
+def _memory_limit(value: str) -> str:
+    MemoryLimit.parse(value)
+    return value
+
+
+def _gfx_version(value: str) -> str:
+    if not re.fullmatch(r"\d{1,2}\.\d{1,2}\.\d{1,2}", value):
+        raise ValueError("must look like '10.3.0' (HSA_OVERRIDE_GFX_VERSION)")
+    return value
+
+
+def _ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address such as 0.0.0.0 or ::1") from None
+    return value
+
+
+def _k8s_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+        raise ValueError(
+            "must be a Kubernetes DNS label: lowercase letters, digits and '-', at most 63"
+        )
+    return value
+
+
+def _url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
+GfxVersion = Annotated[str, AfterValidator(_gfx_version)]
+IPAddress = Annotated[str, AfterValidator(_ip_address)]
+K8sName = Annotated[str, AfterValidator(_k8s_name)]
+Url = Annotated[str, AfterValidator(_url)]
+
+
+class MemoryLimit:
+    """A memory limit as written in the config: a share of RAM ("80%") or a size ("48G")."""
+
+    def __init__(self, percent: float | None, size_bytes: int | None) -> None:
+        self.percent = percent
+        self.size_bytes = size_bytes
+
+    @classmethod
+    def parse(cls, text: str) -> MemoryLimit:
+        text = text.strip()
+        if match := _PERCENT.match(text):
+            percent = float(match["num"])
+            if not 0 < percent <= 100:
+                raise ValueError("a percentage must be above 0% and at most 100%")
+            return cls(percent, None)
+        if match := _SIZE.match(text):
+            size = int(float(match["num"]) * (1 << _UNIT_SHIFT[match["unit"].upper()]))
+            if size <= 0:
+                raise ValueError("a size must be above zero")
+            return cls(None, size)
+        raise ValueError(
+            "must be a percentage of physical memory such as '80%' or a size such as "
+            "'48G', '512M' or '64GiB' (binary units K, M, G, T)"
+        )
+
+    def resolve(self, total_bytes: int) -> int:
+        """The limit in bytes on a machine with ``total_bytes`` of memory."""
+        if self.percent is not None:
+            return int(total_bytes * self.percent / 100)
+        assert self.size_bytes is not None
+        return self.size_bytes
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_enum_values=False,
+    )
+
+
+class PortRange(_Section):
+    from_: Port = Field(49153, alias="from")
+    to: Port = 65535
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PortRange:
+        if self.from_ > self.to:
+            raise ValueError(f"'from' ({self.from_}) must not be above 'to' ({self.to})")
+        return self
+
+
+class Networking(_Section):
+    bond_interface: InterfaceName | None = Field(
+        None, description="Cluster interface (usually a bond) EXO's traffic should use."
+    )
+    extra_interfaces: list[InterfaceName] = Field(
+        default_factory=list, description="More cluster interfaces (e.g. Thunderbolt links)."
+    )
+    backup_interface: InterfaceName | None = Field(
+        None, description="Interface to report failover to when the cluster interface is down."
+    )
+    rdma_enabled: bool = Field(True, description="Use RDMA/Thunderbolt links where present.")
+    discovery_port: Port = Field(EXO_DISCOVERY_PORT, description="EXO's UDP discovery port.")
+    zenoh_port: Port = Field(EXO_ZENOH_PORT, description="EXO's TCP transport (zenoh) port.")
+    ring_ports: PortRange = Field(
+        default_factory=lambda: PortRange.model_validate({}),
+        description="TCP range EXO's MLX ring/JACCL backends use between nodes.",
+    )
+    network_namespace: str | None = Field(
+        None, description="Run the EXO units in this named network namespace."
+    )
+
+    @property
+    def cluster_interfaces(self) -> list[str]:
+        first = [self.bond_interface] if self.bond_interface else []
+        return first + [i for i in self.extra_interfaces if i not in first]
+
+
+class Hardware(_Section):
+    auto_detect: bool = Field(True, description="Choose the accelerator from what is detected.")
+    preferred_accelerator: Accelerator | None = Field(
+        None, description="Use this accelerator when it works here; detection decides otherwise."
+    )
+    memory_limit: MemoryLimitText | None = Field(
+        None, description="Memory EXO may use: '80%' of physical memory or a size like '48G'."
+    )
+    packages: dict[Accelerator, AbsolutePath] = Field(
+        default_factory=dict,
+        description="Installed EXO variants: accelerator -> package path holding bin/exo.",
+    )
+    visible_devices: list[str] | None = Field(
+        None, description="GPU indices or UUIDs EXO may use (CUDA_VISIBLE_DEVICES)."
+    )
+    rocm_gfx_override: GfxVersion | None = Field(
+        None, description="HSA_OVERRIDE_GFX_VERSION for ROCm cards not recognised as-is."
+    )
+
+    def executable(self, accelerator: Accelerator) -> Path | None:
+        package = self.packages.get(accelerator)
+        return Path(package) / "bin" / "exo" if package else None
+
+
+class K3s(_Section):
+    integration: bool = Field(False, description="Register this node with a K3s cluster.")
+    service_discovery: bool = Field(
+        True, description="Keep this node's EndpointSlice entry in step with its health."
+    )
+    namespace: K8sName = "exo-system"
+    service_account: K8sName = "exo"
+    service_name: K8sName = "exo-api"
+    kubeconfig_file: AbsolutePath | None = None
+    token_file: AbsolutePath | None = None
+    ca_file: AbsolutePath | None = None
+    api_server: Url | None = None
+    node_name: str | None = None
+    node_address: IPAddress | None = None
+    allowed_namespaces: list[K8sName] = Field(
+        default_factory=list, description="Namespaces whose pods may reach EXO (NetworkPolicy)."
+    )
+
+
+class Security(_Section):
+    user: str = "exo"
+    group: str = "exo"
+    data_dir: AbsolutePath = "/var/lib/exo"
+    cache_dir: AbsolutePath = "/var/cache/exo"
+    config_dir: AbsolutePath = "/etc/exo"
+    runtime_dir: AbsolutePath = "/run/exo"
+
+
+class Gateway(_Section):
+    enable: bool = True
+    listen_address: IPAddress = "127.0.0.1"
+    port: Port = GATEWAY_PORT
+    api_keys_file: AbsolutePath | None = None
+    tls_certificate_file: AbsolutePath | None = None
+    tls_key_file: AbsolutePath | None = None
+    public_paths: list[str] = Field(default_factory=lambda: ["/health"])
+    static_backends: list[Url] = Field(default_factory=list)
+    max_body_bytes: int = Field(64 << 20, ge=1024)
+
+    @model_validator(mode="after")
+    def _safe(self) -> Gateway:
+        if (self.tls_certificate_file is None) != (self.tls_key_file is None):
+            raise ValueError("tlsCertificateFile and tlsKeyFile must be set together")
+        exposed = not ipaddress.ip_address(self.listen_address).is_loopback
+        if self.enable and self.api_keys_file is None and exposed:
+            raise ValueError(
+                f"listenAddress {self.listen_address} without apiKeysFile would expose "
+                "EXO unauthenticated: set apiKeysFile or listen on 127.0.0.1"
+            )
+        return self
+
+
+class HealthCheck(_Section):
+    interval_sec: float = Field(5.0, gt=0, le=3600)
+    timeout_sec: float = Field(3.0, gt=0, le=600)
+    failures: int = Field(3, ge=1, le=100, description="Failed probes before 'down'.")
+
+
+class Config(_Section):
+    schema_version: Literal[1] = 1
+    mode: Mode = Mode.AUTO
+    no_worker: bool = Field(
+        False, description="Master only: coordinate without running inference (--no-worker)."
+    )
+    api_port: Port = EXO_API_PORT
+    cluster_namespace: str | None = Field(
+        None, description="EXO --namespace; nodes only see peers with the same one."
+    )
+    log_level: LogLevel = "info"
+    offline: bool = False
+    models_dir: AbsolutePath | None = Field(
+        None, description="Where downloads go (EXO_DEFAULT_MODELS_DIR); default dataDir/models."
+    )
+    extra_model_dirs: list[AbsolutePath] = Field(default_factory=list)
+    read_only_model_dirs: list[AbsolutePath] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list)
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+    networking: Networking = Field(default_factory=lambda: Networking.model_validate({}))
+    hardware: Hardware = Field(default_factory=lambda: Hardware.model_validate({}))
+    k3s: K3s = Field(default_factory=lambda: K3s.model_validate({}))
+    security: Security = Field(default_factory=lambda: Security.model_validate({}))
+    gateway: Gateway = Field(default_factory=lambda: Gateway.model_validate({}))
+    health_check: HealthCheck = Field(default_factory=lambda: HealthCheck.model_validate({}))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.no_worker and self.mode is not Mode.MASTER:
+            raise ValueError("noWorker is only meaningful with mode 'master'")
+        tcp = {"apiPort": self.api_port, "networking.zenohPort": self.networking.zenoh_port}
+        if self.gateway.enable:
+            tcp["gateway.port"] = self.gateway.port
+        seen: dict[int, str] = {}
+        for name, port in tcp.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both TCP port {port}")
+            seen[port] = name
+        if self.k3s.integration and self.k3s.token_file and not self.k3s.api_server:
+            raise ValueError("k3s.tokenFile needs k3s.apiServer (the API server URL)")
+        if self.k3s.kubeconfig_file and self.k3s.token_file:
+            raise ValueError("set k3s.kubeconfigFile or k3s.tokenFile, not both")
+        return self
+
+    @property
+    def effective_models_dir(self) -> str:
+        return self.models_dir or f"{self.security.data_dir}/models"
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None:
+            return None
+        field = next(
+            (f for n, f in model.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    return model
+
+
+def _format_error(error: Any) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in loc) or "(document)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = [f.alias or n for n, f in parent.model_fields.items()] if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        allowed = f" (known keys: {', '.join(sorted(known))})" if known and not hint else ""
+        return f"{path}: unknown key{suggestion}{allowed}"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind == "missing":
+        return f"{path}: required but missing"
+    if isinstance(error.get("input"), dict) and kind == "value_error":
+        return f"{path}: {message}"
+    if kind in {"enum", "literal_error"}:
+        return f"{path}: {_describe(error['input'])} is not allowed; {message.lower()}"
+    return f"{path}: {_describe(error['input'])}: {message}"
+
+
+def parse_config(document: Any) -> Config:
+    """Validate a decoded JSON document; raise ConfigError listing every problem."""
+    if not isinstance(document, dict):
+        raise ConfigError("config: the document must be a JSON object")
+    version = document.get("schemaVersion")
+    if version is None:
+        raise ConfigError("schemaVersion: required but missing; this tool reads schemaVersion 1")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"schemaVersion: {_describe(version)} is not supported; this tool reads "
+            f"schemaVersion {SCHEMA_VERSION} (upgrade exo-nixos or the module so they match)"
+        )
+    try:
+        return Config.model_validate(document)
+    except ValidationError as exc:
+        problems = [_format_error(e) for e in exc.errors()]
+        raise ConfigError(problems[0], problems) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; every failure is a one-line ConfigError."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no such config file; on NixOS set services.exo.enable, "
+            "elsewhere pass --config FILE"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{source}: cannot read the config file: {reason}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    try:
+        return parse_config(document)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}", [f"{source}: {p}" for p in exc.problems]) from None
+
+
+def default_config() -> Config:
+    """The config a host gets from ``services.exo.enable = true`` and nothing else."""
+    return Config.model_validate({"schemaVersion": SCHEMA_VERSION})
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://github.com/exo-nixos/exo-nixos/docs/config.schema.json"
+    schema["title"] = "exo-nixos config (services.exo), schemaVersion 1"
+    return schema
