@@ -249,21 +249,54 @@ class Security(_Section):
 
 
 class Gateway(_Section):
-    enable: bool = True
-    listen_address: IPAddress = "127.0.0.1"
-    port: Port = GATEWAY_PORT
-    api_keys_file: AbsolutePath | None = None
-    tls_certificate_file: AbsolutePath | None = None
-    tls_key_file: AbsolutePath | None = None
-    public_paths: list[str] = Field(default_factory=lambda: ["/health"])
-    static_backends: list[Url] = Field(default_factory=list)
-    max_body_bytes: int = Field(64 << 20, ge=1024)
+    enable: bool = Field(True, description="Run the gateway (exo-api.service).")
+    listen_address: IPAddress = Field(
+        "127.0.0.1", description="Address the gateway listens on; non-loopback needs apiKeysFile."
+    )
+    port: Port = Field(GATEWAY_PORT, description="TCP port the gateway listens on.")
+    api_keys_file: AbsolutePath | None = Field(
+        None, description="File of API keys, one per line ('name:key' names one); SIGHUP reloads."
+    )
+    tls_certificate_file: AbsolutePath | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS with; needs tlsKeyFile."
+    )
+    tls_key_file: AbsolutePath | None = Field(
+        None, description="PEM private key of tlsCertificateFile."
+    )
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/health"],
+        description="Exact request paths served without an API key (e.g. /health, /metrics).",
+    )
+    static_backends: list[Url] = Field(
+        default_factory=list,
+        description="EXO node API URLs to use besides the local node and its cluster peers.",
+    )
+    local_backend: bool = Field(
+        True,
+        description="Use this host's node API (http://127.0.0.1:apiPort) and learn peers from it.",
+    )
+    max_body_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    connect_timeout_sec: float = Field(
+        5.0, gt=0, le=600, description="Seconds to connect to a backend before trying another."
+    )
+    response_timeout_sec: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description="Seconds a backend may take to start its response before another is tried.",
+    )
 
     @model_validator(mode="after")
     def _safe(self) -> Gateway:
         if (self.tls_certificate_file is None) != (self.tls_key_file is None):
             raise ValueError("tlsCertificateFile and tlsKeyFile must be set together")
         exposed = not ipaddress.ip_address(self.listen_address).is_loopback
+        if any(not p.startswith("/") for p in self.public_paths):
+            raise ValueError("publicPaths entries must be request paths starting with '/'")
+        if not self.local_backend and not self.static_backends and self.enable:
+            raise ValueError("localBackend is false and staticBackends is empty: no backend")
         if self.enable and self.api_keys_file is None and exposed:
             raise ValueError(
                 f"listenAddress {self.listen_address} without apiKeysFile would expose "

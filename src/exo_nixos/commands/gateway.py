@@ -1,0 +1,34 @@
+"""``exo-nixos gateway --config FILE``: the authenticated, health-aware API gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from exo_nixos.config import DEFAULT_CONFIG_PATH
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
+        help=f"the config JSON (default {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exo_nixos.config import load_config
+    from exo_nixos.errors import UserError
+    from exo_nixos.gateway.server import serve
+
+    config = load_config(args.config)
+    if not config.gateway.enable:
+        raise UserError(f"{args.config}: gateway.enable is false; enable it to run the gateway")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(config))
+    return 0

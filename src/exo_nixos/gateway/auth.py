@@ -1,0 +1,155 @@
+"""API keys: the key file, constant-time checks, reload on SIGHUP.
+
+The key file holds one key per line. Blank lines and lines starting with ``#`` are ignored.
+A line ``name:key`` gives the key a name (letters, digits, ``.``, ``_``, ``-``) that appears in
+logs and metrics instead of the key; a line without such a prefix is named ``line<N>``. Keys are
+at least 16 characters without whitespace.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from exo_nixos.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_LENGTH = 16
+_NAMED = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<key>.*)$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key by name; only its SHA-256 digest is kept in memory."""
+
+    name: str
+    digest: bytes
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def parse_keys(text: str, source: str) -> list[ApiKey]:
+    """Parse a key file's text; raise UserError naming the first bad line."""
+    keys: list[ApiKey] = []
+    names: set[str] = set()
+    digests: set[bytes] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _NAMED.match(line)
+        name, secret = (match["name"], match["key"].strip()) if match else (f"line{number}", line)
+        where = f"{source} line {number}"
+        if any(c.isspace() for c in secret):
+            raise UserError(f"{where}: a key must not contain whitespace; write one key per line")
+        if len(secret) < MIN_KEY_LENGTH:
+            raise UserError(
+                f"{where}: key '{name}' is shorter than {MIN_KEY_LENGTH} characters; "
+                "generate one with `openssl rand -hex 32`"
+            )
+        if name in names:
+            raise UserError(f"{where}: the name '{name}' is used twice; give each key its own")
+        digest = _digest(secret)
+        if digest in digests:
+            raise UserError(f"{where}: key '{name}' repeats an earlier key; remove one")
+        names.add(name)
+        digests.add(digest)
+        keys.append(ApiKey(name, digest))
+    if not keys:
+        raise UserError(f"{source}: no API keys in the file; add one key per line")
+    return keys
+
+
+def read_key_file(path: Path) -> list[ApiKey]:
+    """Read and parse a key file; every failure is a one-line UserError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: API key file not found; create it or fix apiKeysFile") from None
+    except PermissionError:
+        raise UserError(
+            f"{path}: cannot read the API key file (permission denied); "
+            "make it readable by the gateway's user"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"{path}: cannot read the API key file: {reason}") from None
+    return parse_keys(text, str(path))
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: ``Authorization: Bearer KEY``, ``x-api-key: KEY``, or
+    ``Authorization: Basic`` with the key as password (what a browser sends for the dashboard).
+    """
+    authorization = headers.get("Authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return value.strip() or None
+        if scheme == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            _, _, password = decoded.partition(":")
+            return password or None
+        return None
+    api_key = headers.get("x-api-key")
+    return api_key.strip() if api_key else None
+
+
+class KeyStore:
+    """The current set of keys. ``None`` path: authentication is off (loopback only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._keys: tuple[ApiKey, ...] = ()
+        if path is not None:
+            self._keys = tuple(read_key_file(path))
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def reload(self) -> bool:
+        """Re-read the key file. On any problem keep the current keys and log one line."""
+        if self.path is None:
+            return True
+        try:
+            keys = read_key_file(self.path)
+        except UserError as exc:
+            log.error("API keys not reloaded, keeping the %d loaded: %s", len(self._keys), exc)
+            return False
+        self._keys = tuple(keys)
+        log.info("API keys reloaded from %s: %d keys", self.path, len(keys))
+        return True
+
+    def check(self, presented: str | None) -> str | None:
+        """The name of the key that matches ``presented``, or None.
+
+        The presented key is hashed and its digest compared with every key's digest by
+        ``hmac.compare_digest``, without stopping at a match, so the time taken does not
+        depend on which key matched, how much of one matched, or the key's length.
+        """
+        if presented is None:
+            return None
+        digest = _digest(presented)
+        found: str | None = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.name
+        return found

@@ -1,0 +1,268 @@
+"""The backend pool: the cluster's node APIs, health-checked, chosen by load.
+
+Backends come from three places: the local node (``http://127.0.0.1:{apiPort}``), the peers
+listed in the cluster state of a node that answers (each peer's address plus the API port,
+which upstream requires to be equal on every node), and ``gateway.staticBackends``. A health
+check probes every backend each ``healthCheck.intervalSec`` with the node API client: a backend
+is up after one passing probe and down after ``healthCheck.failures`` failed ones in a row, or
+at once when a request to it cannot connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from exo_nixos.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class PeerLike(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def addresses(self) -> Sequence[str]: ...
+
+
+class NodeViewLike(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def peers(self) -> Sequence[PeerLike]: ...
+
+
+Probe = Callable[[str, float], Awaitable[NodeViewLike]]
+
+
+async def default_probe(base_url: str, timeout: float) -> NodeViewLike:  # noqa: ASYNC109
+    """The node API client's probe (``exo_nixos.exoapi.probe``)."""
+    from exo_nixos import exoapi
+
+    view: NodeViewLike = await exoapi.probe(base_url, timeout)
+    return view
+
+
+def address_host(address: str) -> str | None:
+    """The IP address in a peer address: a bare IP, ``host:port``, ``[v6]:port`` or a multiaddr
+    (``/ip4/10.0.0.2/tcp/52414``). None for anything else and for link-local IPv6 (it would
+    need an interface scope the gateway cannot know)."""
+    text = address.strip()
+    if text.startswith("/"):
+        parts = text.split("/")
+        text = parts[2] if len(parts) > 2 and parts[1] in {"ip4", "ip6"} else ""
+    elif text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if ip.is_unspecified or (ip.version == 6 and ip.is_link_local):
+        return None
+    return str(ip)
+
+
+def api_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass(eq=False)
+class Backend:
+    """One node API. ``urls`` are the addresses it may answer on; ``url`` the one in use."""
+
+    urls: list[str]
+    source: str  # "local", "static" or "peer"
+    node_id: str | None = None
+    healthy: bool = False
+    failures: int = 0
+    inflight: int = 0
+    last_error: str | None = None
+    checked_at: float | None = None
+    _index: int = field(default=0, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._index % len(self.urls)]
+
+    @property
+    def label(self) -> str:
+        return self.urls[0]
+
+    def next_address(self) -> None:
+        self._index = (self._index + 1) % len(self.urls)
+
+
+class BackendPool:
+    """Health-checked backends; ``candidates()`` gives the order to try them for a request."""
+
+    def __init__(
+        self,
+        *,
+        local_url: str | None,
+        static_urls: Iterable[str],
+        api_port: int,
+        interval: float,
+        timeout: float,
+        failures: int,
+        metrics: GatewayMetrics,
+        probe: Probe = default_probe,
+    ) -> None:
+        self.api_port = api_port
+        self.interval = interval
+        self.timeout = timeout
+        self.failure_threshold = failures
+        self.metrics = metrics
+        self._probe = probe
+        self.local: Backend | None = Backend([local_url], "local") if local_url else None
+        self.static = [Backend([url], "static") for url in dict.fromkeys(static_urls)]
+        self.peers: dict[str, Backend] = {}
+        self._turn = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+        self.checked = asyncio.Event()
+        for backend in self.all():
+            self._publish(backend)
+
+    def all(self) -> list[Backend]:
+        fixed = [self.local] if self.local else []
+        return fixed + self.static + list(self.peers.values())
+
+    def healthy(self) -> list[Backend]:
+        return [b for b in self.all() if b.healthy]
+
+    def candidates(self) -> list[Backend]:
+        """Healthy backends, least busy first, ties taken in turn; when none is healthy, the
+        others (a stale health state must not turn every request away)."""
+        backends = self.all()
+        if not backends:
+            return []
+        start = next(self._turn) % len(backends)
+        rotated = backends[start:] + backends[:start]
+        healthy = [b for b in rotated if b.healthy]
+        chosen = healthy or rotated
+        return sorted(chosen, key=lambda b: b.inflight)
+
+    def mark_failed(self, backend: Backend, reason: str) -> None:
+        """A request could not reach the backend: it is down until a probe passes."""
+        backend.last_error = reason
+        backend.failures = max(backend.failures, self.failure_threshold)
+        if backend.healthy:
+            log.warning("backend %s down: %s", backend.label, reason)
+        backend.healthy = False
+        if len(backend.urls) > 1:
+            backend.next_address()
+        self._publish(backend)
+
+    def _publish(self, backend: Backend) -> None:
+        self.metrics.backend_up.labels(backend.label).set(1 if backend.healthy else 0)
+        self.metrics.backend_inflight.labels(backend.label).set(backend.inflight)
+        self.metrics.backends_healthy.set(len(self.healthy()))
+
+    def started(self, backend: Backend) -> None:
+        backend.inflight += 1
+        self.metrics.backend_inflight.labels(backend.label).inc()
+
+    def finished(self, backend: Backend) -> None:
+        backend.inflight -= 1
+        self.metrics.backend_inflight.labels(backend.label).dec()
+
+    async def _check(self, backend: Backend) -> NodeViewLike | None:
+        view: NodeViewLike | None = None
+        try:
+            answer = await self._probe(backend.url, self.timeout)
+        except Exception as exc:  # the probe's errors and anything a broken peer causes
+            reason = str(exc) or type(exc).__name__
+            backend.failures += 1
+            backend.last_error = reason
+            if backend.healthy and backend.failures >= self.failure_threshold:
+                backend.healthy = False
+                log.warning("backend %s down: %s", backend.label, reason)
+            if not backend.healthy and len(backend.urls) > 1:
+                backend.next_address()
+        else:
+            if not backend.healthy:
+                log.info("backend %s up (node %s)", backend.url, answer.node_id)
+            backend.healthy = True
+            backend.failures = 0
+            backend.last_error = None
+            backend.node_id = answer.node_id
+            view = answer
+        backend.checked_at = time.monotonic()
+        self._publish(backend)
+        return view
+
+    def _discover(self, view: NodeViewLike) -> list[Backend]:
+        """Make the pool's peers those of ``view`` (its own node and fixed backends aside);
+        return the peers new to the pool."""
+        new: list[Backend] = []
+        known = {b.node_id for b in [self.local, *self.static] if b and b.node_id}
+        known.add(view.node_id)
+        seen: set[str] = set()
+        for peer in view.peers:
+            if peer.node_id in known:
+                continue
+            hosts = [h for h in (address_host(a) for a in peer.addresses) if h]
+            urls = list(dict.fromkeys(api_url(h, self.api_port) for h in hosts))
+            if not urls:
+                continue
+            seen.add(peer.node_id)
+            current = self.peers.get(peer.node_id)
+            if current is None:
+                log.info("peer %s found at %s", peer.node_id, ", ".join(urls))
+                backend = Backend(urls, "peer", node_id=peer.node_id)
+                self.peers[peer.node_id] = backend
+                self._publish(backend)
+                new.append(backend)
+            elif current.urls != urls:
+                current.urls = urls
+        for node_id in list(self.peers):
+            if node_id not in seen:
+                gone = self.peers.pop(node_id)
+                log.info("peer %s left the cluster state", node_id)
+                self.metrics.forget_backend(gone.label)
+        self.metrics.backends_healthy.set(len(self.healthy()))
+        return new
+
+    async def check_once(self) -> None:
+        """Probe every backend; learn the peers from the first node that answers."""
+        backends = self.all()
+        views = await asyncio.gather(*(self._check(b) for b in backends))
+        # The local node's view first: it is the node this gateway belongs to.
+        for view in views:
+            if view is not None:
+                new = self._discover(view)
+                await asyncio.gather(*(self._check(b) for b in new))
+                break
+        self.checked.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:  # keep checking; one bad round must not stop health checks
+                log.exception("health check round failed")
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="exo-gateway-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def summary(self) -> dict[str, int]:
+        return {"healthy": len(self.healthy()), "total": len(self.all())}

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the gateway, in a registry of its own (no process-wide state)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds; fine below a millisecond for small JSON requests, up to minutes for generations.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports; ``render()`` gives the text exposition format."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "exo_gateway_requests",
+            "Requests answered by the gateway, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "exo_gateway_response_latency_seconds",
+            "Seconds from a request's arrival to the start of its response (headers sent).",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "exo_gateway_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its response (streams included).",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "exo_gateway_auth_failures",
+            "Requests refused with 401: no key or a wrong key.",
+            ["reason"],
+            registry=r,
+        )
+        self.requests_by_key = Counter(
+            "exo_gateway_key_requests",
+            "Authenticated requests by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "exo_gateway_retries",
+            "Requests sent again to another backend after one failed before responding.",
+            registry=r,
+        )
+        self.aborted_streams = Counter(
+            "exo_gateway_aborted_streams",
+            "Responses cut off because the backend failed after the response had started.",
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "exo_gateway_backend_up",
+            "1 when the backend's health check passes, 0 when it is down.",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_requests = Counter(
+            "exo_gateway_backend_requests",
+            "Requests forwarded to a backend, by outcome (response, error).",
+            ["backend", "outcome"],
+            registry=r,
+        )
+        self.backend_inflight = Gauge(
+            "exo_gateway_backend_inflight",
+            "Requests a backend is serving now.",
+            ["backend"],
+            registry=r,
+        )
+        self.backends_healthy = Gauge(
+            "exo_gateway_backends_healthy",
+            "Backends whose health check passes.",
+            registry=r,
+        )
+        self.api_keys = Gauge("exo_gateway_api_keys", "API keys loaded.", registry=r)
+        self.key_reloads = Counter(
+            "exo_gateway_key_reloads",
+            "Reloads of the API key file (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop the labelled series of a backend that left the pool."""
+        for metric in (self.backend_up, self.backend_inflight):
+            with contextlib.suppress(KeyError):
+                metric.remove(backend)
+        for outcome in ("response", "error"):
+            with contextlib.suppress(KeyError):
+                self.backend_requests.remove(backend, outcome)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,330 @@
+"""The gateway's HTTP server: authentication, its own ``/health`` and ``/metrics``, and the
+reverse proxy to the backend pool with failover and unbuffered streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from exo_nixos.gateway.auth import KeyStore, presented_key
+from exo_nixos.gateway.backends import Backend, BackendPool
+from exo_nixos.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+
+# RFC 9110 7.6.1 connection-specific headers, never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers the gateway consumes or sets itself.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+# Response headers the gateway sets itself; EXO's blanket CORS grant is not passed on.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+_RESPONSE_DROP_PREFIX = "access-control-"
+
+# Responses up to this size with a known length are read whole before answering, so a backend
+# failing in the middle of one is retried like a failure before the response.
+BUFFER_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    public_paths: frozenset[str] = field(default_factory=lambda: frozenset({HEALTH_PATH}))
+    max_body_bytes: int = 64 << 20
+    connect_timeout: float = 5.0
+    response_timeout: float = 900.0
+    max_attempts: int = 3
+
+
+class _BackendFailed(Exception):
+    """The backend failed before anything was sent to the client: try another."""
+
+
+def _error(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def forward_request_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones and its key, plus X-Forwarded-*."""
+    named = _connection_tokens(request.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in named:
+            continue
+        headers.add(name, value)
+    peer = request.remote or ""
+    previous = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        headers["X-Forwarded-Host"] = request.host
+    return headers
+
+
+def forward_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    named = _connection_tokens(upstream.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in named or lower.startswith(_RESPONSE_DROP_PREFIX):
+            continue
+        headers.add(name, value)
+    return headers
+
+
+class Gateway:
+    """The aiohttp application and the state its handlers share."""
+
+    def __init__(
+        self,
+        keys: KeyStore,
+        pool: BackendPool,
+        metrics: GatewayMetrics,
+        settings: ProxySettings,
+    ) -> None:
+        self.keys = keys
+        self.pool = pool
+        self.metrics = metrics
+        self.settings = settings
+        self.session: aiohttp.ClientSession | None = None
+        self.app = web.Application(client_max_size=settings.max_body_bytes)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.app.on_startup.append(self._on_startup)
+        self.app.on_cleanup.append(self._on_cleanup)
+        metrics.api_keys.set(len(keys))
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.settings.connect_timeout,
+                sock_connect=self.settings.connect_timeout,
+            ),
+        )
+        self.pool.start()
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        await self.pool.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    def reload_keys(self) -> bool:
+        ok = self.keys.reload()
+        self.metrics.key_reloads.labels("ok" if ok else "error").inc()
+        self.metrics.api_keys.set(len(self.keys))
+        return ok
+
+    # --- request handling -------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        method = request.method
+        try:
+            response = await self._dispatch(request, started)
+        except web.HTTPException as exc:  # aiohttp's own, e.g. 413 from request.read()
+            response = _error(exc.status, exc.reason, "invalid_request_error")
+        status = response.status
+        self.metrics.requests.labels(method, str(status)).inc()
+        self.metrics.duration.labels(method).observe(time.perf_counter() - started)
+        return response
+
+    def _authenticate(self, request: web.Request) -> web.Response | None:
+        if not self.keys.enabled or request.path in self.settings.public_paths:
+            return None
+        presented = presented_key(request.headers)
+        name = self.keys.check(presented)
+        if name is None:
+            reason = "missing" if presented is None else "invalid"
+            self.metrics.auth_failures.labels(reason).inc()
+            self.metrics.latency.labels(request.method).observe(0.0)
+            message = (
+                "an API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+                if presented is None
+                else "the API key is not valid"
+            )
+            return _error(
+                401,
+                message,
+                "authentication_error",
+                {"WWW-Authenticate": 'Basic realm="exo", charset="UTF-8"'},
+            )
+        self.metrics.requests_by_key.labels(name).inc()
+        return None
+
+    async def _dispatch(self, request: web.Request, started: float) -> web.StreamResponse:
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
+        if request.path == HEALTH_PATH:
+            self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+            return self._health()
+        if request.path == METRICS_PATH:
+            self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return await self._proxy(request, started)
+
+    def _health(self) -> web.Response:
+        summary = self.pool.summary()
+        status = "ok" if summary["healthy"] == summary["total"] else "degraded"
+        if summary["healthy"] == 0:
+            status = "down"
+        body = json.dumps({"status": status, "backends": summary})
+        return web.Response(
+            status=503 if status == "down" else 200,
+            text=body,
+            content_type="application/json",
+        )
+
+    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > self.settings.max_body_bytes:
+            return _error(
+                413,
+                f"request body of {declared} bytes is over the limit of "
+                f"{self.settings.max_body_bytes}",
+                "invalid_request_error",
+            )
+        body = await request.read() if request.can_read_body else b""
+        headers = forward_request_headers(request)
+        candidates = self.pool.candidates()
+        if not candidates:
+            return _error(503, "no EXO node API is known to the gateway", "gateway_error")
+        last_error = "no backend answered"
+        for attempt, backend in enumerate(candidates[: self.settings.max_attempts]):
+            if attempt:
+                self.metrics.retries.inc()
+            try:
+                return await self._forward(request, backend, headers, body, started)
+            except _BackendFailed as exc:
+                last_error = str(exc)
+        return _error(502, f"no EXO node could answer: {last_error}", "gateway_error")
+
+    async def _forward(
+        self,
+        request: web.Request,
+        backend: Backend,
+        headers: CIMultiDict[str],
+        body: bytes,
+        started: float,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        target = request.raw_path if request.raw_path.startswith("/") else str(request.rel_url)
+        url = backend.url + target
+        label = backend.label
+        self.pool.started(backend)
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.settings.response_timeout):
+                    upstream = await self.session.request(
+                        request.method,
+                        url,
+                        headers=headers,
+                        data=body if body else None,
+                        allow_redirects=False,
+                        skip_auto_headers=("User-Agent", "Content-Type"),
+                    )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                reason = f"{label}: {type(exc).__name__}: {exc}".rstrip(": ")
+                self.metrics.backend_requests.labels(label, "error").inc()
+                self.pool.mark_failed(backend, reason)
+                raise _BackendFailed(reason) from None
+            self.metrics.backend_requests.labels(label, "response").inc()
+            response_headers = forward_response_headers(upstream)
+            length = upstream.content_length
+            streaming = (
+                length is None
+                or length > BUFFER_LIMIT
+                or upstream.content_type == "text/event-stream"
+            )
+            if not streaming:
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    reason = f"{label}: response cut off: {type(exc).__name__}"
+                    self.pool.mark_failed(backend, reason)
+                    raise _BackendFailed(reason) from None
+                self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    body=payload,
+                    headers=response_headers,
+                )
+            return await self._stream(request, upstream, response_headers, backend, started)
+        finally:
+            if upstream is not None:
+                upstream.release()
+            self.pool.finished(backend)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        backend: Backend,
+        started: float,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+        ) as exc:
+            # Part of the response is out: it cannot be retried. Cut the client's connection
+            # so it sees an incomplete response, never a shortened one that looks whole.
+            self.metrics.aborted_streams.inc()
+            self.pool.mark_failed(backend, f"{backend.label}: stream cut off: {type(exc).__name__}")
+            log.warning("stream from %s cut off: %s", backend.label, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionResetError:  # the client went away; dropping upstream stops EXO too
+            upstream.close()
+            return response
+        await response.write_eof()
+        return response

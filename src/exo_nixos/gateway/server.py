@@ -1,0 +1,145 @@
+"""Run the gateway from the config: build the pieces, listen, handle SIGHUP and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+
+from exo_nixos.config import Config
+from exo_nixos.errors import UserError
+from exo_nixos.gateway.auth import KeyStore
+from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
+from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.gateway.proxy import Gateway, ProxySettings
+
+log = logging.getLogger(__name__)
+
+# systemd credential names the module passes with LoadCredential= (read from
+# $CREDENTIALS_DIRECTORY in preference to the configured paths, which the unit cannot read).
+CREDENTIAL_TLS_CERTIFICATE = "tls-certificate"
+CREDENTIAL_TLS_KEY = "tls-key"
+
+
+def credential_path(configured: str, credential: str) -> Path:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / credential
+        if candidate.exists():
+            return candidate
+    return Path(configured)
+
+
+def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certificate, key)
+    except FileNotFoundError as exc:
+        raise UserError(
+            f"{exc.filename or certificate}: TLS file not found; fix tlsCertificateFile/tlsKeyFile"
+        ) from None
+    except PermissionError as exc:
+        raise UserError(
+            f"{exc.filename or key}: cannot read the TLS file (permission denied)"
+        ) from None
+    except ssl.SSLError as exc:
+        raise UserError(
+            f"{certificate}, {key}: not a matching PEM certificate and key: {exc.reason}"
+        ) from None
+    return context
+
+
+def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
+    gw = config.gateway
+    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    metrics = GatewayMetrics()
+    pool = BackendPool(
+        local_url=f"http://127.0.0.1:{config.api_port}" if gw.local_backend else None,
+        static_urls=gw.static_backends,
+        api_port=config.api_port,
+        interval=config.health_check.interval_sec,
+        timeout=config.health_check.timeout_sec,
+        failures=config.health_check.failures,
+        metrics=metrics,
+        probe=probe,
+    )
+    settings = ProxySettings(
+        public_paths=frozenset(gw.public_paths),
+        max_body_bytes=gw.max_body_bytes,
+        connect_timeout=gw.connect_timeout_sec,
+        response_timeout=gw.response_timeout_sec,
+    )
+    return Gateway(keys, pool, metrics, settings)
+
+
+def _notify(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+
+async def serve(config: Config, probe: Probe = default_probe) -> None:
+    gw = config.gateway
+    gateway = build_gateway(config, probe)
+    context = None
+    if gw.tls_certificate_file and gw.tls_key_file:
+        context = tls_context(
+            credential_path(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
+            credential_path(gw.tls_key_file, CREDENTIAL_TLS_KEY),
+        )
+    if not gateway.keys.enabled:
+        log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
+    runner = web.AppRunner(gateway.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, gw.listen_address, gw.port, ssl_context=context, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UserError(
+            f"cannot listen on {gw.listen_address} port {gw.port}: {exc.strerror}; "
+            "choose another gateway.port or stop what uses it"
+        ) from None
+    scheme = "https" if context else "http"
+    log.info(
+        "gateway listening on %s://%s:%d (%d API keys)",
+        scheme,
+        gw.listen_address,
+        gw.port,
+        len(gateway.keys),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        _notify("RELOADING=1")
+        gateway.reload_keys()
+        _notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    _notify("READY=1")
+    try:
+        await stop.wait()
+    finally:
+        _notify("STOPPING=1")
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
