@@ -56,6 +56,31 @@ class ProxySettings:
     max_attempts: int = 3
 
 
+def _whole_document(upstream: aiohttp.ClientResponse) -> bool:
+    """Whether to read the response before answering: JSON documents (EXO sends non-streamed
+    completions chunked, without a length) and anything else with a small known length.
+    Event streams and NDJSON streams (Ollama's) are passed on as they arrive."""
+    if upstream.content_type in {"text/event-stream", "application/x-ndjson"}:
+        return False
+    length = upstream.content_length
+    if length is not None:
+        return length <= BUFFER_LIMIT
+    return upstream.content_type == "application/json"
+
+
+async def _read_upto(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Read the body until its end or past ``limit`` bytes; return it and whether it ended."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await upstream.content.readany()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
+
+
 class _BackendFailed(Exception):
     """The backend failed before anything was sent to the client: try another."""
 
@@ -266,27 +291,27 @@ class Gateway:
                 raise _BackendFailed(reason) from None
             self.metrics.backend_requests.labels(label, "response").inc()
             response_headers = forward_response_headers(upstream)
-            length = upstream.content_length
-            streaming = (
-                length is None
-                or length > BUFFER_LIMIT
-                or upstream.content_type == "text/event-stream"
-            )
-            if not streaming:
+            head = b""
+            if _whole_document(upstream):
                 try:
-                    payload = await upstream.read()
+                    head, complete = await _read_upto(upstream, BUFFER_LIMIT)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     reason = f"{label}: response cut off: {type(exc).__name__}"
                     self.pool.mark_failed(backend, reason)
                     raise _BackendFailed(reason) from None
-                self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
-                return web.Response(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    body=payload,
-                    headers=response_headers,
-                )
-            return await self._stream(request, upstream, response_headers, backend, started)
+                if complete:
+                    self.metrics.latency.labels(request.method).observe(
+                        time.perf_counter() - started
+                    )
+                    return web.Response(
+                        status=upstream.status,
+                        reason=upstream.reason,
+                        body=head,
+                        headers=response_headers,
+                    )
+            return await self._stream(
+                request, upstream, response_headers, backend, head=head, started=started
+            )
         finally:
             if upstream is not None:
                 upstream.release()
@@ -298,6 +323,8 @@ class Gateway:
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         backend: Backend,
+        *,
+        head: bytes,
         started: float,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -308,6 +335,8 @@ class Gateway:
         await response.prepare(request)
         self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
         try:
+            if head:
+                await response.write(head)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         except (

@@ -1,0 +1,517 @@
+"""The gateway as a real process in front of EXO test doubles: keys, proxying, streaming,
+failover, body limit, TLS and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.exo_double.fixture import free_port, run_double
+from tests.gateway_helpers import KEY_A, KEY_B, gateway_config, run_gateway
+
+MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
+AUTH = {"Authorization": f"Bearer {KEY_A}"}
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api-keys"
+    path.write_text(f"# test keys\nalice:{KEY_A}\n")
+    return path
+
+
+@pytest.fixture
+def double():
+    with run_double("--instance", MODEL) as running:
+        yield running
+
+
+async def fetch(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+    data: Any = None,
+    ssl_context: ssl.SSLContext | bool = True,
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.request(
+            method, url, headers=headers, json=body, data=data, ssl=ssl_context
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+def call(method: str, url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+    return asyncio.run(fetch(method, url, **kwargs))
+
+
+def chat(words: int, *, stream: bool) -> dict[str, Any]:
+    text = " ".join(f"w{i}" for i in range(words))
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "stream": stream}
+
+
+def sse_events(raw: bytes) -> list[str]:
+    return [
+        block.removeprefix("data: ")
+        for block in raw.decode().split("\n\n")
+        if block.startswith("data: ")
+    ]
+
+
+def metric_samples(text: str) -> dict[str, list[Any]]:
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        samples[family.name] = list(family.samples)
+    return samples
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+def test_keys_no_key_wrong_key_right_key(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        status, headers, body = call("GET", f"{gateway.url}/v1/models")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Basic")
+        assert json.loads(body)["error"]["type"] == "authentication_error"
+
+        status, _, _ = call("GET", f"{gateway.url}/v1/models", headers={"x-api-key": KEY_B})
+        assert status == 401
+        status, _, _ = call(
+            "GET", f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {KEY_B}"}
+        )
+        assert status == 401
+
+        _, _, direct = call("GET", f"{double.url}/v1/models")
+        for headers in (AUTH, {"x-api-key": KEY_A}):
+            status, _, body = call("GET", f"{gateway.url}/v1/models", headers=headers)
+            assert status == 200
+            assert json.loads(body) == json.loads(direct)
+        # Browsers (the dashboard) send the key as a Basic password.
+        status, _, body = call(
+            "GET",
+            f"{gateway.url}/",
+            headers={"Authorization": "Basic " + base64.b64encode(f"me:{KEY_A}".encode()).decode()},
+        )
+        assert status == 200 and b"<html" in body
+
+        # /health is public by default; /metrics is not.
+        status, _, body = call("GET", f"{gateway.url}/health")
+        assert status == 200 and json.loads(body)["status"] in {"ok", "degraded"}
+        assert call("GET", f"{gateway.url}/metrics")[0] == 401
+        assert call("GET", f"{gateway.url}/metrics", headers=AUTH)[0] == 200
+
+
+def test_sighup_reloads_keys_and_keeps_them_on_a_bad_file(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        url = f"{gateway.url}/node_id"
+        assert call("GET", url, headers=AUTH)[0] == 200
+
+        keys_file.write_text(f"bob:{KEY_B}\n")
+        gateway.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while call("GET", url, headers=AUTH)[0] != 401:
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        assert call("GET", url, headers={"x-api-key": KEY_B})[0] == 200
+
+        keys_file.write_text("not-a-valid-key\n")
+        gateway.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "keeping the 1 loaded" not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        assert call("GET", url, headers={"x-api-key": KEY_B})[0] == 200
+        assert call("GET", url, headers=AUTH)[0] == 401
+
+
+def test_clients_key_is_not_forwarded_and_forwarded_headers_are_set(keys_file):
+    seen: list[dict[str, str]] = []
+
+    async def scenario() -> None:
+        from aiohttp import web
+
+        async def echo(request: web.Request) -> web.Response:
+            seen.append(dict(request.headers))
+            return web.json_response(
+                "node", headers={"Access-Control-Allow-Origin": "*", "X-Exo": "1"}
+            )
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", echo)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            config = gateway_config(
+                port=free_port(), keys_file=keys_file, static_backends=[f"http://127.0.0.1:{port}"]
+            )
+            loop = asyncio.get_running_loop()
+            with run_gateway(config) as gateway:
+                headers = {
+                    **AUTH,
+                    "x-api-key": KEY_A,
+                    "X-Forwarded-For": "192.0.2.1",
+                    "Connection": "keep-alive, X-Drop-Me",
+                    "X-Drop-Me": "1",
+                    "X-Keep-Me": "1",
+                }
+                status, answer, _ = await fetch(
+                    "GET", f"{gateway.url}/node_id?x=1", headers=headers
+                )
+                assert status == 200
+                assert "Access-Control-Allow-Origin" not in answer
+                assert answer["X-Exo"] == "1"
+                await loop.run_in_executor(None, gateway.stop)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    forwarded = [h for h in seen if h.get("X-Keep-Me")]
+    assert len(forwarded) == 1
+    headers = {k.lower(): v for k, v in forwarded[0].items()}
+    assert "authorization" not in headers
+    assert "x-api-key" not in headers
+    assert "x-drop-me" not in headers
+    assert headers["x-forwarded-for"] == "192.0.2.1, 127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+
+
+def test_exposed_gateway_without_keys_is_refused(tmp_path: Path):
+    config = gateway_config(port=free_port(), static_backends=["http://127.0.0.1:9"])
+    config["gateway"]["listenAddress"] = "0.0.0.0"
+    with pytest.raises(RuntimeError, match="without apiKeysFile would expose"), run_gateway(config):
+        pass
+
+
+def test_bad_key_file_stops_start_with_one_line(tmp_path: Path):
+    keys = tmp_path / "keys"
+    keys.write_text("short\n")
+    config = gateway_config(
+        port=free_port(), keys_file=keys, static_backends=["http://127.0.0.1:9"]
+    )
+    with pytest.raises(RuntimeError) as caught, run_gateway(config):
+        pass
+    message = str(caught.value)
+    assert "exited with 2" in message
+    assert "line 1: key 'line1' is shorter than 16 characters" in message
+    assert "Traceback" not in message
+
+
+# --- proxying -----------------------------------------------------------------------------
+
+
+def test_every_route_passes_through(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        for method, path, body in [
+            ("GET", "/", None),
+            ("GET", "/node_id", None),
+            ("GET", "/state", None),
+            ("GET", "/models", None),
+            ("GET", "/ollama/api/version", None),
+            ("POST", "/v1/chat/completions", chat(5, stream=False)),
+            ("POST", "/v1/chat/completions", {"model": "missing", "messages": []}),
+        ]:
+            direct = call(method, f"{double.url}{path}", body=body)
+            proxied = call(method, f"{gateway.url}{path}", body=body, headers=AUTH)
+            assert proxied[0] == direct[0], path
+            assert proxied[1].get("Content-Type") == direct[1].get("Content-Type"), path
+            if path in {"/v1/chat/completions"} and direct[0] == 200:
+                a, b = json.loads(proxied[2]), json.loads(direct[2])
+                assert a["choices"] == b["choices"]
+            elif path != "/state":
+                assert proxied[2] == direct[2], path
+
+
+def test_streams_complete_in_order_and_unbuffered(keys_file):
+    with run_double("--instance", MODEL, "--stream-delay", "0.05") as slow:
+        config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[slow.url])
+        with run_gateway(config) as gateway:
+
+            async def stream(url: str, headers: dict[str, str]) -> tuple[list[str], list[float]]:
+                chunks: list[bytes] = []
+                arrivals: list[float] = []
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(url, json=chat(40, stream=True), headers=headers) as response,
+                ):
+                    assert response.status == 200
+                    assert response.content_type == "text/event-stream"
+                    async for chunk in response.content.iter_any():
+                        chunks.append(chunk)
+                        arrivals.append(time.monotonic())
+                return sse_events(b"".join(chunks)), arrivals
+
+            async def scenario() -> None:
+                direct, _ = await stream(f"{slow.url}/v1/chat/completions", {})
+                results = await asyncio.gather(
+                    *(stream(f"{gateway.url}/v1/chat/completions", AUTH) for _ in range(8))
+                )
+                for events, arrivals in results:
+                    assert events[-1] == "[DONE]"
+                    tokens = [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]]
+                    expected = [
+                        json.loads(e)["choices"][0]["delta"]["content"] for e in direct[:-1]
+                    ]
+                    assert tokens == expected
+                    assert len(tokens) > 40
+                    # Unbuffered: events arrive spread over the generation, not at once at its end.
+                    assert len(arrivals) > 10
+                    assert arrivals[-1] - arrivals[0] > 1.0
+
+            asyncio.run(scenario())
+
+
+def test_body_size_limit_gives_413(double, keys_file):
+    config = gateway_config(
+        port=free_port(), keys_file=keys_file, static_backends=[double.url], max_body_bytes=4096
+    )
+    with run_gateway(config) as gateway:
+        url = f"{gateway.url}/v1/chat/completions"
+        small = chat(10, stream=False)
+        assert call("POST", url, body=small, headers=AUTH)[0] == 200
+        big = json.dumps(chat(2000, stream=False)).encode()
+        status, _, body = call("POST", url, data=big, headers=AUTH)
+        assert status == 413
+        assert "over the limit of 4096" in json.loads(body)["error"]["message"]
+
+        async def chunked() -> int:
+            async def parts():
+                for _ in range(10):
+                    yield b"x" * 1024
+
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, data=parts(), headers=AUTH) as response,
+            ):
+                return response.status
+
+        assert asyncio.run(chunked()) == 413
+
+
+def test_no_backend_answers_gives_502(keys_file):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[dead])
+    with run_gateway(config) as gateway:
+        status, _, body = call("GET", f"{gateway.url}/models", headers=AUTH)
+        assert status == 502
+        assert json.loads(body)["error"]["type"] == "gateway_error"
+        status, _, body = call("GET", f"{gateway.url}/health")
+        assert status == 503 and json.loads(body)["status"] == "down"
+
+
+# --- failover -----------------------------------------------------------------------------
+
+
+def test_failover_under_load_loses_no_request(keys_file):
+    with (
+        run_double("--instance", MODEL) as first,
+        run_double("--instance", MODEL) as second,
+        run_double("--instance", MODEL) as third,
+    ):
+        backends = [first, second, third]
+        config = gateway_config(
+            port=free_port(), keys_file=keys_file, static_backends=[d.url for d in backends]
+        )
+        with run_gateway(config) as gateway:
+            url = f"{gateway.url}/v1/chat/completions"
+            total = 900
+            done = 0
+            failures: list[str] = []
+            served_by: dict[str, int] = {}
+            killed = asyncio.Event()
+
+            async def worker(session: aiohttp.ClientSession, queue: asyncio.Queue[int]) -> None:
+                nonlocal done
+                while True:
+                    try:
+                        queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    async with session.post(url, json=chat(8, stream=False)) as response:
+                        body = await response.read()
+                        if response.status != 200:
+                            failures.append(f"{response.status} {body[:200]!r}")
+                        else:
+                            reply = json.loads(body)["choices"][0]["message"]["content"]
+                            node = reply.split()[3]
+                            served_by[node] = served_by.get(node, 0) + 1
+                    done += 1
+                    if done == total // 3 and not killed.is_set():
+                        killed.set()
+                        first.process.kill()
+
+            async def scenario() -> None:
+                queue: asyncio.Queue[int] = asyncio.Queue()
+                for i in range(total):
+                    queue.put_nowait(i)
+                async with aiohttp.ClientSession(headers=AUTH) as session:
+                    await asyncio.gather(*(worker(session, queue) for _ in range(48)))
+
+            asyncio.run(scenario())
+            assert killed.is_set()
+            assert failures == []
+            assert done == total
+            # Every node served some; the killed one only before it died.
+            assert len(served_by) == 3, served_by
+
+            _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+            samples = metric_samples(text.decode())
+            up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
+            assert up[first.url] == 0
+            assert up[second.url] == 1 and up[third.url] == 1
+            # Requests in flight on the killed node were sent again to the others.
+            assert samples["exo_gateway_retries"][0].value >= 1
+
+
+def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
+    with run_double("--instance", MODEL, "--stream-delay", "0.05") as dying:
+        config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[dying.url])
+        with run_gateway(config) as gateway:
+
+            async def scenario() -> None:
+                async with (
+                    aiohttp.ClientSession(headers=AUTH) as session,
+                    session.post(
+                        f"{gateway.url}/v1/chat/completions", json=chat(60, stream=True)
+                    ) as response,
+                ):
+                    assert response.status == 200
+                    first = await response.content.readany()
+                    assert first
+                    dying.process.kill()
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await response.read()
+
+            asyncio.run(scenario())
+
+
+def test_peers_are_discovered_from_the_local_node(keys_file):
+    # Two nodes on one machine share the API port on two loopback addresses, as two hosts
+    # would: the gateway learns the second from the first's cluster state.
+    port = free_port()
+    peer_id = "peer" + "0" * 28
+    with (
+        run_double(
+            "--instance", MODEL, "--api-port", str(port), "--peer", f"{peer_id}=127.0.0.2:52414"
+        ) as local,
+        run_double(
+            "--instance",
+            MODEL,
+            "--bind",
+            "127.0.0.2",
+            "--api-port",
+            str(port),
+            node_id=peer_id,
+            wait=False,
+        ) as peer,
+    ):
+        peer_url = f"http://127.0.0.2:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if call("GET", f"{peer_url}/node_id")[0] == 200:
+                    break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, peer.log_text()
+            time.sleep(0.1)
+        config = gateway_config(
+            port=free_port(), keys_file=keys_file, api_port=port, local_backend=True
+        )
+        with run_gateway(config) as gateway:
+            deadline = time.monotonic() + 15
+            while True:
+                _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+                samples = metric_samples(text.decode())
+                up = {
+                    s.labels["backend"]: s.value for s in samples.get("exo_gateway_backend_up", [])
+                }
+                if up.get(peer_url) == 1 and up.get(local.url) == 1:
+                    break
+                assert time.monotonic() < deadline, (up, gateway.log_text())
+                time.sleep(0.1)
+            local.stop()
+            for _ in range(5):
+                status, _, body = call("GET", f"{gateway.url}/node_id", headers=AUTH)
+                assert status == 200
+                assert json.loads(body) == peer_id
+
+
+# --- TLS and metrics ----------------------------------------------------------------------
+
+
+def test_tls_with_a_test_certificate(double, keys_file, tmp_path: Path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path = tmp_path / "cert.pem"
+    key_path = tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    config = gateway_config(
+        port=free_port(),
+        keys_file=keys_file,
+        static_backends=[double.url],
+        tls=(cert_path, key_path),
+    )
+    with run_gateway(config) as gateway:
+        assert gateway.url.startswith("https://")
+        client = ssl.create_default_context()
+        ca.configure_trust(client)
+        status, _, body = call("GET", f"{gateway.url}/node_id", headers=AUTH, ssl_context=client)
+        assert status == 200 and json.loads(body) == double.node_id
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            call("GET", f"{gateway.url}/node_id", headers=AUTH)
+        plain = gateway.url.replace("https://", "http://")
+        with pytest.raises(aiohttp.ClientError):
+            call("GET", f"{plain}/node_id", headers=AUTH)
+
+
+def test_metrics_parse_as_prometheus_text(double, keys_file):
+    config = gateway_config(
+        port=free_port(),
+        keys_file=keys_file,
+        static_backends=[double.url],
+        public_paths=["/health", "/metrics"],
+    )
+    with run_gateway(config) as gateway:
+        call("GET", f"{gateway.url}/models", headers=AUTH)
+        call("GET", f"{gateway.url}/models")
+        status, headers, text = call("GET", f"{gateway.url}/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain")
+        samples = metric_samples(text.decode())
+        requests = {
+            (s.labels["method"], s.labels["code"]): s.value
+            for s in samples["exo_gateway_requests"]
+            if s.name == "exo_gateway_requests_total"
+        }
+        assert requests[("GET", "200")] >= 1
+        assert requests[("GET", "401")] >= 1
+        assert any(s.labels.get("key") == "alice" for s in samples["exo_gateway_key_requests"])
+        assert any(
+            s.name.endswith("_bucket") for s in samples["exo_gateway_response_latency_seconds"]
+        )
+        up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
+        assert set(up) == {double.url}
+        assert samples["exo_gateway_api_keys"][0].value == 1
