@@ -1,10 +1,15 @@
 # services.exo.gateway: exo-api.service, the authenticated front door to the cluster.
-{ config, lib, ... }:
+# The gateway itself is `exo-nixos gateway` (src/exo_nixos/gateway); docs/gateway.md.
+{ config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkIf types;
+  inherit (lib) mkOption mkIf types optional;
   cfg = config.services.exo;
   gw = cfg.gateway;
   absolutePath = types.strMatching "/.*";
+  exe = lib.getExe' cfg.toolPackage "exo-nixos";
+  loopback = lib.hasPrefix "127." gw.listenAddress || gw.listenAddress == "::1";
+  tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
+  inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
 in
 {
   imports = [ ./exo-service.nix ];
@@ -21,36 +26,174 @@ in
       example = "0.0.0.0";
       description = "Address the gateway listens on; anything but loopback needs `apiKeysFile`.";
     };
-    port = mkOption { type = types.port; default = 52417; description = "Gateway port."; };
+    port = mkOption {
+      type = types.port;
+      default = 52417;
+      description = "TCP port the gateway listens on (clients use this, not EXO's `apiPort`).";
+    };
     apiKeysFile = mkOption {
       type = types.nullOr absolutePath;
       default = null;
       example = "/run/secrets/exo-api-keys";
-      description = "File of API keys, one per line; reloaded on `systemctl reload exo-api`.";
+      description = ''
+        File of API keys, one per line (`name:key` names a key; `#` starts a comment; keys
+        are at least 16 characters). Never put it in the Nix store. The gateway reads it
+        itself, so it must be readable by the service's group (`security.group`), e.g.
+        owner `root`, group `exo`, mode `0640`. `systemctl reload exo-api` re-reads it; a file
+        that fails to parse keeps the keys already loaded.
+      '';
     };
-    tlsCertificateFile = mkOption { type = types.nullOr absolutePath; default = null; description = "TLS certificate (PEM)."; };
-    tlsKeyFile = mkOption { type = types.nullOr absolutePath; default = null; description = "TLS private key (PEM)."; };
+    tlsCertificateFile = mkOption {
+      type = types.nullOr absolutePath;
+      default = null;
+      example = "/var/lib/acme/exo.example.org/fullchain.pem";
+      description = "PEM certificate (chain) to serve HTTPS with; passed with `LoadCredential=`.";
+    };
+    tlsKeyFile = mkOption {
+      type = types.nullOr absolutePath;
+      default = null;
+      example = "/var/lib/acme/exo.example.org/key.pem";
+      description = "PEM private key of `tlsCertificateFile`; passed with `LoadCredential=`.";
+    };
     publicPaths = mkOption {
-      type = types.listOf types.str;
+      type = types.listOf (types.strMatching "/.*");
       default = [ "/health" ];
       example = [ "/health" "/metrics" ];
-      description = "Paths served without an API key.";
+      description = "Exact request paths served without an API key.";
     };
     staticBackends = mkOption {
-      type = types.listOf types.str;
+      type = types.listOf (types.strMatching "https?://[^[:space:]/]+(/[^[:space:]]*)?");
       default = [ ];
       example = [ "http://10.0.0.12:52415" ];
-      description = "EXO node APIs to use besides those found in the cluster state.";
+      description = "EXO node APIs to use besides the local node and the peers in its cluster state.";
     };
-    maxBodyBytes = mkOption { type = types.ints.positive; default = 67108864; description = "Largest request body accepted."; };
-    openFirewall = mkOption { type = types.bool; default = false; description = "Open the gateway port to clients."; };
+    localBackend = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Use this host's node API (`http://127.0.0.1:''${apiPort}`) as a backend and learn the
+        cluster's other nodes from its `/state`.
+      '';
+    };
+    maxBodyBytes = mkOption {
+      type = types.ints.between 1024 (1024 * 1024 * 1024 * 64);
+      default = 67108864;
+      description = "Largest request body accepted; larger requests are answered with 413.";
+    };
+    connectTimeoutSec = mkOption {
+      type = types.numbers.positive;
+      default = 5;
+      description = "Seconds to connect to a backend before the request is tried on another.";
+    };
+    responseTimeoutSec = mkOption {
+      type = types.numbers.positive;
+      default = 900;
+      description = ''
+        Seconds a backend may take to start answering (a non-streamed generation answers only
+        when done) before the request is tried on another.
+      '';
+    };
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the gateway port to clients on every interface. EXO's own API port is not opened
+        here: it stays for the cluster peers (see `services.exo.networking.openFirewall`).
+      '';
+    };
   };
 
   config = mkIf cfg.enable {
     services.exo.configDocument.gateway = {
       inherit (gw)
         enable listenAddress port apiKeysFile tlsCertificateFile tlsKeyFile publicPaths
-        staticBackends maxBodyBytes;
+        staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec;
+    };
+
+    assertions = mkIf gw.enable [
+      {
+        assertion = loopback || gw.apiKeysFile != null;
+        message = ''services.exo.gateway.listenAddress is ${gw.listenAddress} but apiKeysFile is null: anyone on the network could use EXO. Set services.exo.gateway.apiKeysFile or listen on "127.0.0.1".'';
+      }
+      {
+        assertion = (gw.tlsCertificateFile == null) == (gw.tlsKeyFile == null);
+        message = "services.exo.gateway.tlsCertificateFile and tlsKeyFile must be set together (or neither).";
+      }
+      {
+        assertion = !(inStore gw.apiKeysFile || inStore gw.tlsKeyFile);
+        message = "services.exo.gateway.apiKeysFile and tlsKeyFile must not be in the Nix store (it is world-readable); point them at a secret outside it, e.g. under /run/secrets.";
+      }
+      {
+        assertion = gw.port != cfg.apiPort;
+        message = "services.exo.gateway.port and services.exo.apiPort are both ${toString gw.port}; give the gateway another port.";
+      }
+      {
+        assertion = gw.localBackend || gw.staticBackends != [ ];
+        message = "services.exo.gateway has no backend: set localBackend = true or list staticBackends.";
+      }
+    ];
+
+    warnings = optional (gw.enable && gw.openFirewall && loopback)
+      "services.exo.gateway.openFirewall is set but the gateway listens on ${gw.listenAddress} only; set listenAddress (e.g. \"0.0.0.0\") for clients to reach it.";
+
+    networking.firewall.allowedTCPPorts = optional (gw.enable && gw.openFirewall) gw.port;
+
+    systemd.targets.exo.wants = optional gw.enable "exo-api.service";
+
+    systemd.services.exo-api = mkIf gw.enable {
+      description = "EXO API gateway (authenticated, health-aware)";
+      after = [ "network.target" "${cfg.nodeUnit}.service" ];
+      requires = [ "${cfg.nodeUnit}.service" ];
+      partOf = [ "exo.target" ];
+      wantedBy = [ "exo.target" ];
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${exe} gateway --config ${cfg.configFile}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        Restart = "on-failure";
+        RestartSec = 2;
+        User = cfg.security.user;
+        Group = cfg.security.group;
+        # Read by the gateway from $CREDENTIALS_DIRECTORY (the files may be root-only).
+        LoadCredential = mkIf tls [
+          "tls-certificate:${gw.tlsCertificateFile}"
+          "tls-key:${gw.tlsKeyFile}"
+        ];
+        LimitNOFILE = 65535;
+
+        # Hardening: a network proxy needs no devices, capabilities or writable paths.
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        PrivateDevices = true;
+        DevicePolicy = "closed";
+        PrivateTmp = true;
+        PrivateUsers = true;
+        PrivateIPC = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectControlGroups = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        KeyringMode = "private";
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+        SystemCallErrorNumber = "EPERM";
+        UMask = "0077";
+      };
     };
   };
 }

@@ -1,0 +1,122 @@
+"""services.exo.gateway: exo-api.service, its hardening, firewall, assertions, config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from exo_nixos.config import parse_config
+from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
+
+pytestmark = [pytest.mark.nix, requires_nix]
+
+
+def exo(**settings: Any) -> dict[str, Any]:
+    return {"services": {"exo": {"enable": True, **settings}}}
+
+
+def test_default_gateway_unit_follows_the_node_unit():
+    result = evaluate(exo(mode="master"))
+    assert result["assertions"] == []
+    unit = result["services"]["exo-api"]
+    assert "exo-master.service" in unit["after"]
+    assert "exo-master.service" in unit["requires"]
+    assert unit["partOf"] == ["exo.target"]
+    assert "exo-api.service" in result["targets"]["exo"]["wants"]
+    service = unit["serviceConfig"]
+    assert "/bin/exo-nixos gateway --config /nix/store/" in service["ExecStart"]
+    assert service["ExecReload"].endswith("kill -HUP $MAINPID")
+    assert service["Type"] == "notify"
+    assert "LoadCredential" not in service
+    # Loopback by default: nothing opened.
+    assert 52417 not in result["firewall"]["allowedTCPPorts"]
+
+    worker = evaluate(exo(mode="worker"))["services"]["exo-api"]
+    assert worker["requires"] == ["exo-worker.service"]
+
+
+def test_gateway_has_no_device_access_and_no_capabilities():
+    service = evaluate(exo())["services"]["exo-api"]["serviceConfig"]
+    assert service["PrivateDevices"] is True
+    assert service["DevicePolicy"] == "closed"
+    assert "DeviceAllow" not in service
+    assert service["CapabilityBoundingSet"] == ""
+    assert service["AmbientCapabilities"] == ""
+    assert service["NoNewPrivileges"] is True
+    assert service["ProtectSystem"] == "strict"
+    assert service["MemoryDenyWriteExecute"] is True
+    assert service["RestrictAddressFamilies"] == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert "~@privileged" in service["SystemCallFilter"]
+    text = render_unit(evaluate(exo())["services"]["exo-api"])
+    assert "PrivateDevices=true" in text
+    assert "DevicePolicy=closed" in text
+    assert "PartOf=exo.target" in text
+
+
+def test_exposed_gateway_with_keys_tls_and_firewall():
+    result = evaluate(
+        exo(
+            gateway={
+                "listenAddress": "0.0.0.0",
+                "port": 8443,
+                "apiKeysFile": "/run/secrets/exo-keys",
+                "tlsCertificateFile": "/var/lib/acme/exo/fullchain.pem",
+                "tlsKeyFile": "/var/lib/acme/exo/key.pem",
+                "publicPaths": ["/health", "/metrics"],
+                "staticBackends": ["http://10.0.0.12:52415"],
+                "openFirewall": True,
+            }
+        )
+    )
+    assert result["assertions"] == []
+    assert result["warnings"] == []
+    assert 8443 in result["firewall"]["allowedTCPPorts"]
+    # EXO's raw API port is not opened by the gateway module.
+    assert 52415 not in result["firewall"]["allowedTCPPorts"]
+    service = result["services"]["exo-api"]["serviceConfig"]
+    assert service["LoadCredential"] == [
+        "tls-certificate:/var/lib/acme/exo/fullchain.pem",
+        "tls-key:/var/lib/acme/exo/key.pem",
+    ]
+    # The config document carries the options under the names the Python model reads.
+    config = parse_config(result["etc"]["exo/config.json"])
+    assert config.gateway.port == 8443
+    assert config.gateway.api_keys_file == "/run/secrets/exo-keys"
+    assert config.gateway.public_paths == ["/health", "/metrics"]
+    assert config.gateway.static_backends == ["http://10.0.0.12:52415"]
+    assert config.gateway.local_backend is True
+
+
+@pytest.mark.parametrize(
+    ("gateway", "fragment"),
+    [
+        ({"listenAddress": "0.0.0.0"}, "Set services.exo.gateway.apiKeysFile"),
+        ({"tlsKeyFile": "/run/secrets/key.pem"}, "must be set together"),
+        ({"apiKeysFile": "/nix/store/abc-keys"}, "must not be in the Nix store"),
+        ({"port": 52415}, "give the gateway another port"),
+        ({"localBackend": False}, "has no backend"),
+    ],
+)
+def test_impossible_settings_fail_with_the_fix(gateway, fragment):
+    result = evaluate(exo(gateway=gateway))
+    assert any(fragment in message for message in result["assertions"]), result["assertions"]
+
+
+def test_open_firewall_on_loopback_warns():
+    result = evaluate(exo(gateway={"openFirewall": True}))
+    assert any("listens on 127.0.0.1 only" in w for w in result["warnings"])
+
+
+def test_disabled_gateway_adds_no_unit():
+    result = evaluate(exo(gateway={"enable": False, "openFirewall": True}))
+    assert "exo-api" not in result["services"]
+    assert "exo-api.service" not in result["targets"]["exo"]["wants"]
+    assert 52417 not in result["firewall"]["allowedTCPPorts"]
+
+
+def test_bad_types_are_refused():
+    with pytest.raises(NixEvalError, match="staticBackends"):
+        evaluate(exo(gateway={"staticBackends": ["10.0.0.1:52415"]}))
+    with pytest.raises(NixEvalError, match="publicPaths"):
+        evaluate(exo(gateway={"publicPaths": ["health"]}))
