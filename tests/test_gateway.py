@@ -410,7 +410,7 @@ def test_peers_are_discovered_from_the_local_node(keys_file):
     peer_id = "peer" + "0" * 28
     with (
         run_double(
-            "--instance", MODEL, "--api-port", str(port), "--peer", f"{peer_id}=127.0.0.2:52414"
+            "--instance", MODEL, "--api-port", str(port), "--peer", f"{peer_id}=127.0.0.2:{port}"
         ) as local,
         run_double(
             "--instance",

@@ -16,40 +16,22 @@ import ipaddress
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from exo_nixos import exoapi
+from exo_nixos.exoapi import NodeView
 from exo_nixos.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
 
-class PeerLike(Protocol):
-    @property
-    def node_id(self) -> str: ...
-
-    @property
-    def addresses(self) -> Sequence[str]: ...
+Probe = Callable[[str, float], Awaitable[NodeView]]
 
 
-class NodeViewLike(Protocol):
-    @property
-    def node_id(self) -> str: ...
-
-    @property
-    def peers(self) -> Sequence[PeerLike]: ...
-
-
-Probe = Callable[[str, float], Awaitable[NodeViewLike]]
-
-
-async def default_probe(base_url: str, timeout: float) -> NodeViewLike:  # noqa: ASYNC109
-    """The node API client's probe (``exo_nixos.exoapi.probe``)."""
-    from exo_nixos import exoapi
-
-    view: NodeViewLike = await exoapi.probe(base_url, timeout)
-    return view
+async def default_probe(base_url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
+    """The node API client's probe: ``/node_id``, ``/state`` and ``/models``."""
+    return await exoapi.probe(base_url, timeout)
 
 
 def address_host(address: str) -> str | None:
@@ -176,12 +158,24 @@ class BackendPool:
         backend.inflight -= 1
         self.metrics.backend_inflight.labels(backend.label).dec()
 
-    async def _check(self, backend: Backend) -> NodeViewLike | None:
-        view: NodeViewLike | None = None
+    async def _check(self, backend: Backend) -> NodeView | None:
+        """Probe one backend. Up: its API answers and reports no problem (a node that has
+        not reached a master, or whose /state or /models fail, cannot serve requests)."""
+        view: NodeView | None = None
         try:
-            answer = await self._probe(backend.url, self.timeout)
+            view = await self._probe(backend.url, self.timeout)
         except Exception as exc:  # the probe's errors and anything a broken peer causes
             reason = str(exc) or type(exc).__name__
+        else:
+            backend.node_id = view.node_id
+            reason = "; ".join(view.problems)
+        if not reason:
+            if not backend.healthy:
+                log.info("backend %s up (node %s)", backend.url, backend.node_id)
+            backend.healthy = True
+            backend.failures = 0
+            backend.last_error = None
+        else:
             backend.failures += 1
             backend.last_error = reason
             if backend.healthy and backend.failures >= self.failure_threshold:
@@ -189,19 +183,11 @@ class BackendPool:
                 log.warning("backend %s down: %s", backend.label, reason)
             if not backend.healthy and len(backend.urls) > 1:
                 backend.next_address()
-        else:
-            if not backend.healthy:
-                log.info("backend %s up (node %s)", backend.url, answer.node_id)
-            backend.healthy = True
-            backend.failures = 0
-            backend.last_error = None
-            backend.node_id = answer.node_id
-            view = answer
         backend.checked_at = time.monotonic()
         self._publish(backend)
         return view
 
-    def _discover(self, view: NodeViewLike) -> list[Backend]:
+    def _discover(self, view: NodeView) -> list[Backend]:
         """Make the pool's peers those of ``view`` (its own node and fixed backends aside);
         return the peers new to the pool."""
         new: list[Backend] = []
@@ -211,8 +197,11 @@ class BackendPool:
         for peer in view.peers:
             if peer.node_id in known:
                 continue
+            # Where the node reached the peer's API first, then its other addresses.
             hosts = [h for h in (address_host(a) for a in peer.addresses) if h]
-            urls = list(dict.fromkeys(api_url(h, self.api_port) for h in hosts))
+            urls = list(
+                dict.fromkeys([*peer.api_urls, *(api_url(h, self.api_port) for h in hosts)])
+            )
             if not urls:
                 continue
             seen.add(peer.node_id)
@@ -239,7 +228,7 @@ class BackendPool:
         views = await asyncio.gather(*(self._check(b) for b in backends))
         # The local node's view first: it is the node this gateway belongs to.
         for view in views:
-            if view is not None:
+            if view is not None and view.state_ok:
                 new = self._discover(view)
                 await asyncio.gather(*(self._check(b) for b in new))
                 break
