@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+from collections.abc import Callable
 
 from exo_nixos.config import DEFAULT_CONFIG_PATH
 
@@ -17,8 +19,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import asyncio
-
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError
     from exo_nixos.gateway.server import serve
@@ -30,5 +30,16 @@ def main(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(config))
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (faster proxying); asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -147,16 +147,16 @@ class BackendPool:
 
     def _publish(self, backend: Backend) -> None:
         self.metrics.backend_up.labels(backend.label).set(1 if backend.healthy else 0)
-        self.metrics.backend_inflight.labels(backend.label).set(backend.inflight)
+        self.metrics.inflight(backend.label, backend.inflight)
         self.metrics.backends_healthy.set(len(self.healthy()))
 
     def started(self, backend: Backend) -> None:
         backend.inflight += 1
-        self.metrics.backend_inflight.labels(backend.label).inc()
+        self.metrics.inflight(backend.label, backend.inflight)
 
     def finished(self, backend: Backend) -> None:
         backend.inflight -= 1
-        self.metrics.backend_inflight.labels(backend.label).dec()
+        self.metrics.inflight(backend.label, backend.inflight)
 
     async def _check(self, backend: Backend) -> NodeView | None:
         """Probe one backend. Up: its API answers and reports no problem (a node that has

@@ -95,12 +95,61 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # Labelled children by label values: labels() costs more than the update itself.
+        self._answered: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+        self._duration: dict[str, Histogram] = {}
+        self._by_key: dict[str, Counter] = {}
+        self._forwarded: dict[tuple[str, str], Counter] = {}
+        self._inflight: dict[str, Gauge] = {}
+
+    def inflight(self, backend: str, value: int) -> None:
+        gauge = self._inflight.get(backend)
+        if gauge is None:
+            gauge = self._inflight[backend] = self.backend_inflight.labels(backend)
+        gauge.set(value)
+
+    def answered(self, method: str, status: int, seconds: float) -> None:
+        """A request got its complete response ``seconds`` after it arrived."""
+        key = (method, str(status))
+        counter = self._answered.get(key)
+        if counter is None:
+            counter = self._answered[key] = self.requests.labels(*key)
+        counter.inc()
+        histogram = self._duration.get(method)
+        if histogram is None:
+            histogram = self._duration[method] = self.duration.labels(method)
+        histogram.observe(seconds)
+
+    def responding(self, method: str, seconds: float) -> None:
+        """A response started (its headers are about to go out) ``seconds`` after arrival."""
+        histogram = self._latency.get(method)
+        if histogram is None:
+            histogram = self._latency[method] = self.latency.labels(method)
+        histogram.observe(seconds)
+
+    def authenticated(self, key: str) -> None:
+        counter = self._by_key.get(key)
+        if counter is None:
+            counter = self._by_key[key] = self.requests_by_key.labels(key)
+        counter.inc()
+
+    def forwarded(self, backend: str, outcome: str) -> None:
+        counter = self._forwarded.get((backend, outcome))
+        if counter is None:
+            counter = self._forwarded[(backend, outcome)] = self.backend_requests.labels(
+                backend, outcome
+            )
+        counter.inc()
+
     def forget_backend(self, backend: str) -> None:
         """Drop the labelled series of a backend that left the pool."""
+        self._inflight.pop(backend, None)
         for metric in (self.backend_up, self.backend_inflight):
             with contextlib.suppress(KeyError):
                 metric.remove(backend)
         for outcome in ("response", "error"):
+            self._forwarded.pop((backend, outcome), None)
             with contextlib.suppress(KeyError):
                 self.backend_requests.remove(backend, outcome)
 

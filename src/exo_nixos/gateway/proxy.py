@@ -183,12 +183,10 @@ class Gateway:
             response = await self._dispatch(request, started)
         except web.HTTPException as exc:  # aiohttp's own, e.g. 413 from request.read()
             response = _error(exc.status, exc.reason, "invalid_request_error")
-        status = response.status
-        self.metrics.requests.labels(method, str(status)).inc()
-        self.metrics.duration.labels(method).observe(time.perf_counter() - started)
+        self.metrics.answered(method, response.status, time.perf_counter() - started)
         return response
 
-    def _authenticate(self, request: web.Request) -> web.Response | None:
+    def _authenticate(self, request: web.Request, started: float) -> web.Response | None:
         if not self.keys.enabled or request.path in self.settings.public_paths:
             return None
         presented = presented_key(request.headers)
@@ -196,7 +194,7 @@ class Gateway:
         if name is None:
             reason = "missing" if presented is None else "invalid"
             self.metrics.auth_failures.labels(reason).inc()
-            self.metrics.latency.labels(request.method).observe(0.0)
+            self.metrics.responding(request.method, time.perf_counter() - started)
             message = (
                 "an API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
                 if presented is None
@@ -208,18 +206,18 @@ class Gateway:
                 "authentication_error",
                 {"WWW-Authenticate": 'Basic realm="exo", charset="UTF-8"'},
             )
-        self.metrics.requests_by_key.labels(name).inc()
+        self.metrics.authenticated(name)
         return None
 
     async def _dispatch(self, request: web.Request, started: float) -> web.StreamResponse:
-        refused = self._authenticate(request)
+        refused = self._authenticate(request, started)
         if refused is not None:
             return refused
         if request.path == HEALTH_PATH:
-            self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+            self.metrics.responding(request.method, time.perf_counter() - started)
             return self._health()
         if request.path == METRICS_PATH:
-            self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+            self.metrics.responding(request.method, time.perf_counter() - started)
             return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
         return await self._proxy(request, started)
 
@@ -286,10 +284,10 @@ class Gateway:
                     )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 reason = f"{label}: {type(exc).__name__}: {exc}".rstrip(": ")
-                self.metrics.backend_requests.labels(label, "error").inc()
+                self.metrics.forwarded(label, "error")
                 self.pool.mark_failed(backend, reason)
                 raise _BackendFailed(reason) from None
-            self.metrics.backend_requests.labels(label, "response").inc()
+            self.metrics.forwarded(label, "response")
             response_headers = forward_response_headers(upstream)
             head = b""
             if _whole_document(upstream):
@@ -300,9 +298,7 @@ class Gateway:
                     self.pool.mark_failed(backend, reason)
                     raise _BackendFailed(reason) from None
                 if complete:
-                    self.metrics.latency.labels(request.method).observe(
-                        time.perf_counter() - started
-                    )
+                    self.metrics.responding(request.method, time.perf_counter() - started)
                     return web.Response(
                         status=upstream.status,
                         reason=upstream.reason,
@@ -333,7 +329,7 @@ class Gateway:
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         await response.prepare(request)
-        self.metrics.latency.labels(request.method).observe(time.perf_counter() - started)
+        self.metrics.responding(request.method, time.perf_counter() - started)
         try:
             if head:
                 await response.write(head)

@@ -1,0 +1,297 @@
+"""Benchmark: EXO test double reached directly, through ``exo-nixos gateway`` and through nginx.
+
+    python -m bench.bench_gateway [--quick]
+
+All traffic stays on 127.0.0.1. One double is the backend. The gateway runs with an API key
+file and the key is sent on every request; nginx (Debian's, started here as a foreground
+child with its own config in a temporary directory, one process like the gateway) checks the
+same key with a ``map`` and proxies with ``proxy_buffering off``. The load comes from an
+aiohttp client in a separate process, one run per (workload, clients, target), the targets
+interleaved. Workloads:
+
+- json: ``GET /node_id`` (a small JSON answer), as many as the clients can send in turn.
+- sse: ``POST /v1/chat/completions`` with ``stream: true``; the double sends one event every
+  ``STREAM_DELAY`` seconds. Per-event latency is the time from sending the request to the
+  event's arrival, so what a proxy adds to each event shows up against direct.
+
+Prints, per workload and client count, requests per second and p50/p99 latency of each
+target, and for the proxies the ratio to direct and the added milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from tests.exo_double.fixture import free_port, run_double
+from tests.gateway_helpers import KEY_A, gateway_config, run_gateway
+
+MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
+STREAM_DELAY = 0.05
+STREAM_WORDS = 12  # the double's reply: a prefix of 5 tokens plus these words
+CLIENTS = (1, 64, 256)
+HEADERS = {"Authorization": f"Bearer {KEY_A}"}
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+worker_rlimit_nofile 65535;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  client_max_body_size 64m;
+  map $http_authorization $exo_key_ok {{
+    default 0;
+    "Bearer {key}" 1;
+  }}
+  upstream exo {{
+    server 127.0.0.1:{backend};
+    keepalive 512;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      if ($exo_key_ok = 0) {{ return 401; }}
+      proxy_pass http://exo;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 600s;
+    }}
+  }}
+}}
+"""
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    latencies: list[float]  # seconds: per request (json) or per event (sse)
+    first_event: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float, values: list[float] | None = None) -> float:
+        data = sorted(self.latencies if values is None else values)
+        if not data:
+            return float("nan")
+        return data[min(len(data) - 1, int(q * len(data)))]
+
+
+async def _load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
+    latencies: list[float] = []
+    first_events: list[float] = []
+    count = 0
+    errors = 0
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": " ".join(["word"] * STREAM_WORDS)}],
+        "stream": True,
+    }
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=HEADERS
+    ) as session:
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + seconds
+
+        async def client() -> None:
+            nonlocal count, errors
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                measured = sent >= measure_from
+                try:
+                    if workload == "json":
+                        async with session.get(f"{url}/node_id") as response:
+                            await response.read()
+                            ok = response.status == 200
+                        if measured:
+                            latencies.append(time.perf_counter() - sent)
+                    else:
+                        arrivals: list[float] = []
+                        buffer = b""
+                        async with session.post(
+                            f"{url}/v1/chat/completions", json=body
+                        ) as response:
+                            ok = response.status == 200
+                            async for chunk in response.content.iter_any():
+                                now = time.perf_counter()
+                                buffer += chunk
+                                while b"\n\n" in buffer:
+                                    event, buffer = buffer.split(b"\n\n", 1)
+                                    if event.startswith(b"data: "):
+                                        arrivals.append(now - sent)
+                        ok = ok and len(arrivals) == STREAM_WORDS + 6  # tokens + [DONE]
+                        if measured and arrivals:
+                            latencies.extend(arrivals)
+                            first_events.append(arrivals[0])
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                if measured:
+                    count += 1
+                    errors += 0 if ok else 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - measure_from
+    return Result(count, elapsed, latencies, first_events, errors)
+
+
+def run_load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
+    """Runs in the load process."""
+    return asyncio.run(_load(url, workload, clients, seconds, warmup))
+
+
+@contextlib.contextmanager
+def run_nginx(backend_port: int) -> Iterator[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        raise SystemExit(
+            "nginx not found: apt-get install nginx-light (only the benchmark needs it)"
+        )
+    with tempfile.TemporaryDirectory(prefix="exo-bench-nginx-") as tmp:
+        port = free_port()
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, key=KEY_A, backend=backend_port, port=port))
+        process = subprocess.Popen(
+            [nginx, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if process.poll() is not None:
+                    err = process.stderr.read().decode() if process.stderr else ""
+                    raise SystemExit(f"nginx exited: {err}")
+                with (
+                    contextlib.suppress(OSError),
+                    __import__("socket").create_connection(("127.0.0.1", port), timeout=0.2),
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit("nginx did not listen")
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--json-seconds", type=float, default=3.0)
+    parser.add_argument("--sse-seconds", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    json_s, sse_s, warmup = (
+        (0.5, 1.0, 0.2) if args.quick else (args.json_seconds, args.sse_seconds, 0.5)
+    )
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
+        keys = Path(tmp) / "keys"
+        keys.write_text(f"bench:{KEY_A}\n")
+        with (
+            run_double("--instance", MODEL, "--stream-delay", str(STREAM_DELAY), "-q") as double,
+            run_gateway(
+                gateway_config(
+                    port=free_port(),
+                    keys_file=keys,
+                    static_backends=[double.url],
+                    interval=5.0,
+                    log_level="warning",
+                )
+            ) as gateway,
+            run_nginx(double.port) as nginx_url,
+            concurrent.futures.ProcessPoolExecutor(max_workers=1) as load,
+        ):
+            targets = {"direct": double.url, "gateway": gateway.url, "nginx": nginx_url}
+            print(
+                f"# {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+                f"aiohttp {aiohttp.__version__}",
+                flush=True,
+            )
+            for workload, seconds in (("json", json_s), ("sse", sse_s)):
+                for clients in CLIENTS:
+                    row: dict[str, dict[str, float]] = {}
+                    for name, url in targets.items():
+                        result = load.submit(
+                            run_load, url, workload, clients, seconds, warmup
+                        ).result()
+                        row[name] = {
+                            "rps": result.rps,
+                            "p50": result.pct(0.50),
+                            "p99": result.pct(0.99),
+                            "first_p50": result.pct(0.50, result.first_event),
+                            "first_p99": result.pct(0.99, result.first_event),
+                            "requests": result.requests,
+                            "errors": result.errors,
+                        }
+                    results.setdefault(workload, {})[str(clients)] = row
+                    _print_row(workload, clients, row)
+    print(f"# total {time.monotonic() - began:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _print_row(workload: str, clients: int, row: dict[str, dict[str, float]]) -> None:
+    unit = "per request" if workload == "json" else "per event"
+    print(f"\n## {workload}, {clients} clients (latency {unit}, ms)")
+    print(
+        f"{'target':8} {'req/s':>9} {'p50':>8} {'p99':>8} {'rps ratio':>9} "
+        f"{'+p50':>8} {'+p99':>8} {'errors':>6}"
+    )
+    base = row["direct"]
+    for name, r in row.items():
+        ratio = r["rps"] / base["rps"] if base["rps"] else float("nan")
+        added50 = _ms(r["p50"] - base["p50"]) if name != "direct" else f"{'-':>8}"
+        added99 = _ms(r["p99"] - base["p99"]) if name != "direct" else f"{'-':>8}"
+        print(
+            f"{name:8} {r['rps']:9.1f} {_ms(r['p50'])} {_ms(r['p99'])} {ratio:9.2f} "
+            f"{added50} {added99} {int(r['errors']):6d}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
