@@ -41,7 +41,9 @@ from tests.gateway_helpers import KEY_A, gateway_config, run_gateway
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 STREAM_DELAY = 0.05
-STREAM_WORDS = 12  # the double's reply: a prefix of 5 tokens plus these words
+STREAM_WORDS = 12
+EVENTS_PER_STREAM = STREAM_WORDS + 6  # the double's reply: 5 tokens of prefix, the words, [DONE]
+ROUNDS = 3
 CLIENTS = (1, 64, 256)
 HEADERS = {"Authorization": f"Bearer {KEY_A}"}
 
@@ -96,6 +98,24 @@ class Result:
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
+    def merge(self, other: Result) -> None:
+        self.requests += other.requests
+        self.seconds += other.seconds
+        self.latencies.extend(other.latencies)
+        self.first_event.extend(other.first_event)
+        self.errors += other.errors
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "rps": self.rps,
+            "p50": self.pct(0.50),
+            "p99": self.pct(0.99),
+            "first_p50": self.pct(0.50, self.first_event),
+            "first_p99": self.pct(0.99, self.first_event),
+            "requests": self.requests,
+            "errors": self.errors,
+        }
+
     def pct(self, q: float, values: list[float] | None = None) -> float:
         data = sorted(self.latencies if values is None else values)
         if not data:
@@ -103,66 +123,79 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))]
 
 
-async def _load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
-    latencies: list[float] = []
-    first_events: list[float] = []
-    count = 0
-    errors = 0
+async def _json_client(
+    session: aiohttp.ClientSession, url: str, measure_from: float, stop_at: float, out: Result
+) -> None:
+    while (sent := time.perf_counter()) < stop_at:
+        ok = False
+        try:
+            async with session.get(f"{url}/node_id") as response:
+                await response.read()
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        if sent >= measure_from:
+            out.latencies.append(time.perf_counter() - sent)
+            out.requests += 1
+            out.errors += 0 if ok else 1
+
+
+async def _sse_stream(
+    session: aiohttp.ClientSession, url: str, measured: bool, out: Result
+) -> None:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": " ".join(["word"] * STREAM_WORDS)}],
         "stream": True,
     }
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=60)
+    arrivals: list[float] = []
+    ok = False
+    sent = time.perf_counter()
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+            ok = response.status == 200
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                now = time.perf_counter()
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if event.startswith(b"data: "):
+                        arrivals.append(now - sent)
+    except (aiohttp.ClientError, TimeoutError):
+        ok = False
+    ok = ok and len(arrivals) == EVENTS_PER_STREAM
+    out.requests += 1
+    out.errors += 0 if ok else 1
+    if measured and arrivals:
+        out.latencies.extend(arrivals)
+        out.first_event.append(arrivals[0])
+
+
+async def _sse_client(session: aiohttp.ClientSession, url: str, out: Result) -> None:
+    await _sse_stream(session, url, False, out)  # warm-up: connections, the double's caches
+    await _sse_stream(session, url, True, out)
+
+
+async def _load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
+    out = Result(0, 0.0, [], [], 0)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=HEADERS
     ) as session:
         start = time.perf_counter()
-        measure_from = start + warmup
-        stop_at = measure_from + seconds
-
-        async def client() -> None:
-            nonlocal count, errors
-            while True:
-                sent = time.perf_counter()
-                if sent >= stop_at:
-                    return
-                measured = sent >= measure_from
-                try:
-                    if workload == "json":
-                        async with session.get(f"{url}/node_id") as response:
-                            await response.read()
-                            ok = response.status == 200
-                        if measured:
-                            latencies.append(time.perf_counter() - sent)
-                    else:
-                        arrivals: list[float] = []
-                        buffer = b""
-                        async with session.post(
-                            f"{url}/v1/chat/completions", json=body
-                        ) as response:
-                            ok = response.status == 200
-                            async for chunk in response.content.iter_any():
-                                now = time.perf_counter()
-                                buffer += chunk
-                                while b"\n\n" in buffer:
-                                    event, buffer = buffer.split(b"\n\n", 1)
-                                    if event.startswith(b"data: "):
-                                        arrivals.append(now - sent)
-                        ok = ok and len(arrivals) == STREAM_WORDS + 6  # tokens + [DONE]
-                        if measured and arrivals:
-                            latencies.extend(arrivals)
-                            first_events.append(arrivals[0])
-                except (aiohttp.ClientError, TimeoutError):
-                    ok = False
-                if measured:
-                    count += 1
-                    errors += 0 if ok else 1
-
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.perf_counter() - measure_from
-    return Result(count, elapsed, latencies, first_events, errors)
+        if workload == "json":
+            measure_from = start + warmup
+            stop_at = measure_from + seconds
+            await asyncio.gather(
+                *(_json_client(session, url, measure_from, stop_at, out) for _ in range(clients))
+            )
+            out.seconds = time.perf_counter() - measure_from
+        else:
+            await asyncio.gather(*(_sse_client(session, url, out) for _ in range(clients)))
+            out.seconds = time.perf_counter() - start
+    return out
 
 
 def run_load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
@@ -218,13 +251,12 @@ def _ms(seconds: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
-    parser.add_argument("--json-seconds", type=float, default=3.0)
-    parser.add_argument("--sse-seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--json-seconds", type=float, default=1.0, help="measured seconds per JSON run"
+    )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
-    json_s, sse_s, warmup = (
-        (0.5, 1.0, 0.2) if args.quick else (args.json_seconds, args.sse_seconds, 0.5)
-    )
+    json_s, warmup, rounds = (0.3, 0.1, 1) if args.quick else (args.json_seconds, 0.3, ROUNDS)
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
@@ -250,22 +282,16 @@ def main() -> int:
                 f"aiohttp {aiohttp.__version__}",
                 flush=True,
             )
-            for workload, seconds in (("json", json_s), ("sse", sse_s)):
+            for workload, seconds in (("json", json_s), ("sse", 0.0)):
                 for clients in CLIENTS:
-                    row: dict[str, dict[str, float]] = {}
-                    for name, url in targets.items():
-                        result = load.submit(
-                            run_load, url, workload, clients, seconds, warmup
-                        ).result()
-                        row[name] = {
-                            "rps": result.rps,
-                            "p50": result.pct(0.50),
-                            "p99": result.pct(0.99),
-                            "first_p50": result.pct(0.50, result.first_event),
-                            "first_p99": result.pct(0.99, result.first_event),
-                            "requests": result.requests,
-                            "errors": result.errors,
-                        }
+                    merged = {name: Result(0, 0.0, [], [], 0) for name in targets}
+                    for _ in range(rounds):
+                        for name, url in targets.items():
+                            result = load.submit(
+                                run_load, url, workload, clients, seconds, warmup
+                            ).result()
+                            merged[name].merge(result)
+                    row = {name: r.summary() for name, r in merged.items()}
                     results.setdefault(workload, {})[str(clients)] = row
                     _print_row(workload, clients, row)
     print(f"# total {time.monotonic() - began:.0f} s")
@@ -275,22 +301,29 @@ def main() -> int:
 
 
 def _print_row(workload: str, clients: int, row: dict[str, dict[str, float]]) -> None:
-    unit = "per request" if workload == "json" else "per event"
-    print(f"\n## {workload}, {clients} clients (latency {unit}, ms)")
-    print(
-        f"{'target':8} {'req/s':>9} {'p50':>8} {'p99':>8} {'rps ratio':>9} "
-        f"{'+p50':>8} {'+p99':>8} {'errors':>6}"
+    what = (
+        "GET /node_id, latency per request"
+        if workload == "json"
+        else ("SSE streams, latency per event from the request")
     )
+    rate = "req/s" if workload == "json" else "streams/s"
+    print(f"\n## {workload}, {clients} clients ({what}; ms)")
+    header = f"{'target':8} {rate:>9} {'p50':>8} {'p99':>8} {'x direct':>8} {'+p50':>8} {'+p99':>8}"
+    if workload == "sse":
+        header += f" {'1st p50':>8} {'+1st p50':>8}"
+    print(header + f" {'errors':>6}")
     base = row["direct"]
     for name, r in row.items():
         ratio = r["rps"] / base["rps"] if base["rps"] else float("nan")
-        added50 = _ms(r["p50"] - base["p50"]) if name != "direct" else f"{'-':>8}"
-        added99 = _ms(r["p99"] - base["p99"]) if name != "direct" else f"{'-':>8}"
-        print(
-            f"{name:8} {r['rps']:9.1f} {_ms(r['p50'])} {_ms(r['p99'])} {ratio:9.2f} "
-            f"{added50} {added99} {int(r['errors']):6d}",
-            flush=True,
-        )
+        direct = name == "direct"
+        added50 = f"{'-':>8}" if direct else _ms(r["p50"] - base["p50"])
+        added99 = f"{'-':>8}" if direct else _ms(r["p99"] - base["p99"])
+        line = f"{name:8} {r['rps']:9.1f} {_ms(r['p50'])} {_ms(r['p99'])} {ratio:8.2f}"
+        line += f" {added50} {added99}"
+        if workload == "sse":
+            first = f"{'-':>8}" if direct else _ms(r["first_p50"] - base["first_p50"])
+            line += f" {_ms(r['first_p50'])} {first}"
+        print(line + f" {int(r['errors']):6d}", flush=True)
 
 
 if __name__ == "__main__":
