@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -120,3 +122,18 @@ def test_bad_types_are_refused():
         evaluate(exo(gateway={"staticBackends": ["10.0.0.1:52415"]}))
     with pytest.raises(NixEvalError, match="publicPaths"):
         evaluate(exo(gateway={"publicPaths": ["health"]}))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_rendered_unit_passes_systemd_security_analysis(tmp_path):
+    unit = tmp_path / "exo-api.service"
+    unit.write_text(render_unit(evaluate(exo())["services"]["exo-api"]))
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Overall exposure level for exo-api.service: 1." in result.stdout

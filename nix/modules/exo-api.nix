@@ -171,6 +171,7 @@ in
         PrivateTmp = true;
         PrivateUsers = true;
         PrivateIPC = true;
+        PrivateMounts = true;
         ProtectSystem = "strict";
         ProtectHome = true;
         ProtectClock = true;
