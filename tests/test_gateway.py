@@ -515,3 +515,35 @@ def test_metrics_parse_as_prometheus_text(double, keys_file):
         up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
         assert set(up) == {double.url}
         assert samples["exo_gateway_api_keys"][0].value == 1
+
+
+def test_client_going_away_releases_the_backend_request(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        double.set_fault("hang", paths=["/v1/chat/completions"])
+
+        async def give_up() -> None:
+            async with aiohttp.ClientSession(
+                headers=AUTH, timeout=aiohttp.ClientTimeout(total=1.0)
+            ) as session:
+                with pytest.raises(TimeoutError):
+                    await session.post(
+                        f"{gateway.url}/v1/chat/completions", json=chat(3, stream=False)
+                    )
+
+        def inflight() -> tuple[float, float]:
+            _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+            samples = metric_samples(text.decode())
+            busy = sum(s.value for s in samples["exo_gateway_backend_inflight"])
+            closed = sum(
+                s.value
+                for s in samples["exo_gateway_requests"]
+                if s.name.endswith("_total") and s.labels["code"] == "499"
+            )
+            return busy, closed
+
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 10
+        while inflight() != (0, 1):
+            assert time.monotonic() < deadline, inflight()
+            time.sleep(0.1)

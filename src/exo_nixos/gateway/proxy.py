@@ -20,6 +20,7 @@ from exo_nixos.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
+CLIENT_CLOSED = 499
 METRICS_PATH = "/metrics"
 
 # RFC 9110 7.6.1 connection-specific headers, never forwarded in either direction.
@@ -183,6 +184,9 @@ class Gateway:
             response = await self._dispatch(request, started)
         except web.HTTPException as exc:  # aiohttp's own, e.g. 413 from request.read()
             response = _error(exc.status, exc.reason, "invalid_request_error")
+        except asyncio.CancelledError:  # the client closed the connection (nginx's 499)
+            self.metrics.answered(method, CLIENT_CLOSED, time.perf_counter() - started)
+            raise
         self.metrics.answered(method, response.status, time.perf_counter() - started)
         return response
 

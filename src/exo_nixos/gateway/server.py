@@ -105,7 +105,11 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
         )
     if not gateway.keys.enabled:
         log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
-    runner = web.AppRunner(gateway.app, access_log=None, handle_signals=False)
+    # handler_cancellation: a client that goes away cancels its request, and with it the
+    # request to EXO, so no node keeps generating for nobody.
+    runner = web.AppRunner(
+        gateway.app, access_log=None, handle_signals=False, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, gw.listen_address, gw.port, ssl_context=context, reuse_address=True)
     try:
