@@ -547,3 +547,32 @@ def test_client_going_away_releases_the_backend_request(double, keys_file):
         while inflight() != (0, 1):
             assert time.monotonic() < deadline, inflight()
             time.sleep(0.1)
+
+
+def test_backend_errors_pass_through_without_retry_and_health_degrades(keys_file):
+    with run_double("--instance", MODEL) as failing:
+        dead = f"http://127.0.0.1:{free_port()}"
+        config = gateway_config(
+            port=free_port(), keys_file=keys_file, static_backends=[failing.url, dead]
+        )
+        with run_gateway(config) as gateway:
+            failing.set_fault("error500", paths=["/v1/chat/completions"])
+            status, _, body = call(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                body=chat(3, stream=False),
+                headers=AUTH,
+            )
+            assert status == 500 and body == b"Internal Server Error"
+            _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+            samples = metric_samples(text.decode())
+            assert samples["exo_gateway_retries"][0].value == 0
+
+            deadline = time.monotonic() + 10
+            while True:
+                status, _, body = call("GET", f"{gateway.url}/health")
+                if status == 200 and json.loads(body)["status"] == "degraded":
+                    break
+                assert time.monotonic() < deadline, body
+                time.sleep(0.1)
+            assert json.loads(body)["backends"] == {"healthy": 1, "total": 2}
