@@ -41,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.hardware.decide import HardwareSettings, decide
-    from exo_nixos.hardware.detect import DEFAULT_MODELS_DIR, detect
+    from exo_nixos.hardware.detection import DEFAULT_MODELS_DIR, detect
     from exo_nixos.hardware.report import env_lines, full_json, text_lines
 
     settings = HardwareSettings()

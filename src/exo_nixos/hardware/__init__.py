@@ -5,7 +5,7 @@ accelerator EXO runs on, with reasons. Nothing here imports pydantic or pynvml a
 """
 
 from exo_nixos.hardware.decide import EXO_BACKENDS, Decision, HardwareSettings, choose, decide
-from exo_nixos.hardware.detect import detect
+from exo_nixos.hardware.detection import detect
 from exo_nixos.hardware.model import (
     AppleSilicon,
     Cpu,
