@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
-import subprocess
 
 from exo_nixos.hardware.model import AppleSilicon, Cpu, NumaNode
 from exo_nixos.hardware.tree import Tree, key_values
@@ -99,7 +97,7 @@ def read_cpu(tree: Tree) -> Cpu:
         flags = [f for f in ARM_FLAGS if f in present]
         model = _arm_model(processors)
     else:
-        architecture = platform.machine() if tree.is_live else "unknown"
+        architecture = os.uname().machine if tree.is_live else "unknown"
         flags = []
         model = "unknown CPU"
         if text:
@@ -155,6 +153,8 @@ def apple_on_linux(tree: Tree, cpu: Cpu) -> AppleSilicon | None:
 
 def macos_cpu_and_apple() -> tuple[Cpu, AppleSilicon | None, int | None]:
     """CPU, Apple Silicon and physical memory on macOS, from sysctl."""
+    import subprocess
+
     values: dict[str, str] = {}
     keys = ["machdep.cpu.brand_string", "hw.physicalcpu", "hw.logicalcpu", "hw.memsize"]
     try:
@@ -164,8 +164,8 @@ def macos_cpu_and_apple() -> tuple[Cpu, AppleSilicon | None, int | None]:
         values = key_values(out, ":")
     except (OSError, subprocess.SubprocessError):
         values = {}
-    machine = platform.machine()
-    model = values.get("machdep.cpu.brand_string") or platform.processor() or machine
+    machine = os.uname().machine
+    model = values.get("machdep.cpu.brand_string") or machine
     threads = _int(values.get("hw.logicalcpu")) or os.cpu_count() or 0
     cores = _int(values.get("hw.physicalcpu")) or threads
     cpu = Cpu(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform
+import os
 from pathlib import Path
 
 from exo_nixos.hardware import amd, cpu, memory, nvml, pci
@@ -14,7 +14,7 @@ RECORDED_NVML = "nvml.json"  # NVML answers captured next to a tree (scripts/cap
 
 
 def host_system() -> str:
-    return platform.system()
+    return os.uname().sysname
 
 
 def detect(
