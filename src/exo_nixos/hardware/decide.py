@@ -203,6 +203,14 @@ class _Evaluation:
                 if not g.usable and g not in option.devices
             ]
             lines.extend(f"{g.label} left out: {', '.join(g.problems)}" for g in broken)
+            status = self.inventory.nvml
+            unverified = any(g.responding is None for g in option.devices)
+            if (
+                accelerator is Accelerator.CUDA
+                and unverified
+                and status.startswith(("unavailable", "error"))
+            ):
+                lines.append(f"NVML {status}: the NVIDIA GPUs were not verified")
         return lines
 
 
