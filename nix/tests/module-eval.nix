@@ -1,6 +1,7 @@
 # The module-evaluation tests (tests/test_nix_*.py through tests/nixeval.py, which evaluates
-# nix/tests/eval.nix) as a flake check: nix-instantiate with this flake's nixpkgs lib, inside
-# the build sandbox with a private, empty Nix store, as nixpkgs runs its own lib tests.
+# nix/tests/eval.nix) and the flake's own structural tests (tests/test_flake.py) as a flake
+# check: nix-instantiate with this flake's nixpkgs lib, inside the build sandbox with a
+# private, empty Nix store, as nixpkgs runs its own lib tests.
 {
   pkgs,
   nixpkgs,
@@ -13,6 +14,7 @@ let
     ++ [
       ps.pytest
       ps.hypothesis
+      ps.pyyaml
     ]
   );
 in
@@ -40,6 +42,6 @@ pkgs.runCommand "exo-nixos-module-eval"
 
     # Fail rather than skip: here nix-instantiate and nixpkgs' lib must both be found.
     python -c 'import sys; from tests.nixeval import skip_reason; sys.exit(skip_reason())'
-    python -m pytest -p no:cacheprovider -m nix tests/test_nix_*.py
+    python -m pytest -p no:cacheprovider tests/test_nix_*.py tests/test_flake.py
     touch $out
   ''

@@ -15,12 +15,22 @@
         role = "server";
         # Only the API server is needed: no workloads run, so no images have to be pulled.
         extraFlags = [
-          "--disable coredns"
-          "--disable local-storage"
-          "--disable metrics-server"
-          "--disable servicelb"
-          "--disable traefik"
-          "--node-ip ${config.networking.primaryIPAddress}"
+          "--disable"
+          "coredns"
+          "--disable"
+          "local-storage"
+          "--disable"
+          "metrics-server"
+          "--disable"
+          "servicelb"
+          "--disable"
+          "traefik"
+          "--node-ip"
+          config.networking.primaryIPAddress
+          # Test VM only: lets the registrar (user exo) read the admin kubeconfig. A real host
+          # gives it the ServiceAccount's token through services.exo.k3s.tokenFile instead.
+          "--write-kubeconfig-mode"
+          "0644"
         ];
       };
 

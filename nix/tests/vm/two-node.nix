@@ -4,18 +4,17 @@
 # ports on the cluster interface only.
 { self }:
 let
-  node =
-    { lib, ... }:
-    {
-      imports = [ (import ./common.nix { inherit self; }) ];
-      # The test VLAN is eth1; eth0 is QEMU's user network, not part of the cluster.
-      services.exo.networking = {
-        bondInterface = "eth1";
-        openFirewall = true;
-      };
-      networking.firewall.enable = true;
-      networking.enableIPv6 = true;
+  node = {
+    imports = [ (import ./common.nix { inherit self; }) ];
+    # The test VLAN is eth1; eth0 is QEMU's user network, not part of the cluster.
+    services.exo.networking = {
+      bondInterface = "eth1";
+      openFirewall = true;
     };
+    # Both are NixOS defaults; the test depends on them, so they are stated.
+    networking.firewall.enable = true;
+    networking.enableIPv6 = true;
+  };
 in
 {
   name = "exo-two-node";
