@@ -128,6 +128,9 @@
               python
               pkgs.ruff
               pkgs.nixfmt-tree
+            ]
+            # systemd-analyze for unit checks, ip for the network tests: Linux only
+            ++ lib.optionals (isLinux system) [
               pkgs.iproute2
               pkgs.systemd
             ];
@@ -143,10 +146,12 @@
         default = {
           type = "app";
           program = lib.getExe self.packages.${system}.exo-complete;
+          meta.description = "Run an EXO node (exo-complete)";
         };
         exo-nixos = {
           type = "app";
           program = lib.getExe self.packages.${system}.exo-nixos;
+          meta.description = "The exo-nixos tool: doctor, pre-flight, health, status";
         };
       });
     };

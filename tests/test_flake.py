@@ -301,6 +301,14 @@ def test_overlays_and_modules(outputs):
     assert set(outputs["nixosModules"]) == SEED_MODULES
 
 
+@pytest.mark.parametrize("name", ["default", "python-overrides", "rust-overrides"])
+def test_overlay_first_argument_is_named_final(name: str):
+    # `nix flake check` rejects an overlay whose first argument is not called `final`.
+    text = (REPO / "nix/overlays" / f"{name}.nix").read_text()
+    body = re.sub(r"^\s*#.*$", "", text, flags=re.MULTILINE)
+    assert re.match(r"\s*(\{ exo \}:\s*)?final: \w+:", body), body[:80]
+
+
 @pytest.mark.nix
 @requires_nix
 def test_checks_include_module_eval_and_vm_tests_on_linux(outputs):
