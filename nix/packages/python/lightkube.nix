@@ -1,14 +1,14 @@
 # lightkube, the Kubernetes client the K3s registrar uses, with its models (neither is in
-# nixpkgs). Both wheels install the regular package `lightkube/`, so they must land in one
-# site-packages tree: lightkube's `__init__.py` would otherwise hide `lightkube.models` in a
-# second store path. 0.19.1 is the newest lightkube on httpx; 1.x moved to httpx2, which
-# nixpkgs does not package. The models follow the Kubernetes schema version in their number.
+# nixpkgs): the same versions pip resolves for pyproject.toml's `lightkube>=0.15`. Both wheels
+# install the regular package `lightkube/`, so they must land in one site-packages tree:
+# lightkube's `__init__.py` would otherwise hide `lightkube.models` in a second store path.
+# The models follow the Kubernetes schema version in their number.
 {
   lib,
   buildPythonPackage,
   fetchurl,
-  httpx,
-  h2,
+  httpx2,
+  msgspec,
   pyyaml,
 }:
 let
@@ -20,12 +20,12 @@ let
 in
 buildPythonPackage rec {
   pname = "lightkube";
-  version = "0.19.1";
+  version = "1.0.1";
   format = "wheel";
 
   src = fetchurl {
-    url = "https://files.pythonhosted.org/packages/e6/ef/7faeb245e50e79452bc1f52b90931e7f6ccbcc19c884721f352c7abb4321/lightkube-${version}-py3-none-any.whl";
-    hash = "sha256-Sf7wihx6pCCCggER/9XbuvePVMmThYEGkPydlO71yA0=";
+    url = "https://files.pythonhosted.org/packages/d8/a0/9cf2061cb19c3c732408a5d28bca61774fefdb7ea67105ff2bed4b01defa/lightkube-${version}-py3-none-any.whl";
+    hash = "sha256-CUpq5qL6iVGJRQhlkVlk0DM20VYfyfxvSHhqB1Bzx4I=";
   };
 
   # The install hook installs every wheel under dist/: add the models next to lightkube.
@@ -34,12 +34,12 @@ buildPythonPackage rec {
   '';
 
   dependencies = [
-    httpx
-    h2
+    httpx2
+    msgspec
     pyyaml
   ];
 
-  # lightkube requires lightkube-models, which is installed into this same output, not
+  # lightkube requires lightkube-models, which is installed into this same output rather than
   # provided as a separate dependency the runtime-deps check could see.
   dontCheckRuntimeDeps = true;
 
