@@ -203,6 +203,37 @@ def test_our_nixpkgs_is_upstream_exos_nixpkgs():
     assert ours["original"]["ref"] == "nixos-25.11"
 
 
+@pytest.mark.skipif(
+    shutil.which("nix") is None, reason="nix not installed (apt-get install nix-bin)"
+)
+def test_nix_reads_the_lock_as_current_without_network(tmp_path: Path):
+    # `--no-update-lock-file` fails if the lock misses an input or disagrees with flake.nix;
+    # Nix then writes its own serialization of the lock graph, which must equal ours.
+    for name in ("flake.nix", "flake.lock"):
+        shutil.copy(REPO / name, tmp_path / name)
+    result = subprocess.run(
+        [
+            "nix",
+            "flake",
+            "metadata",
+            f"path:{tmp_path}",
+            "--offline",
+            "--no-update-lock-file",
+            "--no-write-lock-file",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(
+            os.environ,
+            NIX_CONFIG="experimental-features = nix-command flakes\nsubstituters =",
+        ),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["locks"] == LOCK
+
+
 def upstream_git() -> Path | None:
     value = os.environ.get(UPSTREAM_GIT_ENV)
     return Path(value) if value and Path(value).is_dir() else None
