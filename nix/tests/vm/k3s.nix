@@ -27,15 +27,13 @@
           "traefik"
           "--node-ip"
           config.networking.primaryIPAddress
-          # Test VM only: lets the registrar (user exo) read the admin kubeconfig. A real host
-          # gives it the ServiceAccount's token through services.exo.k3s.tokenFile instead.
-          "--write-kubeconfig-mode"
-          "0644"
         ];
       };
 
       services.exo.k3s = {
         integration = true;
+        # K3s' admin kubeconfig, handed to the registrar by systemd (LoadCredential); a real
+        # host would rather use the exo ServiceAccount's token (tokenFile).
         kubeconfigFile = "/etc/rancher/k3s/k3s.yaml";
         nodeAddress = config.networking.primaryIPAddress;
       };
