@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import tomllib
@@ -492,6 +493,61 @@ def test_exo_nixos_package_names_a_missing_dependency():
     error = nix_eval_error(f"({exo_nixos_args(names[1:])}).dependencies")
     assert names[0] in error
     assert "nix/overlays/python-overrides.nix" in error
+
+
+# --- the VM tests' scripts ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vm_scripts() -> dict[str, Any]:
+    data: dict[str, Any] = nix_eval(f"import ./nix/tests/vm-scripts.nix {{ lib = {lib_expr()}; }}")
+    return data
+
+
+@pytest.mark.nix
+@requires_nix
+@pytest.mark.parametrize("test", ["single-node", "two-node", "k3s"])
+def test_vm_test_script_is_valid_python(vm_scripts, test: str):
+    rendered = vm_scripts[test]
+    compile(rendered["script"], f"{test}.py", "exec")
+    # pyflakes' checks (ruff F), minus undefined names: the driver defines the machines,
+    # start_all and friends.
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    result = subprocess.run(
+        [
+            ruff,
+            "check",
+            "--isolated",
+            "--select",
+            "F",
+            "--ignore",
+            "F821",
+            "--stdin-filename",
+            f"{test}.py",
+            "-",
+        ],
+        input=rendered["script"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in rendered["nodes"]:  # every VM is driven by the script
+        assert re.search(rf"\b{node}\b", rendered["script"]), node
+
+
+@pytest.mark.nix
+@requires_nix
+def test_vm_tests_check_what_the_issue_asks(vm_scripts):
+    single = vm_scripts["single-node"]["script"]
+    assert 'wait_for_unit("exo-worker.service"' in single
+    assert "/node_id" in single
+    two = vm_scripts["two-node"]
+    assert two["nodes"] == ["alpha", "beta"]
+    assert ".topology.nodes | any(. == $id)" in two["script"]
+    k3s = vm_scripts["k3s"]["script"]
+    assert "endpointslices" in k3s
+    assert "kubernetes.io/service-name=exo-api" in k3s
 
 
 # --- the forge workflow ---------------------------------------------------------------------

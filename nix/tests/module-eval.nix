@@ -22,6 +22,7 @@ pkgs.runCommand "exo-nixos-module-eval"
   {
     nativeBuildInputs = [
       pkgs.nix
+      pkgs.ruff # tests/test_flake.py lints the VM test scripts
       python
     ];
     EXO_NIXOS_NIXPKGS_LIB = "${nixpkgs}";
