@@ -367,8 +367,9 @@ def test_every_module_defaults_to_this_flakes_packages(outputs):
     complete = outputs["stubPackages"]["exo-complete"]
     for name, document in outputs["modules"].items():
         assert document["hardware"]["packages"] == {"cpu": complete}, name
-    # Importing several of the flake's modules merges the package defaults once.
-    assert outputs["combined"] == ["exo-nixos-x86_64-linux"]
+    # Importing several of the flake's modules merges the package defaults once (a second
+    # copy of the glue would define services.exo.package twice and fail evaluation).
+    assert outputs["combined"].count("exo-nixos-x86_64-linux") == 1
 
 
 @pytest.mark.nix
