@@ -39,6 +39,7 @@
       # key makes the module system include it once however many of our modules are imported.
       packageDefaults = {
         key = "exo-nixos#package-defaults";
+        _file = "${toString ./flake.nix}#package-defaults";
         imports = [
           (
             { lib, pkgs, ... }:
@@ -55,7 +56,8 @@
           )
         ];
       };
-      module = file: {
+      module = name: file: {
+        _file = "${toString ./flake.nix}#nixosModules.${name}";
         imports = [
           file
           packageDefaults
@@ -78,12 +80,12 @@
       );
 
       nixosModules = {
-        default = module ./nix/modules/default.nix;
-        exo-service = module ./nix/modules/exo-service.nix;
-        exo-hardware = module ./nix/modules/exo-hardware.nix;
-        exo-networking = module ./nix/modules/exo-networking.nix;
-        exo-k3s = module ./nix/modules/exo-k3s.nix;
-        exo-api = module ./nix/modules/exo-api.nix;
+        default = module "default" ./nix/modules/default.nix;
+        exo-service = module "exo-service" ./nix/modules/exo-service.nix;
+        exo-hardware = module "exo-hardware" ./nix/modules/exo-hardware.nix;
+        exo-networking = module "exo-networking" ./nix/modules/exo-networking.nix;
+        exo-k3s = module "exo-k3s" ./nix/modules/exo-k3s.nix;
+        exo-api = module "exo-api" ./nix/modules/exo-api.nix;
       };
 
       checks = forAllSystems (
