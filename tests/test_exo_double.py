@@ -229,8 +229,9 @@ def test_unknown_fault_refused():
 
 
 def test_crash_after_uses_exit_code():
-    with run_double("--crash-after", "0.3", "--exit-code", "3") as double:
+    with run_double("--crash-after", "0.3", "--exit-code", "3", wait=False) as double:
         assert wait_exit(double.process) == 3
+        assert "EXO terminated" in double.log_text()
 
 
 def test_hang_after_stops_answering():
