@@ -276,6 +276,36 @@ async def _faults(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 DOUBLE_KEY = web.AppKey("double", Double)
 
+_CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+
+
+@web.middleware
+async def _cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Starlette's CORSMiddleware as upstream configures it: any origin, credentials."""
+    if (
+        request.method == "OPTIONS"
+        and "Origin" in request.headers
+        and "Access-Control-Request-Method" in request.headers
+    ):
+        headers = {
+            "Access-Control-Allow-Methods": _CORS_METHODS,
+            "Access-Control-Max-Age": "600",
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Allow-Origin": request.headers["Origin"],
+            "Vary": "Origin",
+        }
+        if wanted := request.headers.get("Access-Control-Request-Headers"):
+            headers["Access-Control-Allow-Headers"] = wanted
+        return web.Response(text="OK", headers=headers)
+    return await handler(request)
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if origin := request.headers.get("Origin"):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
+
 
 async def node_id(request: web.Request) -> web.Response:
     return web.json_response(request.app[DOUBLE_KEY].cluster.node_id)
@@ -484,8 +514,9 @@ async def get_fault(request: web.Request) -> web.Response:
 
 
 def build_app(double: Double) -> web.Application:
-    app = web.Application(middlewares=[_faults])
+    app = web.Application(middlewares=[_cors_preflight, _faults])
     app[DOUBLE_KEY] = double
+    app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/node_id", node_id)
     app.router.add_get("/state", state)
     app.router.add_get("/state/{path:.*}", state)
