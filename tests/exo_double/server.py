@@ -597,11 +597,15 @@ async def _serve(double: Double) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(double.stop.wait(), options.slow_start)
         if not double.stop.is_set():
+            log.info("Starting API")
+            # Upstream prints its banner ("Dashboard & API Ready") to stderr just before
+            # the server binds, so it is no proof that the port is open.
+            log.stream.write(f"\nDashboard & API Ready\nhttp://localhost:{options.api_port}\n\n")
+            log.stream.flush()
             runner = web.AppRunner(build_app(double), access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, options.bind, options.api_port, shutdown_timeout=1.0)
             await site.start()
-            log.info(f"API listening on http://{options.bind}:{options.api_port}")
     await double.stop.wait()
     if runner is not None:
         with contextlib.suppress(TimeoutError):
