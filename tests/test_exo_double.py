@@ -412,3 +412,14 @@ def test_cors_is_wide_open_like_upstream():
     assert preflight["Access-Control-Allow-Origin"] == "https://evil.example"
     assert preflight["Access-Control-Allow-Headers"] == "authorization"
     assert "POST" in preflight["Access-Control-Allow-Methods"]
+
+
+def test_no_api_serves_nothing_but_runs_until_sigterm():
+    with run_double("--no-api", wait=False) as double:
+        deadline = time.monotonic() + 10
+        while "Starting node" not in double.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            get(f"{double.url}/node_id", timeout=0.5)
+        assert double.process.poll() is None
+        assert double.stop() == 0

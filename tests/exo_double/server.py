@@ -236,15 +236,11 @@ class Double:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def exit_now(self, code: int) -> None:
+        """Die like a crashed exo: one critical line, no clean-up, exit ``code``."""
         self.log.critical("EXO terminated due to unhandled exception")
-        self.stream_flush()
-        os._exit(code)
-
-    @staticmethod
-    def stream_flush() -> None:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
+        os._exit(code)
 
 
 def _error(status: int, message: str, phrase: str) -> web.Response:
@@ -541,7 +537,7 @@ def _cache_dir() -> Path | None:
     return None
 
 
-def _lock_pidfile(log: Log) -> int | None:
+def _lock_pidfile() -> int | None:
     """One exo per cache dir, as upstream's flock-ed ``exo.pid``. Returns the fd or exits."""
     cache = _cache_dir()
     if cache is None:
@@ -634,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.bootstrap_peers:
         print("ValueError: Bootstrap peers has been temporarily removed", file=sys.stderr)
         return 1
-    pid_fd = _lock_pidfile(log)
+    pid_fd = _lock_pidfile()
     log.info(f"pid = {os.getpid()}")
     if options.offline:
         log.info("Running in OFFLINE mode — no internet checks, local models only")
