@@ -24,8 +24,9 @@ def _loopback_for(listen: str) -> str:
 
 
 def node_health(config: Config) -> HealthCheck:
-    """Healthy when this node's EXO API answers the probe (and, when the Service points at
-    the gateway, when the gateway answers ``/health`` too)."""
+    """Healthy when this node's EXO API probe finds no problem (the verdict of
+    ``exo-nixos health`` exit 0: ``/node_id``, ``/state`` synced with a master, ``/models``)
+    and, when the Service points at the gateway, the gateway answers ``/health`` with 200."""
     from exo_nixos.exoapi import ExoApiError, probe
     from exo_nixos.k3s.render import exposure
 
@@ -43,7 +44,8 @@ def node_health(config: Config) -> HealthCheck:
         except ExoApiError as exc:
             log.debug("node probe failed: %s", exc)
             return False
-        if not view.models_ok:
+        if not view.healthy:
+            log.debug("node degraded: %s", "; ".join(view.problems))
             return False
         if gateway_url is None:
             return True
