@@ -469,3 +469,27 @@ def test_backoff_is_capped_and_grows() -> None:
     assert max(delays[5:]) > 4.0 >= delays[0]
     backoff.reset()
     assert backoff.next() <= 1.0
+
+
+def test_steady_state_only_reads(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: len(api.statuses("GET")) >= 3, "a few resyncs")
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.statuses("PUT") == []
+    assert api.statuses("POST") == [201]
+
+
+def test_stop_abandons_a_hanging_request_and_removes_the_endpoint(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.hang = True
+        health.healthy = False
+        await until(lambda: reg.ready is False, "a write to a hanging API in flight")
+        stop.set()
+        await asyncio.sleep(0)
+        api.release()
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.get(NS, NAME) is None

@@ -13,7 +13,6 @@ an outage carries the current state. On stop the slice is deleted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import random
@@ -281,12 +280,30 @@ class Registrar:
             return True
 
     async def run(self, stop: asyncio.Event) -> bool:
-        """Run until ``stop`` is set, then remove the endpoint; True when it was removed."""
+        """Run until ``stop`` is set, then remove the endpoint; True when it was removed.
+
+        A request in flight when ``stop`` is set is abandoned, so the removal starts at once.
+        """
+        work = asyncio.create_task(self._loop())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, stopped):
+                task.cancel()
+            await asyncio.gather(work, stopped, return_exceptions=True)
+        error = None if work.cancelled() else work.exception()
+        if error is not None:
+            raise error
+        return await self.remove()
+
+    async def _loop(self) -> None:
         last_sync = float("-inf")
         failing = False
-        while not stop.is_set():
+        while True:
             await self._probe()
             due = time.monotonic() - last_sync >= self.resync
+            delay = self.interval
             if failing or due or self.published != self.ready:
                 try:
                     await self.sync(refresh=due or failing)
@@ -303,9 +320,4 @@ class Registrar:
                     self.last_error = None
                     self.backoff.reset()
                     last_sync = time.monotonic()
-                    delay = self.interval
-            else:
-                delay = self.interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-        return await self.remove()
+            await asyncio.sleep(delay)
