@@ -37,6 +37,7 @@ PREFIX = f"/apis/{GROUP}/v1/namespaces/{{namespace}}/endpointslices"
 class Fault:
     status: int
     as_status: bool = True  # a Kubernetes Status body; False: text/plain like a proxy
+    bare: bool = False  # no body and no Content-Type at all
 
 
 @dataclass
@@ -97,6 +98,7 @@ class KubeApiDouble:
         self.requests: list[Seen] = []
         self.fail_next: list[Fault] = []
         self.hang = False
+        self.garbage = 0  # answer this many requests 200 with a body that is not JSON
         self._release = asyncio.Event()
         self._version = 100
         self._runner: web.AppRunner | None = None
@@ -185,8 +187,13 @@ class KubeApiDouble:
         if self.hang:
             await self._release.wait()
             return _status(504, "Timeout", "the double was released while holding the request")
+        if self.garbage:
+            self.garbage -= 1
+            return web.Response(status=200, text="<html>not kubernetes</html>")
         if self.fail_next:
             fault = self.fail_next.pop(0)
+            if fault.bare:
+                return web.Response(status=fault.status)
             if fault.as_status:
                 return _status(fault.status, "InternalError", "injected failure")
             return web.Response(status=fault.status, text="upstream connect error\n")

@@ -250,10 +250,26 @@ def test_api_down_then_up_publishes_the_current_state(
 def test_server_errors_and_plain_text_gateway_errors_are_retried(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
         await until(lambda: ready_of(api) is True, "ready")
-        api.fail_next = [Fault(500), Fault(503), Fault(502, as_status=False)]
+        api.fail_next = [
+            Fault(500),
+            Fault(503),
+            Fault(502, as_status=False),
+            Fault(503, bare=True),
+        ]
         health.healthy = False
         await until(lambda: ready_of(api) is False, "written after three failures")
         assert not api.fail_next
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_garbage_answers_are_retried(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.garbage = 2
+        health.healthy = False
+        await until(lambda: "unexpected answer" in (reg.last_error or ""), "reported")
+        await until(lambda: ready_of(api) is False, "written once the API answers properly")
 
     run_scenario(tmp_path, scenario)
 

@@ -207,6 +207,12 @@ class Registrar:
             raise
         except _API_FAILURES as exc:
             raise RegistrarError(describe(exc)) from exc
+        except (KeyError, ValueError) as exc:
+            # A body that is not a Kubernetes object, or an error without Content-Type
+            # (lightkube looks that header up): a proxy or a broken server, retried like 5xx.
+            raise RegistrarError(
+                f"unexpected answer from the API server ({type(exc).__name__}: {exc})"
+            ) from exc
         self.published = self.ready
 
     async def _write(self, desired: EndpointSlice, refresh: bool) -> None:
@@ -265,7 +271,7 @@ class Registrar:
         while True:
             try:
                 await self._delete()
-            except _API_FAILURES as exc:
+            except (*_API_FAILURES, KeyError, ValueError) as exc:
                 reason = describe(exc)
                 delay = backoff.next()
                 if time.monotonic() + delay >= deadline:
