@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from exo_nixos.config import Accelerator, Config, MemoryLimit
+from exo_nixos.k3s.credentials import credential_path
 
 GIB = 1 << 30
 DISK_FAIL_BYTES = 2 * GIB
@@ -405,29 +406,43 @@ def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
 
 
 def check_kube_credentials(config: Config, host: Host) -> CheckResult:
+    """Credentials of the K3s registrar. EXO itself runs without them, so problems only warn."""
     k3s = config.k3s
     if not k3s.integration:
         return _ok("k3s credentials", "K3s integration off")
-    files = [f for f in (k3s.kubeconfig_file, k3s.token_file, k3s.ca_file) if f]
+    files = [
+        (name, kind)
+        for name, kind in (
+            (k3s.kubeconfig_file, "kubeconfig"),
+            (k3s.token_file, "token"),
+            (k3s.ca_file, "ca"),
+        )
+        if name
+    ]
     if not files:
-        return _fail(
+        return _warn(
             "k3s credentials",
-            "k3s.integration is on but neither k3s.kubeconfigFile nor k3s.tokenFile is set",
+            "k3s.integration is on but neither k3s.kubeconfigFile nor k3s.tokenFile is set: "
+            "the registrar cannot start",
             "set k3s.kubeconfigFile (e.g. /etc/rancher/k3s/k3s.yaml on a server) or "
             "k3s.tokenFile with k3s.apiServer",
         )
-    for name in files:
+    for name, kind in files:
+        path = credential_path(name, kind)
+        if path == Path(name):
+            path = host.path(name)
         try:
-            content = host.path(name).read_bytes()
+            content = path.read_bytes()
         except OSError as exc:
-            return _fail(
+            return _warn(
                 "k3s credentials",
-                f"{name} cannot be read: {exc.strerror}",
-                "check the path and that the service's credential is passed (LoadCredential)",
+                f"{name} cannot be read here: {exc.strerror} (exo-k3s-registrar.service gets "
+                "it through LoadCredential)",
+                "check the path exists; run `exo-nixos preflight` as root to check its content",
             )
         if not content.strip():
-            return _fail("k3s credentials", f"{name} is empty", "write the credential into it")
-    return _ok("k3s credentials", f"{', '.join(files)} readable")
+            return _warn("k3s credentials", f"{name} is empty", "write the credential into it")
+    return _ok("k3s credentials", f"{', '.join(n for n, _ in files)} readable")
 
 
 # ---------------------------------------------------------------- all
