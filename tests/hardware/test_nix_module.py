@@ -1,5 +1,9 @@
 """services.exo.hardware evaluated with nixpkgs' lib: device access, ordering, warnings."""
 
+import re
+import shutil
+import subprocess
+
 import pytest
 
 from exo_nixos.config import parse_config
@@ -176,3 +180,27 @@ def test_unknown_accelerator_key_is_rejected():
 def test_bad_gfx_override_is_a_type_error():
     with pytest.raises(NixEvalError, match="rocmGfxOverride"):
         _eval({"rocmGfxOverride": "gfx1030"})
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_rendered_gpu_unit_passes_systemd_analyze_verify(tmp_path):
+    module = CUDA_PACKAGES.replace(
+        "cuda = pkgs.exo-cuda;", "cuda = pkgs.exo-cuda; rocm = pkgs.exo-rocm;"
+    ).replace(
+        "services.exo.enable = true;",
+        'services.exo.enable = true; services.exo.hardware.memoryLimit = "64GiB";',
+    )
+    text = render_unit(evaluate(module)["services"]["exo-worker"])
+    assert "SupplementaryGroups=render\n" in text and "MemoryMax=64G\n" in text
+    # the store paths of the evaluation's stand-in packages do not exist here
+    text = re.sub(r"^(ExecStart(?:Pre)?)=.*$", r"\1=/bin/true", text, flags=re.MULTILINE)
+    unit = tmp_path / "exo-worker.service"
+    unit.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
