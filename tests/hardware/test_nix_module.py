@@ -130,11 +130,25 @@ def test_useless_settings_warn():
     assert any("visibleDevices has no effect" in w for w in result["warnings"])
 
 
-def test_packages_without_cpu_variant_is_an_assertion():
+def test_cpu_variant_is_always_installed_next_to_the_others():
     module = """
     { pkgs, ... }: {
       services.exo.enable = true;
       services.exo.hardware.packages = { cuda = pkgs.exo-cuda; };
+    }
+    """
+    result = evaluate(module)
+    packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
+    assert set(packages) == {"cpu", "cuda"}
+    assert packages["cpu"].endswith("-exo-complete")
+    assert packages["cuda"].endswith("-exo-cuda")
+
+
+def test_removing_the_cpu_variant_is_an_assertion():
+    module = """
+    { lib, pkgs, ... }: {
+      services.exo.enable = true;
+      services.exo.hardware.packages = lib.mkForce { cuda = pkgs.exo-cuda; };
     }
     """
     (message,) = evaluate(module)["assertions"]
