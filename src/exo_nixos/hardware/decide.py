@@ -103,7 +103,8 @@ def _visible(gpus: list[Gpu], wanted: Sequence[str]) -> list[Gpu]:
     chosen: list[Gpu] = []
     for entry in wanted:
         for gpu in gpus:
-            if entry in {str(gpu.index), gpu.uuid, gpu.address} and gpu not in chosen:
+            names = {gpu.address, gpu.uuid, None if gpu.index is None else str(gpu.index)}
+            if entry in names and gpu not in chosen:
                 chosen.append(gpu)
     return chosen
 
