@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from exo_nixos.basetypes import Accelerator
 from exo_nixos.config import parse_config
 from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
 
@@ -140,8 +141,8 @@ def test_cpu_variant_is_always_installed_next_to_the_others():
     result = evaluate(module)
     packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
     assert set(packages) == {"cpu", "cuda"}
-    assert packages["cpu"].endswith("-exo-complete")
-    assert packages["cuda"].endswith("-exo-cuda")
+    assert packages[Accelerator.CPU].endswith("-exo-complete")
+    assert packages[Accelerator.CUDA].endswith("-exo-cuda")
 
 
 def test_removing_the_cpu_variant_is_an_assertion():
