@@ -48,8 +48,9 @@ _KIND_RANK = {"bond": 4, "ethernet": 3, "thunderbolt": 3, "infiniband": 3, "brid
 class InterfaceChoice:
     """The cluster interface (None when there is none) and why.
 
-    ``problems``: EXO cannot work over this link (missing, down, no IPv6 or multicast).
-    ``warnings``: it works, with less than was asked for (degraded bond, RDMA absent, ...).
+    ``problems``: EXO cannot work over this link (missing, down, no usable IPv6 link-local).
+    ``warnings``: it works, with less than was asked for or at risk (degraded bond, MULTICAST
+    flag off, RDMA absent, ...).
     ``notes``: plain facts worth knowing (e.g. RDMA present but unused by EXO on Linux).
     """
 
@@ -105,8 +106,10 @@ def describe(iface: Interface, inv: NetInventory) -> str:
     return ", ".join(parts)
 
 
-def _discovery_problems(iface: Interface, port: int, role: str) -> list[str]:
+def _discovery_problems(iface: Interface, port: int, role: str) -> tuple[list[str], list[str]]:
+    """What stops EXO's discovery on ``iface`` (problems) and what may (warnings)."""
     found: list[str] = []
+    doubtful: list[str] = []
     what = f"EXO's discovery (UDP {port}, IPv6 multicast {DISCOVERY_GROUP})"
     if not iface.link_up:
         carrier = "" if iface.carrier is None else f", carrier {'on' if iface.carrier else 'off'}"
@@ -133,11 +136,12 @@ def _discovery_problems(iface: Interface, port: int, role: str) -> list[str]:
             f"{what} will fail on it"
         )
     if not iface.multicast:
-        found.append(
-            f"{role} {iface.name} has the MULTICAST flag off: {what} will fail on it; "
-            f"turn it on (ip link set {iface.name} multicast on, or the network config)"
+        doubtful.append(
+            f"{role} {iface.name} has the MULTICAST flag off: {what} may not be received "
+            "(the NIC's multicast filter is the driver's choice); turn it on "
+            f"(ip link set {iface.name} multicast on, or the network config)"
         )
-    return found
+    return found, doubtful
 
 
 def _rdma_findings(config: Config, inv: NetInventory) -> tuple[list[str], list[str]]:
@@ -237,7 +241,9 @@ def choose_cluster_interface(config: Config | None, inv: NetInventory) -> Interf
         "EXO itself uses every interface with an IPv6 address; the cluster interface is where "
         "exo-nixos opens the firewall, restricts the units and watches the link"
     )
-    problems.extend(_discovery_problems(chosen, port, "cluster interface"))
+    found, doubtful = _discovery_problems(chosen, port, "cluster interface")
+    problems.extend(found)
+    warnings.extend(doubtful)
     bond = inv.bond(chosen.name)
     if bond is not None and chosen.link_up:
         warnings.extend(bond.problems)
@@ -259,7 +265,8 @@ def choose_cluster_interface(config: Config | None, inv: NetInventory) -> Interf
                     f"extra cluster interface {extra} (networking.extraInterfaces) does not exist"
                 )
             else:
-                warnings.extend(_discovery_problems(iface, port, "extra cluster interface"))
+                found, doubtful = _discovery_problems(iface, port, "extra cluster interface")
+                warnings.extend(found + doubtful)
                 xbond = inv.bond(extra)
                 if xbond is not None:
                     warnings.extend(xbond.problems)
