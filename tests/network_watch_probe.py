@@ -1,6 +1,7 @@
 """Run LinkWatcher with a callback and print each event as JSON (for netns tests).
 
-Usage: python -m tests.network_watch_probe NAME... ; stops after SIGTERM.
+Usage: python -m tests.network_watch_probe [--fail-first] NAME... ; stops after SIGTERM.
+With --fail-first the callback raises on its first call (the watcher must carry on).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import sys
 from exo_nixos.network import LinkEvent, LinkWatcher
 
 
-async def main(names: list[str]) -> None:
+async def main(names: list[str], fail_first: bool) -> None:
     stop = asyncio.Event()
+    calls = 0
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
     async def report(event: LinkEvent) -> None:
+        nonlocal calls
+        calls += 1
+        if fail_first and calls == 1:
+            raise RuntimeError("the consumer failed")
         print(
             json.dumps(
                 {
@@ -38,4 +44,6 @@ async def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    args = sys.argv[1:]
+    fail = "--fail-first" in args
+    asyncio.run(main([a for a in args if a != "--fail-first"], fail))

@@ -165,3 +165,18 @@ def test_watcher_callback_picks_up_a_link_created_later(ns: Netns) -> None:
     finally:
         err = reader.stop()
     assert "Traceback" not in err, err
+
+
+def test_a_failing_callback_does_not_stop_the_watcher(ns: Netns) -> None:
+    reader = LineReader(
+        ns.popen(sys.executable, "-m", "tests.network_watch_probe", "--fail-first", "h0")
+    )
+    try:
+        # The first report (h0 absent) made the callback fail, so nothing was printed.
+        assert json.loads(reader.line()) == {"started": True}
+        ns.veth("h0", "h1")
+        event = json.loads(reader.line())
+        assert (event["name"], event["present"]) == ("h0", True)
+    finally:
+        err = reader.stop()
+    assert "link watcher callback failed for h0 is down (absent)" in err

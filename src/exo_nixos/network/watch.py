@@ -274,6 +274,10 @@ class LinkWatcher:
         event = LinkEvent(state.name, previous, state)
         self._queue.put_nowait(event)
         if self._callback is not None:
-            result = self._callback(event)
-            if _inspect.isawaitable(result):
-                await result
+            try:
+                result = self._callback(event)
+                if _inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # A failing consumer must not be mistaken for a failing netlink socket.
+                log.exception("link watcher callback failed for %s", event.describe())
