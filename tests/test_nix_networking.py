@@ -134,13 +134,25 @@ def test_thunderbolt_and_rdma_userspace() -> None:
         result["kernelModules"]
     )
     assert "rdma-core" in result["systemPackages"]
-    service = node(result)["serviceConfig"]
-    assert "char-infiniband_verbs rw" in service["DeviceAllow"]
-    assert service["LimitMEMLOCK"] == "infinity"
-    off = exo({"rdmaEnabled": False})
+    assert "DeviceAllow" not in node(result)["serviceConfig"], "EXO uses no verbs on Linux"
+    off = exo({"rdmaEnabled": False, "rdmaDeviceAccess": True})
     assert not {"thunderbolt_net", "ib_uverbs"} & set(off["kernelModules"])
     assert "rdma-core" not in off["systemPackages"]
     assert "DeviceAllow" not in node(off)["serviceConfig"]
+
+
+def test_rdma_device_access_on_request() -> None:
+    service = node(exo({"rdmaDeviceAccess": True}))["serviceConfig"]
+    assert service["DeviceAllow"] == ["char-infiniband_verbs rw", "/dev/infiniband/rdma_cm rw"]
+    assert service["PrivateDevices"] is False
+    assert service["LimitMEMLOCK"] == "infinity"
+    pinned = evaluate(
+        {
+            "services": {"exo": {"enable": True, "networking": {"rdmaDeviceAccess": True}}},
+            "systemd": {"services": {"exo-worker": {"serviceConfig": {"PrivateDevices": True}}}},
+        }
+    )
+    assert node(pinned)["serviceConfig"]["PrivateDevices"] is True, "the host's setting wins"
 
 
 def test_socket_buffers() -> None:

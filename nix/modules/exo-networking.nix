@@ -78,8 +78,10 @@ in
       type = types.bool;
       default = true;
       description = ''
-        Load Thunderbolt networking and the RDMA userspace where present. Upstream EXO uses
-        RDMA only on macOS; on Linux its traffic stays TCP over these links.
+        Load Thunderbolt networking (`thunderbolt`, `thunderbolt_net`) and the RDMA userspace
+        (`ib_uverbs`, `rdma_ucm`, `rdma-core`). Upstream EXO uses RDMA only on macOS; on Linux
+        its traffic stays TCP/IP over these links (Thunderbolt, RoCE or IPoIB interfaces).
+        Device access for the unit: {option}`services.exo.networking.rdmaDeviceAccess`.
       '';
     };
 
@@ -118,6 +120,17 @@ in
         created by `exo-netns.service` unless it exists). The namespace starts with loopback
         only: move or create the cluster interface in it (a macvlan or veth from your network
         configuration). The host firewall does not apply inside it.
+      '';
+    };
+
+    rdmaDeviceAccess = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        With {option}`services.exo.networking.rdmaEnabled`, let the EXO node unit open the
+        RDMA devices (`/dev/infiniband/uverbs*`, `rdma_cm`), see them (no private `/dev`) and
+        pin memory (`LimitMEMLOCK=infinity`). Off by default: upstream EXO does not use RDMA
+        verbs on Linux (its RDMA path is macOS-only), so the unit needs no such access.
       '';
     };
 
@@ -216,9 +229,16 @@ in
     (mkIf net.rdmaEnabled {
       boot.kernelModules = [ "thunderbolt" "thunderbolt_net" "ib_uverbs" "rdma_ucm" ];
       environment.systemPackages = [ pkgs.rdma-core ];
+    })
+
+    (mkIf (net.rdmaEnabled && net.rdmaDeviceAccess) {
       systemd.services.${nodeUnit}.serviceConfig = {
-        # /dev/infiniband/uverbsN (char major "infiniband_verbs") and the RDMA CM node.
+        # /dev/infiniband/uverbsN (char major "infiniband_verbs") and the RDMA CM node, added
+        # to the allow-list of the hardening's DevicePolicy=closed.
         DeviceAllow = [ "char-infiniband_verbs rw" "/dev/infiniband/rdma_cm rw" ];
+        # A private /dev would hide /dev/infiniband; above mkDefault, below a host's setting.
+        PrivateDevices = lib.mkOverride 900 false;
+        # verbs pin the memory they register
         LimitMEMLOCK = mkDefault "infinity";
       };
     })

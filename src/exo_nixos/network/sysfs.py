@@ -240,6 +240,11 @@ def _link_name(path: Path) -> str | None:
         return None
 
 
+def _present(path: Path) -> bool:
+    """The entry exists, even as a link whose target a captured tree does not hold."""
+    return os.path.lexists(path)
+
+
 def _list_dir(path: Path) -> list[str]:
     try:
         return sorted(p.name for p in path.iterdir())
@@ -301,11 +306,11 @@ def _kind(netdir: Path, type_: int | None, flags: int, driver: str | None) -> st
         return "thunderbolt"
     if type_ == ARPHRD_INFINIBAND:
         return "infiniband"
-    if (netdir / "wireless").exists() or (netdir / "phy80211").exists() or devtype == "wlan":
+    if _present(netdir / "wireless") or _present(netdir / "phy80211") or devtype == "wlan":
         return "wireless"
     if devtype == "vlan":
         return "vlan"
-    if not (netdir / "device").exists():
+    if not _present(netdir / "device"):
         return "virtual"
     return "ethernet"
 
