@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exo_nixos.network import LinkState, LinkWatcher, link_health
+from exo_nixos.config import default_config, parse_config
+from exo_nixos.network import LinkMonitor, LinkState, LinkWatcher, link_health
 from exo_nixos.network.watch import (
     IFF_LOWER_UP,
     IFF_UP,
@@ -14,6 +16,8 @@ from exo_nixos.network.watch import (
     RTM_NEWLINK,
     state_from_message,
 )
+
+FIXTURES = Path(__file__).parent / "fixtures" / "network"
 
 
 def up(name: str) -> LinkState:
@@ -78,3 +82,26 @@ def test_state_from_message() -> None:
 def test_watcher_needs_names() -> None:
     with pytest.raises(ValueError, match="at least one"):
         LinkWatcher([])
+
+
+def test_monitor_for_config(tmp_path: Path) -> None:
+    configured = parse_config(
+        {
+            "schemaVersion": 1,
+            "networking": {
+                "bondInterface": "bond0",
+                "extraInterfaces": ["tb0"],
+                "backupInterface": "eno1",
+            },
+        }
+    )
+    monitor = LinkMonitor.for_config(configured, root=tmp_path)
+    assert monitor is not None
+    assert (monitor.interfaces, monitor.backup) == (["bond0", "tb0"], "eno1")
+    assert monitor.watcher.names == ["bond0", "tb0", "eno1"]
+    assert monitor.health.state == "down", "nothing is known up before the watch starts"
+    chosen = LinkMonitor.for_config(default_config(), root=FIXTURES / "bond-8023ad")
+    assert chosen is not None and chosen.interfaces == ["bond0"]
+    assert LinkMonitor.for_config(default_config(), root=tmp_path) is None
+    with pytest.raises(ValueError, match="cluster interface"):
+        LinkMonitor([])

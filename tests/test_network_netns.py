@@ -180,3 +180,24 @@ def test_a_failing_callback_does_not_stop_the_watcher(ns: Netns) -> None:
     finally:
         err = reader.stop()
     assert "link watcher callback failed for h0 is down (absent)" in err
+
+
+def test_watch_follows_the_chosen_interface_when_none_is_configured(
+    ns: Netns, tmp_path: Path
+) -> None:
+    ns.veth("p0", "p1")
+    ns.wait_link_local("p0")
+    ns.wait_link_local("p1")
+    config = write_config(tmp_path, rdmaEnabled=False)
+    reader = LineReader(
+        ns.popen(sys.executable, "-m", "exo_nixos", "net", "--watch", "--config", config)
+    )
+    try:
+        assert reader.line() == "p0 is up; up: cluster interface p0 up\n"
+        ns.ip("link", "set", "p1", "down")
+        assert reader.line() == (
+            "p0 went down (lowerlayerdown); down: cluster interface p0 down (lowerlayerdown); "
+            "no backup interface\n"
+        )
+    finally:
+        reader.stop()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
+    from exo_nixos.network import LinkMonitor
 
 DEFAULT_CONFIG = "/etc/exo/config.json"
 
@@ -80,35 +81,31 @@ def main(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace, config: Config | None) -> int:
     import asyncio
 
+    from exo_nixos.config import default_config
     from exo_nixos.errors import UserError
-    from exo_nixos.network import choose_cluster_interface, inspect
+    from exo_nixos.network import LinkMonitor
 
-    backup = config.networking.backup_interface if config else None
+    monitor: LinkMonitor | None
     if args.interface:
-        interfaces = list(args.interface)
-    elif config is not None and config.networking.cluster_interfaces:
-        interfaces = config.networking.cluster_interfaces
+        backup = config.networking.backup_interface if config else None
+        monitor = LinkMonitor(args.interface, backup)
     else:
-        chosen = choose_cluster_interface(config, inspect(Path(args.root))).name
-        if chosen is None:
-            raise UserError("no cluster interface to watch; pass --interface NAME")
-        interfaces = [chosen]
-    return asyncio.run(_follow(interfaces, backup, as_json=args.json))
+        monitor = LinkMonitor.for_config(config or default_config(), root=Path(args.root))
+    if monitor is None:
+        raise UserError("no cluster interface to watch; pass --interface NAME")
+    return asyncio.run(_follow(monitor, as_json=args.json))
 
 
-async def _follow(interfaces: list[str], backup: str | None, as_json: bool) -> int:
+async def _follow(monitor: LinkMonitor, as_json: bool) -> int:
     import asyncio
     import signal
-
-    from exo_nixos.network import LinkWatcher, link_health
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    names = interfaces + ([backup] if backup and backup not in interfaces else [])
-    async with LinkWatcher(names) as watcher:
-        events = aiter(watcher)
+    async with monitor:
+        events = aiter(monitor)
         while not stop.is_set():
             next_event = asyncio.ensure_future(anext(events))
             stopped = asyncio.ensure_future(stop.wait())
@@ -118,7 +115,7 @@ async def _follow(interfaces: list[str], backup: str | None, as_json: bool) -> i
                 break
             stopped.cancel()
             event = next_event.result()
-            health = link_health(watcher.states, interfaces, backup)
+            health = monitor.health
             if as_json:
                 line = json.dumps(
                     {

@@ -16,7 +16,14 @@ from exo_nixos.network.sysfs import (
     Thunderbolt,
     inspect,
 )
-from exo_nixos.network.watch import LinkEvent, LinkHealth, LinkState, LinkWatcher, link_health
+from exo_nixos.network.watch import (
+    LinkEvent,
+    LinkHealth,
+    LinkMonitor,
+    LinkState,
+    LinkWatcher,
+    link_health,
+)
 
 __all__ = [
     "Bond",
@@ -26,6 +33,7 @@ __all__ = [
     "InterfaceChoice",
     "LinkEvent",
     "LinkHealth",
+    "LinkMonitor",
     "LinkState",
     "LinkWatcher",
     "NetInventory",

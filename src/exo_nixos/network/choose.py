@@ -197,11 +197,9 @@ def choose_cluster_interface(config: Config | None, inv: NetInventory) -> Interf
     warnings: list[str] = []
     notes: list[str] = list(inv.notes)
     configured = config.networking.bond_interface if config else None
-    candidates = sorted(
-        (i for i in inv.interfaces if _candidate(i)),
-        key=lambda i: (_score(i, inv), i.name),
-        reverse=True,
-    )
+    by_name = sorted((i for i in inv.interfaces if _candidate(i)), key=lambda i: i.name)
+    # best score first; among equals the first name (the sort is stable)
+    candidates = sorted(by_name, key=lambda i: _score(i, inv), reverse=True)
     chosen: Interface | None
     if configured is not None:
         chosen = inv.interface(configured)

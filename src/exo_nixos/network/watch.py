@@ -15,9 +15,13 @@ import inspect as _inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from exo_nixos.errors import UserError
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +276,7 @@ class LinkWatcher:
         if previous is not None and previous.up == state.up and previous.present == state.present:
             return
         event = LinkEvent(state.name, previous, state)
-        self._queue.put_nowait(event)
+        # The callback first, so an iterator's consumer sees what the callback updated.
         if self._callback is not None:
             try:
                 result = self._callback(event)
@@ -281,3 +285,70 @@ class LinkWatcher:
             except Exception:
                 # A failing consumer must not be mistaken for a failing netlink socket.
                 log.exception("link watcher callback failed for %s", event.describe())
+        self._queue.put_nowait(event)
+
+
+class LinkMonitor:
+    """The cluster link's health for the supervisor.
+
+    Watches the cluster interface(s) and the backup with a ``LinkWatcher`` and keeps
+    ``health`` (a ``LinkHealth``) current; ``on_change(health, event)`` runs after every
+    change, so health and ``STATUS=`` can be degraded at once and restored on recovery.
+    """
+
+    def __init__(
+        self,
+        interfaces: Sequence[str],
+        backup: str | None = None,
+        on_change: Callable[[LinkHealth, LinkEvent], object] | None = None,
+    ) -> None:
+        if not interfaces:
+            raise ValueError("LinkMonitor needs the cluster interface")
+        self.interfaces = list(interfaces)
+        self.backup = backup
+        self._on_change = on_change
+        names = self.interfaces + ([backup] if backup and backup not in self.interfaces else [])
+        self.watcher = LinkWatcher(names, callback=self._changed)
+        self.health = link_health({}, self.interfaces, backup)
+
+    @classmethod
+    def for_config(
+        cls,
+        config: Config,
+        on_change: Callable[[LinkHealth, LinkEvent], object] | None = None,
+        root: Path = Path("/"),
+    ) -> LinkMonitor | None:
+        """Watch the configured cluster interfaces, else the best candidate; None if none."""
+        interfaces = config.networking.cluster_interfaces
+        if not interfaces:
+            from exo_nixos.network.choose import choose_cluster_interface
+            from exo_nixos.network.sysfs import inspect
+
+            chosen = choose_cluster_interface(config, inspect(root)).name
+            interfaces = [chosen] if chosen else []
+        if not interfaces:
+            return None
+        return cls(interfaces, config.networking.backup_interface, on_change)
+
+    async def _changed(self, event: LinkEvent) -> None:
+        self.health = link_health(self.watcher.states, self.interfaces, self.backup)
+        if self._on_change is not None:
+            result = self._on_change(self.health, event)
+            if _inspect.isawaitable(result):
+                await result
+
+    async def start(self) -> None:
+        await self.watcher.start()
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+
+    async def __aenter__(self) -> LinkMonitor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __aiter__(self) -> AsyncIterator[LinkEvent]:
+        return aiter(self.watcher)
