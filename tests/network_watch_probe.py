@@ -1,7 +1,9 @@
 """Run LinkWatcher with a callback and print each event as JSON (for netns tests).
 
-Usage: python -m tests.network_watch_probe [--fail-first] NAME... ; stops after SIGTERM.
-With --fail-first the callback raises on its first call (the watcher must carry on).
+Usage: python -m tests.network_watch_probe [--fail-first] [--close-socket] NAME...
+Stops after SIGTERM. With --fail-first the callback raises on its first call; with
+--close-socket the watcher's netlink socket is closed under it after the start. In both
+cases the watcher must carry on.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from exo_nixos.network import LinkEvent, LinkWatcher
 
 
-async def main(names: list[str], fail_first: bool) -> None:
+async def main(names: list[str], fail_first: bool, close_socket: bool) -> None:
     stop = asyncio.Event()
     calls = 0
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -40,10 +42,14 @@ async def main(names: list[str], fail_first: bool) -> None:
     watcher = LinkWatcher(names, callback=report)
     async with watcher:
         print(json.dumps({"started": True}), flush=True)
+        if close_socket:
+            watcher._socket.close()  # what a failed socket (e.g. ENOBUFS) looks like
+            print(json.dumps({"closed": True}), flush=True)
         await stop.wait()
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    fail = "--fail-first" in args
-    asyncio.run(main([a for a in args if a != "--fail-first"], fail))
+    flags = {"--fail-first", "--close-socket"}
+    names = [a for a in args if a not in flags]
+    asyncio.run(main(names, "--fail-first" in args, "--close-socket" in args))

@@ -70,3 +70,16 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     invalid = net("--root", FIXTURES / "bond-8023ad", "--config", bad)
     assert invalid.returncode == 2
     assert "networking.bondInterface" in invalid.stderr
+
+
+def test_net_does_not_load_netlink_unless_watching() -> None:
+    code = (
+        "import sys; from exo_nixos.cli import main; "
+        f"rc = main(['net', '--json', '--root', {str(FIXTURES / 'rdma')!r}]); "
+        "print('pyroute2' in sys.modules, file=sys.stderr)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stderr.strip().splitlines()[-1] == "False"
+    assert json.loads(result.stdout)["cluster"]["name"] == "enp65s0f0np0"

@@ -201,3 +201,23 @@ def test_watch_follows_the_chosen_interface_when_none_is_configured(
         )
     finally:
         reader.stop()
+
+
+def test_watcher_recovers_from_a_failed_netlink_socket(ns: Netns) -> None:
+    ns.veth("s0", "s1")
+    reader = LineReader(
+        ns.popen(sys.executable, "-m", "tests.network_watch_probe", "--close-socket", "s0")
+    )
+    try:
+        lines = [json.loads(reader.line()) for _ in range(3)]
+        assert lines[1:] == [{"started": True}, {"closed": True}]
+        assert (lines[0]["name"], lines[0]["up"]) == ("s0", True)
+        ns.ip("link", "set", "s1", "down")
+        event = json.loads(reader.line())
+        assert (event["name"], event["up"]) == ("s0", False)
+        ns.ip("link", "set", "s1", "up")
+        event = json.loads(reader.line())
+        assert (event["name"], event["up"]) == ("s0", True)
+    finally:
+        err = reader.stop()
+    assert "re-reading all links" in err
