@@ -179,6 +179,9 @@ def test_network_namespace() -> None:
     assert netns["unitConfig"]["ConditionPathExists"] == "!/run/netns/exo"
     assert any('the network namespace "exo"' in w for w in result["warnings"])
     assert "exo-netns" not in exo()["services"]
+    inside = node(exo({"networkNamespace": "exo", "bondInterface": "macvlan0"}))
+    assert inside["serviceConfig"]["RestrictNetworkInterfaces"] == ["lo", "macvlan0"]
+    assert not any(u.startswith("sys-subsystem-net-devices") for u in inside["after"])
 
 
 def test_backup_that_is_a_cluster_interface_warns() -> None:

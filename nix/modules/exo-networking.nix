@@ -219,8 +219,9 @@ in
     (mkIf restricted {
       systemd.services.${nodeUnit} = {
         # Wait for the links to exist (a bond from networkd may come after network-online).
-        wants = map deviceUnit allowedInterfaces;
-        after = map deviceUnit allowedInterfaces;
+        # Links inside a network namespace have no device units in the host's systemd.
+        wants = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
+        after = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
         serviceConfig.RestrictNetworkInterfaces =
           mkIf net.restrictInterfaces ([ "lo" ] ++ allowedInterfaces);
       };
