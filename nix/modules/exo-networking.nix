@@ -182,7 +182,7 @@ in
         {
           assertion = linkLocalOff == { };
           message = ''
-            systemd.network.networks.${lib.concatStringsSep ", " (builtins.attrNames linkLocalOff)} turns IPv6 link-local addressing off on an EXO cluster interface; EXO's discovery needs it. Set networkConfig.LinkLocalAddressing = "ipv6" (or "yes") there.'';
+            ${lib.concatMapStringsSep ", " (n: "systemd.network.networks.${n}") (builtins.attrNames linkLocalOff)} turns IPv6 link-local addressing off on an EXO cluster interface; EXO's discovery needs it. Set networkConfig.LinkLocalAddressing = "ipv6" (or "yes") there.'';
         }
       ];
 
