@@ -120,39 +120,12 @@ def check_ports(config: Config) -> CheckResult:
 
 # ---------------------------------------------------------------- interface
 
-IFF_UP = 0x1
-IFF_MULTICAST = 0x1000
-
-
-@dataclass(frozen=True)
-class InterfaceFacts:
-    exists: bool
-    operstate: str = "unknown"
-    flags: int = 0
-    link_local: tuple[str, ...] = ()
-
-
-def interface_facts(host: Host, name: str) -> InterfaceFacts:
-    base = f"/sys/class/net/{name}"
-    if not host.path(base).exists():
-        return InterfaceFacts(exists=False)
-    operstate = (host.read(f"{base}/operstate") or "unknown").strip()
-    try:
-        flags = int((host.read(f"{base}/flags") or "0").strip(), 16)
-    except ValueError:
-        flags = 0
-    link_local = []
-    for line in (host.read("/proc/net/if_inet6") or "").splitlines():
-        fields = line.split()
-        if len(fields) == 6 and fields[5] == name and fields[0].lower().startswith("fe80"):
-            address = ":".join(fields[0][i : i + 4] for i in range(0, 32, 4))
-            link_local.append(address)
-    return InterfaceFacts(True, operstate, flags, tuple(link_local))
-
 
 def check_interface(config: Config, host: Host) -> list[CheckResult]:
-    names = config.networking.cluster_interfaces
-    if not names:
+    """The configured cluster interface, judged as ``exo-nixos net`` judges it."""
+    from exo_nixos.network import choose_cluster_interface, inspect
+
+    if not config.networking.bond_interface:
         return [
             _ok(
                 "interface",
@@ -160,46 +133,15 @@ def check_interface(config: Config, host: Host) -> list[CheckResult]:
                 "with an IPv6 address",
             )
         ]
-    results = []
-    for name in names:
-        facts = interface_facts(host, name)
-        check = f"interface {name}"
-        if not facts.exists:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} does not exist",
-                    "create it (networking.bonds or systemd-networkd) or fix "
-                    "networking.bondInterface / extraInterfaces",
-                )
-            )
-        elif not facts.flags & IFF_UP or facts.operstate == "down":
-            results.append(
-                _fail(
-                    check, f"{name} is down", f"bring it up: ip link set {name} up; check cabling"
-                )
-            )
-        elif not facts.flags & IFF_MULTICAST:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} has multicast off: EXO's discovery (IPv6 multicast) cannot work",
-                    f"ip link set {name} multicast on",
-                )
-            )
-        elif not facts.link_local:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} has no IPv6 link-local address: EXO's discovery cannot work",
-                    f"enable IPv6 on {name} (networking.enableIPv6, "
-                    f"sysctl net.ipv6.conf.{name}.disable_ipv6=0)",
-                )
-            )
-        else:
-            results.append(
-                _ok(check, f"{name} is up, multicast on, link-local {facts.link_local[0]}")
-            )
+    choice = choose_cluster_interface(config, inspect(host.root))
+    check = f"interface {choice.name}"
+    results = [
+        _fail(check, problem, "see `exo-nixos net` for the interfaces of this host")
+        for problem in choice.problems
+    ]
+    results += [_warn(check, warning, "see `exo-nixos net`") for warning in choice.warnings]
+    if not results:
+        results.append(_ok(check, choice.reasons[0]))
     return results
 
 
