@@ -9,6 +9,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exo_nixos.errors import UserError
 from exo_nixos.exoapi import (
@@ -178,7 +180,7 @@ def test_normalize_url(given, expected):
     assert normalize_url(given) == expected
 
 
-@pytest.mark.parametrize("bad", ["ftp://x:1", "http://", "http://[::1"])
+@pytest.mark.parametrize("bad", ["ftp://x:1", "http://", "http://[::1", "http://a b:1", "x:99999"])
 def test_normalize_url_rejects(bad):
     with pytest.raises(ExoApiError, match="invalid URL") as info:
         normalize_url(bad)
@@ -268,3 +270,64 @@ def test_log_lines_of_the_double_name_the_master():
     events = [e for e in map(parse_log_line, log.splitlines()) if e]
     assert LogEvent("started", double.node_id) in events
     assert LogEvent("elected", "feed42") in events
+
+
+# --- whatever upstream sends, parsing ends in a summary or a one-line ExoApiError ------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+STATE_KEYS = [
+    "topology",
+    "instances",
+    "runners",
+    "nodeIdentities",
+    "nodeNetwork",
+    "lastSeen",
+    "lastEventAppliedIdx",
+]
+
+
+def _parse_or_error(doc: Any) -> None:
+    try:
+        parse_state(doc, "self1")
+    except ExoApiError as exc:
+        assert "\n" not in str(exc)
+        assert str(exc).startswith("unexpected /state shape: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_parse_state_never_crashes_on_any_json(doc):
+    _parse_or_error(doc)
+
+
+def _objects(doc: Any) -> list[dict[str, Any]]:
+    """Every JSON object inside ``doc``, the document itself first."""
+    found: list[dict[str, Any]] = []
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found.append(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_parse_state_never_crashes_on_a_mangled_real_state(data):
+    doc = sample_state()
+    # Replace values anywhere in a real document with arbitrary JSON.
+    for _ in range(data.draw(st.integers(1, 3))):
+        objects = _objects(doc)
+        target = objects[data.draw(st.integers(0, len(objects) - 1))]
+        key = data.draw(st.sampled_from([*sorted(target), *STATE_KEYS]))
+        target[key] = data.draw(json_values)
+    _parse_or_error(doc)

@@ -165,3 +165,11 @@ def test_status_degraded_and_down(capsys):
     code, out, _ = run_cli(capsys, "status", "--url", url, "--json")
     assert code == 2
     assert json.loads(out)["status"] == "down"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeout_must_be_positive_seconds(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        main(["health", "--timeout", value])
+    assert info.value.code == 2
+    assert "is not a positive number of seconds" in capsys.readouterr().err

@@ -30,9 +30,9 @@ from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from yarl import URL
 
 from exo_nixos.errors import UserError
 from exo_nixos.fsutil import atomic_write
@@ -163,12 +163,18 @@ def normalize_url(base_url: str) -> str:
     if "://" not in text:
         text = f"http://{text}"
     try:
-        url = URL(text)
+        parts = urlsplit(text)
+        valid = (
+            parts.scheme in {"http", "https"}
+            and bool(parts.hostname)
+            and not any(c.isspace() for c in text)
+        )
+        _ = parts.port  # raises ValueError for a port that is not a number in range
     except ValueError:
-        url = None
-    if url is None or url.scheme not in {"http", "https"} or not url.host:
+        valid = False
+    if not valid:
         raise ExoApiError(f"invalid URL {base_url!r}: expected http://HOST:PORT", kind="url")
-    return str(url).rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
 
 
 def _seconds(value: float) -> str:

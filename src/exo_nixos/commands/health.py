@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +31,7 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         metavar="S",
         help="seconds to wait for each answer (default: healthCheck.timeoutSec, else 3)",
     )
