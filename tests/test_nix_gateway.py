@@ -137,3 +137,12 @@ def test_rendered_unit_passes_systemd_security_analysis(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Overall exposure level for exo-api.service: 1." in result.stdout
+
+
+def test_gateway_joins_exos_network_namespace():
+    plain = evaluate(exo())["services"]["exo-api"]["serviceConfig"]
+    assert "NetworkNamespacePath" not in plain
+    result = evaluate(exo(networking={"networkNamespace": "exo"}))
+    assert result["services"]["exo-api"]["serviceConfig"]["NetworkNamespacePath"] == (
+        "/run/netns/exo"
+    )

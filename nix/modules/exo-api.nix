@@ -10,6 +10,7 @@ let
   loopback = lib.hasPrefix "127." gw.listenAddress || gw.listenAddress == "::1";
   tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
+  netns = cfg.networking.networkNamespace;
 in
 {
   imports = [ ./exo-service.nix ];
@@ -161,6 +162,9 @@ in
           "tls-key:${gw.tlsKeyFile}"
         ];
         LimitNOFILE = 65535;
+        # EXO in a network namespace answers on that namespace's loopback and interfaces only:
+        # the gateway joins it (clients reach it on the interfaces moved there).
+        NetworkNamespacePath = mkIf (netns != null) "/run/netns/${netns}";
 
         # Hardening: a network proxy needs no devices, capabilities or writable paths.
         CapabilityBoundingSet = "";
