@@ -576,3 +576,41 @@ def test_backend_errors_pass_through_without_retry_and_health_degrades(keys_file
                 assert time.monotonic() < deadline, body
                 time.sleep(0.1)
             assert json.loads(body)["backends"] == {"healthy": 1, "total": 2}
+
+
+def test_client_leaving_a_stream_is_not_a_backend_failure(keys_file):
+    with run_double("--instance", MODEL, "--stream-delay", "0.05") as slow:
+        config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[slow.url])
+        with run_gateway(config) as gateway:
+
+            async def leave_early() -> None:
+                async with (
+                    aiohttp.ClientSession(headers=AUTH) as session,
+                    session.post(
+                        f"{gateway.url}/v1/chat/completions", json=chat(60, stream=True)
+                    ) as response,
+                ):
+                    assert await response.content.readany()
+                    response.close()
+
+            asyncio.run(leave_early())
+            deadline = time.monotonic() + 10
+            while True:
+                _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+                samples = metric_samples(text.decode())
+                busy = sum(s.value for s in samples["exo_gateway_backend_inflight"])
+                if busy == 0:
+                    break
+                assert time.monotonic() < deadline, busy
+                time.sleep(0.1)
+            assert samples["exo_gateway_aborted_streams"][0].value == 0
+            up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
+            assert up[slow.url] == 1
+            # The gateway still streams from the same backend.
+            status, _, body = call(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                body=chat(3, stream=True),
+                headers=AUTH,
+            )
+            assert status == 200 and sse_events(body)[-1] == "[DONE]"

@@ -43,6 +43,8 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 _RESPONSE_DROP_PREFIX = "access-control-"
 
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
 # Responses up to this size with a known length are read whole before answering, so a backend
 # failing in the middle of one is retried like a failure before the response.
 BUFFER_LIMIT = 1 << 20
@@ -284,7 +286,9 @@ class Gateway:
                         headers=headers,
                         data=body if body else None,
                         allow_redirects=False,
-                        skip_auto_headers=("User-Agent", "Content-Type"),
+                        # only the client's headers: no added Accept-Encoding (bodies pass
+                        # undecoded), User-Agent or Content-Type
+                        skip_auto_headers=_NO_AUTO_HEADERS,
                     )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 reason = f"{label}: {type(exc).__name__}: {exc}".rstrip(": ")
@@ -334,26 +338,28 @@ class Gateway:
             response.content_length = upstream.content_length
         await response.prepare(request)
         self.metrics.responding(request.method, time.perf_counter() - started)
-        try:
-            if head:
-                await response.write(head)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            # Part of the response is out: it cannot be retried. Cut the client's connection
-            # so it sees an incomplete response, never a shortened one that looks whole.
-            self.metrics.aborted_streams.inc()
-            self.pool.mark_failed(backend, f"{backend.label}: stream cut off: {type(exc).__name__}")
-            log.warning("stream from %s cut off: %s", backend.label, exc)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        except ConnectionResetError:  # the client went away; dropping upstream stops EXO too
-            upstream.close()
-            return response
+        chunk = head
+        while True:
+            if chunk:
+                try:
+                    await response.write(chunk)
+                except ConnectionError:  # the client went away; closing upstream stops EXO
+                    upstream.close()
+                    return response
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, OSError) as exc:
+                # Part of the response is out: it cannot be retried. Cut the client's
+                # connection so it sees an incomplete response, never a shortened one that
+                # looks whole.
+                self.metrics.aborted_streams.inc()
+                reason = f"{backend.label}: stream cut off: {type(exc).__name__}"
+                self.pool.mark_failed(backend, reason)
+                log.warning("stream from %s cut off: %s", backend.label, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
         await response.write_eof()
         return response
