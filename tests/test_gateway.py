@@ -614,3 +614,33 @@ def test_client_leaving_a_stream_is_not_a_backend_failure(keys_file):
                 headers=AUTH,
             )
             assert status == 200 and sse_events(body)[-1] == "[DONE]"
+
+
+def test_check_reports_usable_and_unusable_key_files(tmp_path: Path, keys_file):
+    import subprocess
+    import sys
+
+    from tests.exo_double.fixture import REPO_ROOT, double_env
+
+    def check(config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        return subprocess.run(
+            [sys.executable, "-m", "exo_nixos", "gateway", "--check", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            env=double_env(),
+            cwd=REPO_ROOT,
+            check=False,
+        )
+
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[])
+    config["gateway"]["localBackend"] = True
+    good = check(config)
+    assert good.returncode == 0, good.stderr
+    assert "1 API keys" in good.stdout
+    keys_file.write_text("short\n")
+    bad = check(config)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0
+    assert "line 1: key 'line1' is shorter than 16 characters" in bad.stderr

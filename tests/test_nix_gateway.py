@@ -28,7 +28,9 @@ def test_default_gateway_unit_follows_the_node_unit():
     assert "exo-api.service" in result["targets"]["exo"]["wants"]
     service = unit["serviceConfig"]
     assert "/bin/exo-nixos gateway --config /nix/store/" in service["ExecStart"]
-    assert service["ExecReload"].endswith("kill -HUP $MAINPID")
+    check, signal = service["ExecReload"]
+    assert "/bin/exo-nixos gateway --check --config /nix/store/" in check
+    assert signal.endswith("/bin/kill -HUP $MAINPID")
     assert service["Type"] == "notify"
     assert "LoadCredential" not in service
     # Loopback by default: nothing opened.

@@ -151,7 +151,12 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} gateway --config ${cfg.configFile}";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        # A key file that does not parse fails the reload visibly (the running gateway would
+        # keep its keys anyway); a good one is re-read on SIGHUP.
+        ExecReload = [
+          "${exe} gateway --check --config ${cfg.configFile}"
+          "${pkgs.coreutils}/bin/kill -HUP $MAINPID"
+        ];
         Restart = "on-failure";
         RestartSec = 2;
         User = cfg.security.user;

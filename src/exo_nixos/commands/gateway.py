@@ -16,16 +16,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=str(DEFAULT_CONFIG_PATH),
         help=f"the config JSON (default {DEFAULT_CONFIG_PATH})",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config, API key file and TLS files, then exit (0 usable, 2 not)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError
-    from exo_nixos.gateway.server import serve
+    from exo_nixos.gateway.server import check, serve
 
     config = load_config(args.config)
     if not config.gateway.enable:
         raise UserError(f"{args.config}: gateway.enable is false; enable it to run the gateway")
+    if args.check:
+        print(check(config))
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s",

@@ -56,6 +56,26 @@ def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+def _tls(config: Config) -> ssl.SSLContext | None:
+    gw = config.gateway
+    if not (gw.tls_certificate_file and gw.tls_key_file):
+        return None
+    return tls_context(
+        credential_path(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
+        credential_path(gw.tls_key_file, CREDENTIAL_TLS_KEY),
+    )
+
+
+def check(config: Config) -> str:
+    """Load what the gateway needs at start and on reload; raise UserError on a problem."""
+    gw = config.gateway
+    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    tls = _tls(config)
+    auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
+    scheme = "https" if tls else "http"
+    return f"gateway config usable: {scheme}://{gw.listen_address}:{gw.port}, {auth}"
+
+
 def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     gw = config.gateway
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
@@ -97,12 +117,7 @@ def _notify(message: str) -> None:
 async def serve(config: Config, probe: Probe = default_probe) -> None:
     gw = config.gateway
     gateway = build_gateway(config, probe)
-    context = None
-    if gw.tls_certificate_file and gw.tls_key_file:
-        context = tls_context(
-            credential_path(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
-            credential_path(gw.tls_key_file, CREDENTIAL_TLS_KEY),
-        )
+    context = _tls(config)
     if not gateway.keys.enabled:
         log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
     # handler_cancellation: a client that goes away cancels its request, and with it the
