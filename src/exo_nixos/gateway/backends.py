@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -69,8 +68,6 @@ class Backend:
     healthy: bool = False
     failures: int = 0
     inflight: int = 0
-    last_error: str | None = None
-    checked_at: float | None = None
     _index: int = field(default=0, repr=False)
 
     @property
@@ -136,7 +133,6 @@ class BackendPool:
 
     def mark_failed(self, backend: Backend, reason: str) -> None:
         """A request could not reach the backend: it is down until a probe passes."""
-        backend.last_error = reason
         backend.failures = max(backend.failures, self.failure_threshold)
         if backend.healthy:
             log.warning("backend %s down: %s", backend.label, reason)
@@ -174,16 +170,13 @@ class BackendPool:
                 log.info("backend %s up (node %s)", backend.url, backend.node_id)
             backend.healthy = True
             backend.failures = 0
-            backend.last_error = None
         else:
             backend.failures += 1
-            backend.last_error = reason
             if backend.healthy and backend.failures >= self.failure_threshold:
                 backend.healthy = False
                 log.warning("backend %s down: %s", backend.label, reason)
             if not backend.healthy and len(backend.urls) > 1:
                 backend.next_address()
-        backend.checked_at = time.monotonic()
         self._publish(backend)
         return view
 
