@@ -1,0 +1,253 @@
+"""Run EXO as a child of the supervisor and speak for it to systemd.
+
+- The child runs in its own session (process group), so signals reach it only through us and
+  nothing it spawns (inference runners) outlives it: on exit the group is killed.
+- SIGTERM, SIGINT and SIGHUP are forwarded; after a stop signal the child gets ``stop_timeout``
+  seconds before SIGKILL, which is kept below the unit's ``TimeoutStopSec``.
+- ``READY=1`` is sent once the node's API answers a probe; ``WATCHDOG=1`` after each probe that
+  passes, never otherwise, so a hung EXO runs out the unit's ``WatchdogSec`` and systemd
+  restarts it. ``STATUS=`` says role, master, peers, instances and accelerator.
+- The supervisor's exit status is the child's: its exit code, or the same signal re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from exo_nixos.supervisor.environment import Launch
+from exo_nixos.supervisor.notify import Notifier
+from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
+
+log = logging.getLogger(__name__)
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+Probe = Callable[[str, float], Awaitable[Topology]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    role: str
+    api_url: str
+    interval: float  # seconds between health probes once ready
+    timeout: float  # per probe
+    failures: int  # consecutive failed probes reported as 'unhealthy'
+    stop_timeout: float  # SIGTERM -> SIGKILL grace for the child
+    startup_poll: float = 0.25  # seconds between readiness probes
+
+
+@dataclass
+class _State:
+    ready: bool = False
+    failed_probes: int = 0
+    stopping: bool = False
+    last: Topology | None = None
+
+
+def describe(role: str, topo: Topology | None, accelerator: str, fallback: str | None) -> str:
+    """The STATUS= line, e.g. ``worker; master 3f2a… (elected); 2 peers; 1 instance; cuda``."""
+    parts = [role]
+    if topo is None:
+        parts.append("starting")
+    else:
+        if topo.is_master:
+            parts.append("this node is master")
+        elif topo.master_id:
+            parts.append(f"master {_short(topo.master_id)}")
+        else:
+            parts.append("no master elected")
+        n = len(topo.peers)
+        parts.append(f"{n} peer" + ("" if n == 1 else "s"))
+        parts.append(f"{topo.instances} instance" + ("" if topo.instances == 1 else "s"))
+    parts.append(accelerator)
+    text = "; ".join(parts)
+    if fallback:
+        text += f" (FALLBACK: {fallback})"
+    return text
+
+
+def _short(node_id: str) -> str:
+    return node_id if len(node_id) <= 12 else node_id[:12] + "…"
+
+
+def exit_status(returncode: int) -> int:
+    """Map asyncio's returncode (negative for a signal) to a shell-style status."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Supervisor:
+    def __init__(
+        self,
+        launch: Launch,
+        settings: Settings,
+        probe: Probe,
+        notifier: Notifier,
+        snapshots: SnapshotStore | None = None,
+    ) -> None:
+        self.launch = launch
+        self.settings = settings
+        self.probe = probe
+        self.notifier = notifier
+        self.snapshots = snapshots
+        self.state = _State()
+        self.child: asyncio.subprocess.Process | None = None
+        self._kill_task: asyncio.Task[None] | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start EXO, supervise it until it exits, return its (shell-style) exit status."""
+        loop = asyncio.get_running_loop()
+        sel = self.launch.selection
+        if sel.fallback:
+            log.warning("accelerator fallback: %s", sel.fallback)
+        for reason in sel.reasons:
+            log.info("accelerator: %s", reason)
+        if self.snapshots is not None:
+            previous = self.snapshots.load()
+            if previous is not None:
+                peers = ", ".join(sorted(previous.topology.peers)) or "none"
+                log.info(
+                    "last topology (%s): node %s, master %s, peers %s",
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(previous.taken_at)),
+                    previous.topology.node_id,
+                    previous.topology.master_id,
+                    peers,
+                )
+        self.notifier.status(self._status(None))
+        log.info("starting %s", " ".join(self.launch.argv))
+        try:
+            self.child = await asyncio.create_subprocess_exec(
+                *self.launch.argv,
+                env=self.launch.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.error("cannot start %s: %s", self.launch.argv[0], exc.strerror or exc)
+            self.notifier.status(f"cannot start EXO: {exc.strerror or exc}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        health = asyncio.create_task(self._health_loop())
+        try:
+            returncode = await self.child.wait()
+        finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
+            for sig in FORWARDED:
+                loop.remove_signal_handler(sig)
+            if self._kill_task is not None:
+                self._kill_task.cancel()
+            self._reap_group()
+        status = exit_status(returncode)
+        if self.state.stopping:
+            log.info("EXO stopped (status %d)", status)
+        else:
+            log.error("EXO exited unexpectedly with status %d", status)
+            self.notifier.status(f"EXO exited with status {status}")
+        return status
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        child = self.child
+        if child is None or child.returncode is not None:
+            return
+        log.info("forwarding %s to EXO (pid %d)", sig.name, child.pid)
+        if sig in STOP_SIGNALS and not self.state.stopping:
+            self.state.stopping = True
+            self.notifier.stopping(f"stopping EXO ({sig.name})")
+            self._kill_task = asyncio.get_running_loop().create_task(self._kill_after_grace())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, sig)
+
+    async def _kill_after_grace(self) -> None:
+        await asyncio.sleep(self.settings.stop_timeout)
+        child = self.child
+        if child is not None and child.returncode is None:
+            log.warning(
+                "EXO did not stop within %.0fs; sending SIGKILL", self.settings.stop_timeout
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+
+    def _reap_group(self) -> None:
+        """Kill whatever the child left behind in its process group (no orphans)."""
+        child = self.child
+        if child is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+            log.info("killed processes EXO left behind in its process group")
+
+    # -- health -----------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        s = self.settings
+        interval = s.interval
+        if self.notifier.watchdog_sec is not None:
+            # at least two probes per watchdog period, so one slow probe is not fatal
+            interval = min(interval, self.notifier.watchdog_sec / 2)
+        while True:
+            ok = await self._probe_once()
+            if ok and not self.state.ready:
+                self.state.ready = True
+                log.info("EXO's API answers at %s: ready", s.api_url)
+                self.notifier.ready(self._status(self.state.last))
+            if ok:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval if self.state.ready else s.startup_poll)
+
+    async def _probe_once(self) -> bool:
+        s = self.settings
+        try:
+            topo = await asyncio.wait_for(self.probe(s.api_url, s.timeout), s.timeout + 1)
+        except Exception as exc:  # any failure is a failed probe; the reason is logged
+            reason = str(exc) or type(exc).__name__
+            if not self.state.ready:
+                log.debug("not ready yet: %s", reason)
+                return False
+            self.state.failed_probes += 1
+            level = logging.ERROR if self.state.failed_probes >= s.failures else logging.WARNING
+            log.log(level, "health probe %d failed: %s", self.state.failed_probes, reason)
+            if self.state.failed_probes >= s.failures:
+                self.notifier.status(
+                    f"{s.role}; UNHEALTHY: {self.state.failed_probes} failed probes ({reason})"
+                )
+            return False
+        if self.state.failed_probes:
+            log.info("EXO healthy again after %d failed probes", self.state.failed_probes)
+        self.state.failed_probes = 0
+        self._record(topo)
+        if self.state.ready:
+            self.notifier.status(self._status(topo))
+        return True
+
+    def _record(self, topo: Topology) -> None:
+        previous = self.state.last
+        self.state.last = topo
+        changed = previous is None or (
+            previous.node_id,
+            previous.master_id,
+            sorted(previous.peers.items()),
+            previous.instances,
+        ) != (topo.node_id, topo.master_id, sorted(topo.peers.items()), topo.instances)
+        if changed and self.snapshots is not None:
+            try:
+                self.snapshots.save(self.settings.role, topo)
+            except OSError as exc:
+                log.warning("cannot write topology snapshot %s: %s", self.snapshots.path, exc)
+
+    def _status(self, topo: Topology | None) -> str:
+        sel = self.launch.selection
+        return describe(self.settings.role, topo, sel.accelerator.value, sel.fallback)
