@@ -335,6 +335,13 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _path_part(part: int | str) -> str:
+    text = str(part)
+    if text and text.isprintable() and "." not in text and text.strip() == text:
+        return text
+    return json.dumps(text)
+
+
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Config
     for part in loc:
@@ -357,7 +364,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
 
 def _format_error(error: Any) -> str:
     loc = tuple(error["loc"])
-    path = ".".join(str(p) for p in loc) or "(document)"
+    path = ".".join(_path_part(p) for p in loc) or "(document)"
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])

@@ -1,0 +1,36 @@
+# Evaluates the exo NixOS modules against stub NixOS options and returns, as plain data, what
+# the module tests assert on. Used by tests/nixeval.py; no nixpkgs checkout needed, only `lib`.
+{ lib, modules ? [ ] }:
+let
+  stubDir = ./stubs;
+  stubs = map (file: stubDir + "/${file}") (builtins.attrNames (builtins.readDir stubDir));
+  pkgs = import ./stub-pkgs.nix { inherit lib; };
+  evaluated = lib.evalModules {
+    modules = stubs ++ [ ../modules/default.nix { _module.args.pkgs = pkgs; } ] ++ modules;
+  };
+  cfg = evaluated.config;
+  fileContent = entry:
+    if entry.text != null then entry.text
+    else if entry.source ? generatedValue then entry.source.generatedValue
+    else toString entry.source;
+  unit = u: builtins.removeAttrs u [ "restartTriggers" "reloadTriggers" ];
+in
+{
+  assertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
+  inherit (cfg) warnings users;
+  services = lib.mapAttrs (_: unit) (lib.filterAttrs (_: s: s.enable) cfg.systemd.services);
+  targets = lib.filterAttrs (_: t: t.enable) cfg.systemd.targets;
+  tmpfiles = cfg.systemd.tmpfiles.rules;
+  firewall = cfg.networking.firewall;
+  etc = lib.mapAttrs (_: fileContent) cfg.environment.etc;
+  systemPackages = map (p: p.name) cfg.environment.systemPackages;
+  kernelModules = cfg.boot.kernelModules;
+  sysctl = cfg.boot.kernel.sysctl;
+  k3sManifests = lib.mapAttrs
+    (_: m: { inherit (m) enable target content; source = if m.source == null then null else m.source.name; })
+    cfg.services.k3s.manifests;
+  exo = {
+    inherit (cfg.services.exo) enable nodeUnit;
+    configDocument = cfg.services.exo.configDocument;
+  };
+}

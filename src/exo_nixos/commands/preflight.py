@@ -1,0 +1,57 @@
+"""``exo-nixos preflight``: check the host before EXO starts; non-zero exit when a check fails."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from exo_nixos.config import DEFAULT_CONFIG_PATH
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="config file (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="read /sys, /proc, /dev and the directories under this prefix (a captured tree)",
+    )
+
+
+def format_results(results: list[object]) -> str:
+    from exo_nixos.preflight import CheckResult
+
+    lines = []
+    for result in results:
+        assert isinstance(result, CheckResult)
+        line = f"{result.status.upper():<4}  {result.check}: {result.reason}"
+        if result.fix:
+            line += f"\n      fix: {result.fix}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from exo_nixos.config import load_config
+    from exo_nixos.preflight import Host, Status, accelerator_for, run_checks
+
+    config = load_config(args.config)
+    host = Host(args.root)
+    results = run_checks(config, host, accelerator_for(config, host))
+    if args.json:
+        json.dump([r.to_json() for r in results], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_results(list(results)))
+    failed = [r for r in results if r.status is Status.FAIL]
+    if failed and not args.json:
+        print(f"{len(failed)} check(s) failed", file=sys.stderr)
+    return 1 if failed else 0

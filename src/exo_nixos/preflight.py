@@ -1,0 +1,451 @@
+"""Pre-flight checks run before EXO starts (the node unit's ExecStartPre).
+
+Each check returns a result with a status (ok, warn, fail), a one-line reason and, when not ok,
+a fix. Everything read from the host (sysfs, procfs, /dev, the directories) is looked up under a
+root prefix, so a captured tree can be checked as well as the live system.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+import stat
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from exo_nixos.config import Accelerator, Config, MemoryLimit
+
+GIB = 1 << 30
+DISK_FAIL_BYTES = 2 * GIB
+DISK_WARN_BYTES = 50 * GIB
+
+
+class Status(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check: str
+    status: Status
+    reason: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        data = asdict(self)
+        data["status"] = str(self.status)
+        return data
+
+
+def _ok(check: str, reason: str) -> CheckResult:
+    return CheckResult(check, Status.OK, reason)
+
+
+def _warn(check: str, reason: str, fix: str) -> CheckResult:
+    return CheckResult(check, Status.WARN, reason, fix)
+
+
+def _fail(check: str, reason: str, fix: str) -> CheckResult:
+    return CheckResult(check, Status.FAIL, reason, fix)
+
+
+class Host:
+    """Paths of the host under a root prefix ("/" for the live system)."""
+
+    def __init__(self, root: Path = Path("/")) -> None:
+        self.root = root
+
+    def path(self, absolute: str | Path) -> Path:
+        return self.root / str(absolute).lstrip("/")
+
+    def read(self, absolute: str) -> str | None:
+        try:
+            return self.path(absolute).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+
+
+# ---------------------------------------------------------------- ports
+
+
+def _port_in_use(kind: int, port: int) -> str | None:
+    """Why ``port`` cannot be bound the way EXO binds it (all addresses), or None when free."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, kind)
+        except OSError:
+            continue  # address family unavailable on this host
+        with sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "in use by another process"
+                if exc.errno == errno.EACCES:
+                    return "not allowed for this user (privileged port)"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    continue
+                return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(config: Config) -> CheckResult:
+    wanted = [
+        ("TCP", socket.SOCK_STREAM, config.api_port, "apiPort"),
+        ("TCP", socket.SOCK_STREAM, config.networking.zenoh_port, "networking.zenohPort"),
+        ("UDP", socket.SOCK_DGRAM, config.networking.discovery_port, "networking.discoveryPort"),
+    ]
+    for proto, kind, port, option in wanted:
+        problem = _port_in_use(kind, port)
+        if problem:
+            return _fail(
+                "ports",
+                f"{proto} port {port} ({option}) is {problem}",
+                f"stop what listens there (ss -lntup 'sport = :{port}') or change {option}",
+            )
+    listed = ", ".join(f"{p} {n}" for p, _, n, _ in wanted)
+    return _ok("ports", f"{listed} are free")
+
+
+# ---------------------------------------------------------------- interface
+
+IFF_UP = 0x1
+IFF_MULTICAST = 0x1000
+
+
+@dataclass(frozen=True)
+class InterfaceFacts:
+    exists: bool
+    operstate: str = "unknown"
+    flags: int = 0
+    link_local: tuple[str, ...] = ()
+
+
+def interface_facts(host: Host, name: str) -> InterfaceFacts:
+    base = f"/sys/class/net/{name}"
+    if not host.path(base).exists():
+        return InterfaceFacts(exists=False)
+    operstate = (host.read(f"{base}/operstate") or "unknown").strip()
+    try:
+        flags = int((host.read(f"{base}/flags") or "0").strip(), 16)
+    except ValueError:
+        flags = 0
+    link_local = []
+    for line in (host.read("/proc/net/if_inet6") or "").splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[5] == name and fields[0].lower().startswith("fe80"):
+            address = ":".join(fields[0][i : i + 4] for i in range(0, 32, 4))
+            link_local.append(address)
+    return InterfaceFacts(True, operstate, flags, tuple(link_local))
+
+
+def check_interface(config: Config, host: Host) -> list[CheckResult]:
+    names = config.networking.cluster_interfaces
+    if not names:
+        return [
+            _ok(
+                "interface",
+                "no cluster interface configured: EXO discovers peers on every interface "
+                "with an IPv6 address",
+            )
+        ]
+    results = []
+    for name in names:
+        facts = interface_facts(host, name)
+        check = f"interface {name}"
+        if not facts.exists:
+            results.append(
+                _fail(
+                    check,
+                    f"{name} does not exist",
+                    "create it (networking.bonds or systemd-networkd) or fix "
+                    "networking.bondInterface / extraInterfaces",
+                )
+            )
+        elif not facts.flags & IFF_UP or facts.operstate == "down":
+            results.append(
+                _fail(
+                    check, f"{name} is down", f"bring it up: ip link set {name} up; check cabling"
+                )
+            )
+        elif not facts.flags & IFF_MULTICAST:
+            results.append(
+                _fail(
+                    check,
+                    f"{name} has multicast off: EXO's discovery (IPv6 multicast) cannot work",
+                    f"ip link set {name} multicast on",
+                )
+            )
+        elif not facts.link_local:
+            results.append(
+                _fail(
+                    check,
+                    f"{name} has no IPv6 link-local address: EXO's discovery cannot work",
+                    f"enable IPv6 on {name} (networking.enableIPv6, "
+                    f"sysctl net.ipv6.conf.{name}.disable_ipv6=0)",
+                )
+            )
+        else:
+            results.append(
+                _ok(check, f"{name} is up, multicast on, link-local {facts.link_local[0]}")
+            )
+    return results
+
+
+# ---------------------------------------------------------------- directories
+
+
+@dataclass(frozen=True)
+class DirectorySpec:
+    option: str
+    path: str
+    writable: bool
+    owned: bool
+    private: bool
+
+
+def directory_specs(config: Config) -> list[DirectorySpec]:
+    sec = config.security
+    specs = [
+        DirectorySpec("security.dataDir", sec.data_dir, True, True, True),
+        DirectorySpec("security.cacheDir", sec.cache_dir, True, True, True),
+        DirectorySpec("security.runtimeDir", sec.runtime_dir, True, True, True),
+        DirectorySpec("security.configDir", sec.config_dir, False, False, False),
+        DirectorySpec("modelsDir", config.effective_models_dir, True, False, False),
+    ]
+    specs += [
+        DirectorySpec("extraModelDirs", d, True, False, False) for d in config.extra_model_dirs
+    ]
+    specs += [
+        DirectorySpec("readOnlyModelDirs", d, False, False, False)
+        for d in config.read_only_model_dirs
+    ]
+    return specs
+
+
+def _owner_ids(user: str, group: str) -> tuple[int | None, int | None]:
+    try:
+        uid: int | None = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = None
+    try:
+        gid: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = None
+    return uid, gid
+
+
+def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckResult:
+    check = f"directory {spec.path}"
+    path = host.path(spec.path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        parent = path.parent
+        if spec.writable and not spec.owned and os.access(parent, os.W_OK | os.X_OK):
+            return _ok(check, f"{spec.path} ({spec.option}) will be created by EXO")
+        owner = f"-o {config.security.user} -g {config.security.group} -m 0750"
+        return _fail(
+            check,
+            f"{spec.path} ({spec.option}) does not exist",
+            f"create it: install -d {owner if spec.writable else '-m 0755'} {spec.path}",
+        )
+    except OSError as exc:
+        return _fail(check, f"{spec.path} cannot be read: {exc.strerror}", "check its permissions")
+    if not stat.S_ISDIR(info.st_mode):
+        return _fail(check, f"{spec.path} ({spec.option}) is not a directory", "point it elsewhere")
+    mode = stat.S_IMODE(info.st_mode)
+    if spec.owned:
+        uid, gid = _owner_ids(config.security.user, config.security.group)
+        if uid is not None and info.st_uid != uid:
+            return _fail(
+                check,
+                f"{spec.path} is owned by uid {info.st_uid}, not {config.security.user}",
+                f"chown -R {config.security.user}:{config.security.group} {spec.path}",
+            )
+        if gid is not None and info.st_gid != gid:
+            return _warn(
+                check,
+                f"{spec.path} has group gid {info.st_gid}, not {config.security.group}",
+                f"chgrp {config.security.group} {spec.path}",
+            )
+    if spec.private and mode & 0o007:
+        return _warn(
+            check,
+            f"{spec.path} is accessible to all users (mode {mode:04o})",
+            f"chmod o-rwx {spec.path}",
+        )
+    if mode & 0o002 and not mode & stat.S_ISVTX:
+        return _fail(
+            check,
+            f"{spec.path} is world-writable (mode {mode:04o})",
+            f"chmod o-w {spec.path}",
+        )
+    if spec.writable and not os.access(path, os.W_OK | os.X_OK):
+        return _fail(
+            check,
+            f"{spec.path} ({spec.option}) is not writable for this user",
+            f"give {config.security.user} write access (services.exo makes model directories "
+            "outside the data dir writable via ReadWritePaths)",
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        return _fail(
+            check,
+            f"{spec.path} ({spec.option}) is not readable for this user",
+            f"give {config.security.user} read access",
+        )
+    what = "writable" if spec.writable else "readable"
+    return _ok(check, f"{spec.path} exists and is {what} (mode {mode:04o})")
+
+
+# ---------------------------------------------------------------- disk and memory
+
+
+def check_disk(config: Config, host: Host) -> CheckResult:
+    models = host.path(config.effective_models_dir)
+    probe = next((p for p in (models, *models.parents) if p.exists()), None)
+    if probe is None:
+        return _warn("disk", f"cannot find {config.effective_models_dir}", "create the model dir")
+    try:
+        usage = os.statvfs(probe)
+    except OSError as exc:
+        return _warn("disk", f"cannot stat {probe}: {exc.strerror}", "check the mount")
+    free = usage.f_bavail * usage.f_frsize
+    text = f"{free / GIB:.1f} GiB free for models in {config.effective_models_dir}"
+    if free < DISK_FAIL_BYTES:
+        return _fail("disk", text, "free space or set modelsDir to a larger filesystem")
+    if free < DISK_WARN_BYTES:
+        return _warn("disk", text + " (large models need more)", "free space or move modelsDir")
+    return _ok("disk", text)
+
+
+def physical_memory(host: Host) -> int | None:
+    for line in (host.read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            parts = line.split()
+            try:
+                return int(parts[1]) * 1024
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def check_memory(config: Config, host: Host) -> CheckResult:
+    total = physical_memory(host)
+    if total is None:
+        return _warn("memory", "cannot read MemTotal from /proc/meminfo", "check /proc is mounted")
+    text = config.hardware.memory_limit
+    if text is None:
+        return _ok("memory", f"no memoryLimit; EXO may use all {total / GIB:.1f} GiB")
+    limit = MemoryLimit.parse(text).resolve(total)
+    if limit > total:
+        return _fail(
+            "memory",
+            f"hardware.memoryLimit {text} ({limit / GIB:.1f} GiB) exceeds physical memory "
+            f"({total / GIB:.1f} GiB)",
+            "lower hardware.memoryLimit or give it as a percentage",
+        )
+    return _ok("memory", f"memoryLimit {text} = {limit / GIB:.1f} GiB of {total / GIB:.1f} GiB")
+
+
+# ---------------------------------------------------------------- devices
+
+DEVICE_NODES: dict[Accelerator, tuple[str, ...]] = {
+    Accelerator.CUDA: ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia[0-9]*"),
+    Accelerator.ROCM: ("/dev/kfd", "/dev/dri/renderD*"),
+    Accelerator.MLX: (),
+    Accelerator.CPU: (),
+}
+
+
+def _expand(host: Host, pattern: str) -> list[Path]:
+    if "*" not in pattern:
+        return [host.path(pattern)]
+    parent = host.path(os.path.dirname(pattern))
+    return sorted(parent.glob(os.path.basename(pattern))) if parent.is_dir() else []
+
+
+def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
+    patterns = DEVICE_NODES[accelerator]
+    if not patterns:
+        return _ok("devices", f"{accelerator} needs no device nodes")
+    checked = []
+    for pattern in patterns:
+        nodes = _expand(host, pattern)
+        if not nodes or not all(n.exists() for n in nodes):
+            return _fail(
+                "devices",
+                f"{pattern} missing for {accelerator}",
+                "load the GPU driver (boot.kernelModules / hardware.nvidia) or set "
+                'hardware.preferredAccelerator = "cpu"',
+            )
+        for node in nodes:
+            if not os.access(node, os.R_OK | os.W_OK):
+                return _fail(
+                    "devices",
+                    f"{node.relative_to(host.root)} is not accessible to this user",
+                    "add the device to the unit's DeviceAllow and the user to its group "
+                    "(render/video)",
+                )
+            checked.append(str(Path("/") / node.relative_to(host.root)))
+    return _ok("devices", f"{accelerator}: {', '.join(checked)} accessible")
+
+
+# ---------------------------------------------------------------- kubernetes
+
+
+def check_kube_credentials(config: Config, host: Host) -> CheckResult:
+    k3s = config.k3s
+    if not k3s.integration:
+        return _ok("k3s credentials", "K3s integration off")
+    files = [f for f in (k3s.kubeconfig_file, k3s.token_file, k3s.ca_file) if f]
+    if not files:
+        return _fail(
+            "k3s credentials",
+            "k3s.integration is on but neither k3s.kubeconfigFile nor k3s.tokenFile is set",
+            "set k3s.kubeconfigFile (e.g. /etc/rancher/k3s/k3s.yaml on a server) or "
+            "k3s.tokenFile with k3s.apiServer",
+        )
+    for name in files:
+        try:
+            content = host.path(name).read_bytes()
+        except OSError as exc:
+            return _fail(
+                "k3s credentials",
+                f"{name} cannot be read: {exc.strerror}",
+                "check the path and that the service's credential is passed (LoadCredential)",
+            )
+        if not content.strip():
+            return _fail("k3s credentials", f"{name} is empty", "write the credential into it")
+    return _ok("k3s credentials", f"{', '.join(files)} readable")
+
+
+# ---------------------------------------------------------------- all
+
+
+def run_checks(config: Config, host: Host, accelerator: Accelerator) -> list[CheckResult]:
+    results = [check_ports(config)]
+    results += check_interface(config, host)
+    results += [check_directory(spec, host, config) for spec in directory_specs(config)]
+    results += [
+        check_disk(config, host),
+        check_memory(config, host),
+        check_devices(accelerator, host),
+        check_kube_credentials(config, host),
+    ]
+    return results
+
+
+def accelerator_for(config: Config, host: Host) -> Accelerator:
+    """The accelerator whose device nodes pre-flight checks."""
+    return config.hardware.preferred_accelerator or Accelerator.CPU

@@ -1,0 +1,291 @@
+"""Pre-flight checks: each one passing and failing, on trees built under a root prefix."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import socket
+from pathlib import Path
+
+import pytest
+
+from exo_nixos.cli import main
+from exo_nixos.config import Accelerator, Config, parse_config
+from exo_nixos.preflight import (
+    Host,
+    Status,
+    check_devices,
+    check_directory,
+    check_disk,
+    check_interface,
+    check_kube_credentials,
+    check_memory,
+    check_ports,
+    directory_specs,
+    interface_facts,
+)
+
+ME = pwd.getpwuid(os.getuid()).pw_name
+MY_GROUP = grp.getgrgid(os.getgid()).gr_name
+
+
+def make_config(root: Path, **overrides: object) -> Config:
+    document: dict[str, object] = {
+        "schemaVersion": 1,
+        "security": {
+            "user": ME,
+            "group": MY_GROUP,
+            "dataDir": "/var/lib/exo",
+            "cacheDir": "/var/cache/exo",
+            "runtimeDir": "/run/exo",
+            "configDir": "/etc/exo",
+        },
+    }
+    document.update(overrides)
+    return parse_config(document)
+
+
+def build_host(root: Path) -> Host:
+    for d, mode in [
+        ("var/lib/exo", 0o750),
+        ("var/cache/exo", 0o750),
+        ("run/exo", 0o750),
+        ("etc/exo", 0o755),
+    ]:
+        (root / d).mkdir(parents=True)
+        (root / d).chmod(mode)
+    (root / "proc").mkdir()
+    (root / "proc/meminfo").write_text("MemTotal:       65536000 kB\nMemFree: 1 kB\n")
+    return Host(root)
+
+
+def add_interface(root: Path, name: str, flags: int, operstate: str, link_local: bool) -> None:
+    base = root / "sys/class/net" / name
+    base.mkdir(parents=True)
+    (base / "flags").write_text(f"{flags:#x}\n")
+    (base / "operstate").write_text(operstate + "\n")
+    if link_local:
+        line = f"fe80000000000000021b21fffe3a4b5c 05 40 20 80 {name}\n"
+        with (root / "proc/net").joinpath("if_inet6").open("a") as fh:
+            fh.write(line)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    h = build_host(tmp_path)
+    (tmp_path / "proc/net").mkdir()
+    (tmp_path / "proc/net/if_inet6").write_text("")
+    return h
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_ports_free(host: Host) -> None:
+    cfg = make_config(
+        host.root,
+        apiPort=free_port(socket.SOCK_STREAM),
+        networking={
+            "zenohPort": free_port(socket.SOCK_STREAM),
+            "discoveryPort": free_port(socket.SOCK_DGRAM),
+        },
+    )
+    assert check_ports(cfg).status is Status.OK
+
+
+def test_port_in_use_fails_naming_the_option(host: Host) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("0.0.0.0", 0))
+        port = busy.getsockname()[1]
+        cfg = make_config(host.root, networking={"discoveryPort": port})
+        result = check_ports(cfg)
+    assert result.status is Status.FAIL
+    assert f"UDP port {port} (networking.discoveryPort) is in use" in result.reason
+
+
+def test_tcp_listener_detected(host: Host) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = check_ports(make_config(host.root, apiPort=port))
+    assert result.status is Status.FAIL
+    assert "(apiPort)" in result.reason
+
+
+def test_no_cluster_interface_is_ok(host: Host) -> None:
+    [result] = check_interface(make_config(host.root), host)
+    assert result.status is Status.OK
+
+
+@pytest.mark.parametrize(
+    ("flags", "operstate", "link_local", "status", "words"),
+    [
+        (0x1003, "up", True, Status.OK, "link-local fe80:0000"),
+        (0x1002, "down", True, Status.FAIL, "is down"),
+        (0x0003, "up", True, Status.FAIL, "multicast off"),
+        (0x1003, "up", False, Status.FAIL, "no IPv6 link-local"),
+    ],
+)
+def test_interface_states(host: Host, flags, operstate, link_local, status, words) -> None:
+    add_interface(host.root, "bond0", flags, operstate, link_local)
+    cfg = make_config(host.root, networking={"bondInterface": "bond0"})
+    [result] = check_interface(cfg, host)
+    assert result.status is status
+    assert words in result.reason
+
+
+def test_missing_interface_fails(host: Host) -> None:
+    cfg = make_config(host.root, networking={"bondInterface": "bond9"})
+    [result] = check_interface(cfg, host)
+    assert result.status is Status.FAIL
+    assert "bond9 does not exist" in result.reason
+
+
+def test_garbled_flags_do_not_crash(host: Host) -> None:
+    add_interface(host.root, "eth0", 0, "up", True)
+    (host.root / "sys/class/net/eth0/flags").write_text("garbage\n")
+    facts = interface_facts(host, "eth0")
+    assert facts.flags == 0
+
+
+def test_directories_ok(host: Host) -> None:
+    cfg = make_config(host.root)
+    results = [check_directory(s, host, cfg) for s in directory_specs(cfg)]
+    assert [r.status for r in results] == [Status.OK] * len(results), results
+    assert "will be created by EXO" in results[-1].reason
+
+
+def test_missing_data_dir_fails(host: Host) -> None:
+    cfg = make_config(host.root)
+    (host.root / "var/lib/exo").rmdir()
+    result = check_directory(directory_specs(cfg)[0], host, cfg)
+    assert result.status is Status.FAIL
+    assert "install -d" in result.fix
+
+
+def test_world_readable_state_warns(host: Host) -> None:
+    cfg = make_config(host.root)
+    (host.root / "var/lib/exo").chmod(0o755)
+    result = check_directory(directory_specs(cfg)[0], host, cfg)
+    assert result.status is Status.WARN
+    assert "chmod o-rwx" in result.fix
+
+
+def test_world_writable_fails(host: Host) -> None:
+    cfg = make_config(host.root, readOnlyModelDirs=["/srv/ro"])
+    (host.root / "srv/ro").mkdir(parents=True)
+    (host.root / "srv/ro").chmod(0o777)
+    result = check_directory(directory_specs(cfg)[-1], host, cfg)
+    assert result.status is Status.FAIL
+    assert "world-writable" in result.reason
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to chown to another user")
+def test_wrong_owner_fails(host: Host) -> None:
+    cfg = make_config(host.root)
+    os.chown(host.root / "var/cache/exo", 65534, -1)
+    result = check_directory(directory_specs(cfg)[1], host, cfg)
+    assert result.status is Status.FAIL
+    assert "chown" in result.fix
+
+
+def test_not_a_directory(host: Host) -> None:
+    cfg = make_config(host.root, extraModelDirs=["/srv/file"])
+    (host.root / "srv").mkdir()
+    (host.root / "srv/file").write_text("")
+    result = check_directory(directory_specs(cfg)[5], host, cfg)
+    assert result.status is Status.FAIL
+    assert "not a directory" in result.reason
+
+
+def test_disk_reports_free_space(host: Host) -> None:
+    result = check_disk(make_config(host.root), host)
+    assert result.status in {Status.OK, Status.WARN, Status.FAIL}
+    assert "GiB free for models" in result.reason
+
+
+def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tiny:
+        f_bavail = 10
+        f_frsize = 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda _: Tiny())
+    result = check_disk(make_config(host.root), host)
+    assert result.status is Status.FAIL
+
+
+@pytest.mark.parametrize(
+    ("limit", "status"),
+    [(None, Status.OK), ("80%", Status.OK), ("48G", Status.OK), ("128G", Status.FAIL)],
+)
+def test_memory_limit_against_physical(host: Host, limit, status) -> None:
+    cfg = make_config(host.root, hardware={"memoryLimit": limit})
+    assert check_memory(cfg, host).status is status
+
+
+def test_memory_unreadable_warns(host: Host) -> None:
+    (host.root / "proc/meminfo").write_text("garbled")
+    assert check_memory(make_config(host.root), host).status is Status.WARN
+
+
+def test_cuda_devices(host: Host) -> None:
+    dev = host.root / "dev"
+    dev.mkdir()
+    assert check_devices(Accelerator.CUDA, host).status is Status.FAIL
+    for name in ("nvidiactl", "nvidia-uvm", "nvidia0"):
+        (dev / name).write_text("")
+    result = check_devices(Accelerator.CUDA, host)
+    assert result.status is Status.OK
+    assert "/dev/nvidia0" in result.reason
+    assert check_devices(Accelerator.CPU, host).status is Status.OK
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="root can access any device node")
+def test_inaccessible_device_fails(host: Host) -> None:
+    dev = host.root / "dev/dri"
+    dev.mkdir(parents=True)
+    (host.root / "dev/kfd").write_text("")
+    (dev / "renderD128").write_text("")
+    (dev / "renderD128").chmod(0)
+    result = check_devices(Accelerator.ROCM, host)
+    assert result.status is Status.FAIL
+    assert "DeviceAllow" in result.fix
+
+
+def test_kube_credentials(host: Host) -> None:
+    assert check_kube_credentials(make_config(host.root), host).status is Status.OK
+    cfg = make_config(host.root, k3s={"integration": True})
+    assert check_kube_credentials(cfg, host).status is Status.FAIL
+    cfg = make_config(host.root, k3s={"integration": True, "kubeconfigFile": "/etc/k3s.yaml"})
+    assert "cannot be read" in check_kube_credentials(cfg, host).reason
+    (host.root / "etc/k3s.yaml").write_text("")
+    assert "is empty" in check_kube_credentials(cfg, host).reason
+    (host.root / "etc/k3s.yaml").write_text("apiVersion: v1\nkind: Config\n")
+    assert check_kube_credentials(cfg, host).status is Status.OK
+
+
+def test_command_json_and_exit_code(host: Host, tmp_path: Path, capsys) -> None:
+    cfg_file = tmp_path / "config.json"
+    document = make_config(host.root).to_json()
+    document["apiPort"] = free_port(socket.SOCK_STREAM)
+    cfg_file.write_text(json.dumps(document))
+    rc = main(["preflight", "--config", str(cfg_file), "--root", str(host.root), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert {r["check"] for r in results} >= {"ports", "memory", "disk", "devices"}
+    assert rc == (1 if any(r["status"] == "fail" for r in results) else 0)
+    (host.root / "var/lib/exo").rmdir()
+    assert main(["preflight", "--config", str(cfg_file), "--root", str(host.root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  directory /var/lib/exo" in out
+
+
+def test_command_bad_config(tmp_path: Path, capsys) -> None:
+    assert main(["preflight", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "no such config file" in capsys.readouterr().err
