@@ -1,0 +1,380 @@
+"""The cluster the double pretends to be part of, rendered in upstream exo's JSON shapes.
+
+Every document here follows what upstream's pydantic models serialise to (FastAPI's
+``jsonable_encoder``: camelCase aliases, tagged unions as ``{"ClassName": {...}}``,
+``Memory`` as ``{"inBytes": N}``). Only the fields this project reads, plus enough
+neighbours to keep the shape recognisable, are filled in.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+# A small catalogue taken from upstream's resources/inference_model_cards/ (values, not code).
+CATALOGUE: dict[str, JSON] = {
+    "mlx-community/Llama-3.2-1B-Instruct-4bit": {
+        "nLayers": 16,
+        "hiddenSize": 2048,
+        "numKeyValueHeads": 8,
+        "supportsTensor": True,
+        "family": "llama",
+        "quantization": "4bit",
+        "baseModel": "Llama 3.2 1B",
+        "capabilities": ["text"],
+        "contextLength": 131072,
+        "storageBytes": 729808896,
+    },
+    "mlx-community/Qwen3-0.6B-4bit": {
+        "nLayers": 28,
+        "hiddenSize": 1024,
+        "numKeyValueHeads": 8,
+        "supportsTensor": False,
+        "family": "qwen",
+        "quantization": "4bit",
+        "baseModel": "Qwen3 0.6B",
+        "capabilities": ["text", "thinking", "thinking_toggle"],
+        "contextLength": 32768,
+        "storageBytes": 342884352,
+    },
+}
+
+_GENERIC_CARD: JSON = {
+    "nLayers": 24,
+    "hiddenSize": 2048,
+    "numKeyValueHeads": 8,
+    "supportsTensor": False,
+    "family": "",
+    "quantization": "",
+    "baseModel": "",
+    "capabilities": ["text"],
+    "contextLength": 8192,
+    "storageBytes": 1 << 30,
+}
+
+
+def random_node_id() -> str:
+    """A node id as upstream makes them: 16 random bytes in hex, leading zeros stripped."""
+    return secrets.token_hex(16).lstrip("0") or "1"
+
+
+def _card_facts(model_id: str) -> JSON:
+    return CATALOGUE.get(model_id, _GENERIC_CARD)
+
+
+def model_card(model_id: str) -> JSON:
+    """``ModelCard`` as it appears inside shard metadata in ``/state``."""
+    facts = _card_facts(model_id)
+    return {
+        "modelId": model_id,
+        "storageSize": {"inBytes": facts["storageBytes"]},
+        "nLayers": facts["nLayers"],
+        "hiddenSize": facts["hiddenSize"],
+        "supportsTensor": facts["supportsTensor"],
+        "numKeyValueHeads": facts["numKeyValueHeads"],
+        "tasks": ["TextGeneration"],
+        "components": None,
+        "family": facts["family"],
+        "quantization": facts["quantization"],
+        "baseModel": facts["baseModel"],
+        "capabilities": facts["capabilities"],
+        "backends": ["MlxMetal", "MlxCuda", "MlxCpu"],
+        "reasoningDialect": "none",
+        "contextLength": facts["contextLength"],
+        "usesCfg": False,
+        "trustRemoteCode": True,
+        "isCustom": False,
+        "vision": None,
+    }
+
+
+def model_list_entry(model_id: str, created: int) -> JSON:
+    """One ``ModelListModel`` of ``GET /models`` (plain pydantic: snake_case keys)."""
+    facts = _card_facts(model_id)
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "exo",
+        "hugging_face_id": model_id,
+        "name": model_id.rsplit("/", maxsplit=1)[-1],
+        "description": "",
+        "context_length": facts["contextLength"],
+        "tags": [],
+        "storage_size_megabytes": round(facts["storageBytes"] / (1024**2)),
+        "supports_tensor": facts["supportsTensor"],
+        "tasks": ["TextGeneration"],
+        "is_custom": False,
+        "family": facts["family"],
+        "quantization": facts["quantization"],
+        "base_model": facts["baseModel"],
+        "capabilities": facts["capabilities"],
+        "reasoning_dialect": "none",
+    }
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """Another node of the pretended cluster: ``--peer ID=HOST:PORT``."""
+
+    node_id: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> PeerSpec:
+        node_id, sep, address = text.partition("=")
+        host, colon, port_text = address.rpartition(":")
+        if not sep or not node_id or not colon or not host or not port_text.isdigit():
+            raise ValueError(f"--peer {text!r}: expected ID=HOST:PORT, e.g. abc123=10.0.0.2:52415")
+        host = host.removeprefix("[").removesuffix("]")
+        return cls(node_id=node_id, host=host, port=int(port_text))
+
+    @property
+    def multiaddr(self) -> str:
+        family = "ip6" if ":" in self.host else "ip4"
+        return f"/{family}/{self.host}/tcp/{self.port}"
+
+
+def _multiaddr_json(address: str, host: str, port: int) -> JSON:
+    # Multiaddr is a plain BaseModel with computed fields: snake_case keys.
+    return {
+        "address": address,
+        "address_type": address.split("/")[1],
+        "ip_address": host,
+        "port": port,
+    }
+
+
+def _tagged(name: str, body: JSON) -> JSON:
+    return {name: body}
+
+
+@dataclass
+class Cluster:
+    """What this node believes about its cluster."""
+
+    node_id: str
+    api_port: int
+    peers: list[PeerSpec] = field(default_factory=list)
+    instance_models: list[str] = field(default_factory=list)
+    synced: bool = True
+    no_worker: bool = False
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self._event_ids = [str(uuid.uuid4()) for _ in range(self._event_count())]
+        self._instance_ids = [str(uuid.uuid4()) for _ in self.instance_models]
+        self._runner_ids = {
+            (model_index, node): str(uuid.uuid4())
+            for model_index in range(len(self.instance_models))
+            for node in self.instance_nodes
+        }
+
+    @property
+    def all_nodes(self) -> list[str]:
+        return [self.node_id, *(peer.node_id for peer in self.peers)]
+
+    @property
+    def instance_nodes(self) -> list[str]:
+        """Nodes that run shards: a ``--no-worker`` node runs none."""
+        nodes = [peer.node_id for peer in self.peers]
+        return nodes if self.no_worker and nodes else ([] if self.no_worker else self.all_nodes)
+
+    def _event_count(self) -> int:
+        return len(self.peers) + len(self.instance_models) + len(self.all_nodes)
+
+    def catalogue(self) -> list[str]:
+        models = list(CATALOGUE)
+        models.extend(m for m in self.instance_models if m not in models)
+        return models
+
+    def has_instance(self, model_id: str) -> bool:
+        return self.synced and model_id in self.instance_models and bool(self.instance_nodes)
+
+    def _edges(self) -> list[tuple[str, str, JSON]]:
+        edges: list[tuple[str, str, JSON]] = []
+        for peer in self.peers:
+            sink = _multiaddr_json(peer.multiaddr, peer.host, peer.port)
+            edges.append((self.node_id, peer.node_id, {"sinkMultiaddr": sink}))
+        return edges
+
+    def topology(self) -> JSON:
+        if not self.synced:
+            return {"nodes": [], "connections": {}}
+        connections: dict[str, dict[str, list[JSON]]] = {}
+        for source, sink, edge in self._edges():
+            connections.setdefault(source, {}).setdefault(sink, []).append(edge)
+        return {"nodes": self.all_nodes, "connections": connections}
+
+    def instances(self) -> JSON:
+        if not self.synced:
+            return {}
+        result: JSON = {}
+        nodes = self.instance_nodes
+        for index, (model_id, instance_id) in enumerate(
+            zip(self.instance_models, self._instance_ids, strict=True)
+        ):
+            if not nodes:
+                continue
+            card = model_card(model_id)
+            n_layers = int(card["nLayers"])
+            per_node = max(1, n_layers // len(nodes))
+            runner_to_shard: JSON = {}
+            node_to_runner: JSON = {}
+            for rank, node in enumerate(nodes):
+                runner_id = self._runner_ids[(index, node)]
+                start = min(rank * per_node, n_layers)
+                end = n_layers if rank == len(nodes) - 1 else min(start + per_node, n_layers)
+                runner_to_shard[runner_id] = _tagged(
+                    "PipelineShardMetadata",
+                    {
+                        "modelCard": card,
+                        "deviceRank": rank,
+                        "worldSize": len(nodes),
+                        "immediateException": False,
+                        "shouldTimeout": None,
+                        "startLayer": start,
+                        "endLayer": end,
+                        "nLayers": n_layers,
+                    },
+                )
+                node_to_runner[node] = runner_id
+            hosts = {node: [{"ip": self._host_of(node), "port": 50000 + index}] for node in nodes}
+            result[instance_id] = _tagged(
+                "MlxRingInstance",
+                {
+                    "instanceId": instance_id,
+                    "shardAssignments": {
+                        "modelId": model_id,
+                        "runnerToShard": runner_to_shard,
+                        "nodeToRunner": node_to_runner,
+                    },
+                    "hostsByNode": hosts,
+                    "ephemeralPort": 50000 + index,
+                },
+            )
+        return result
+
+    def _host_of(self, node: str) -> str:
+        for peer in self.peers:
+            if peer.node_id == node:
+                return peer.host
+        return "127.0.0.1"
+
+    def runners(self) -> JSON:
+        if not self.synced:
+            return {}
+        return {
+            runner_id: _tagged("RunnerReady", {"prefillServerPort": None})
+            for runner_id in self._runner_ids.values()
+        }
+
+    def state(self) -> JSON:
+        """``GET /state``: upstream's ``State`` with every top-level key it has."""
+        if self.synced:
+            seen = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+            nodes = self.all_nodes
+        else:
+            seen = ""
+            nodes = []
+        gib = 1 << 30
+        return {
+            "instances": self.instances(),
+            "runners": self.runners(),
+            "downloads": {},
+            "tasks": {},
+            "lastSeen": {node: seen for node in nodes},
+            "topology": self.topology(),
+            "lastEventAppliedIdx": len(self.events()) - 1,
+            "nodeIdentities": {
+                node: {
+                    "modelId": "Unknown",
+                    "chipId": "Unknown",
+                    "friendlyName": f"double-{node[:8]}",
+                    "osVersion": "Linux",
+                    "osBuildVersion": "Unknown",
+                }
+                for node in nodes
+            },
+            "nodeMemory": {
+                node: {
+                    "ramTotal": {"inBytes": 64 * gib},
+                    "ramAvailable": {"inBytes": 48 * gib},
+                    "swapTotal": {"inBytes": 0},
+                    "swapAvailable": {"inBytes": 0},
+                }
+                for node in nodes
+            },
+            "nodeDisk": {
+                node: {"total": {"inBytes": 512 * gib}, "available": {"inBytes": 256 * gib}}
+                for node in nodes
+            },
+            "nodeSystem": {
+                node: {
+                    "gpuUsage": 0.0,
+                    "temp": 0.0,
+                    "sysPower": 0.0,
+                    "pcpuUsage": 0.0,
+                    "ecpuUsage": 0.0,
+                }
+                for node in nodes
+            },
+            "nodeNetwork": {
+                node: {
+                    "interfaces": [
+                        {
+                            "name": "eth0",
+                            "ipAddress": self._host_of(node),
+                            "interfaceType": "ethernet",
+                        }
+                    ]
+                }
+                for node in nodes
+            },
+            "nodeThunderbolt": {},
+            "nodeThunderboltBridge": {},
+            "nodeRdmaCtl": {},
+            "nodeBackends": {node: ["MlxCpu"] for node in nodes},
+            "thunderboltBridgeCycles": [],
+            "instanceLinks": {},
+            "prefillServerPorts": {},
+            "customModelCards": {},
+        }
+
+    def events(self) -> list[JSON]:
+        """``GET /events``: the API's event log as one JSON array of tagged events."""
+        if not self.synced:
+            return []
+        ids = iter(self._event_ids)
+        events: list[JSON] = []
+        for node in self.all_nodes:
+            events.append(
+                _tagged(
+                    "NodeGatheredInfo",
+                    {
+                        "eventId": next(ids),
+                        "nodeId": node,
+                        "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.started)),
+                        "info": {},
+                    },
+                )
+            )
+        for source, sink, edge in self._edges():
+            events.append(
+                _tagged(
+                    "TopologyEdgeCreated",
+                    {
+                        "eventId": next(ids),
+                        "conn": {"source": source, "sink": sink, "edge": edge},
+                    },
+                )
+            )
+        for instance in self.instances().values():
+            events.append(_tagged("InstanceCreated", {"eventId": next(ids), "instance": instance}))
+        return events

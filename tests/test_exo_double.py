@@ -1,0 +1,383 @@
+"""The EXO test double behaves like upstream exo where this project depends on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.exo_double.fixture import (
+    double_env,
+    free_port,
+    http_json,
+    make_fake_exo_package,
+    run_coroutine,
+    run_double,
+)
+
+MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
+
+# Every top-level key of upstream's State model (src/exo/shared/types/state.py), camelCase.
+STATE_KEYS = {
+    "instances",
+    "runners",
+    "downloads",
+    "tasks",
+    "lastSeen",
+    "topology",
+    "lastEventAppliedIdx",
+    "nodeIdentities",
+    "nodeMemory",
+    "nodeDisk",
+    "nodeSystem",
+    "nodeNetwork",
+    "nodeThunderbolt",
+    "nodeThunderboltBridge",
+    "nodeRdmaCtl",
+    "nodeBackends",
+    "thunderboltBridgeCycles",
+    "instanceLinks",
+    "prefillServerPorts",
+    "customModelCards",
+}
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    return run_coroutine(http_json("GET", url, within=timeout))
+
+
+def post(url: str, body: Any, timeout: float = 5.0) -> tuple[int, Any]:
+    return run_coroutine(http_json("POST", url, body, within=timeout))
+
+
+async def _raw_post(url: str, body: Any) -> tuple[int, dict[str, str], str]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(url, json=body) as response,
+    ):
+        return response.status, dict(response.headers), await response.text()
+
+
+def wait_exit(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    return process.wait(timeout)
+
+
+def test_node_id_is_a_bare_json_string():
+    with run_double(node_id="5f1c0ffee") as double:
+        assert get(f"{double.url}/node_id") == (200, "5f1c0ffee")
+
+
+def test_state_has_upstream_shape_with_peers_and_instances():
+    peer = "a7e2b1"
+    with run_double("--peer", f"{peer}=10.0.0.2:52415", "--instance", MODEL) as double:
+        status, state = get(f"{double.url}/state")
+    assert status == 200
+    assert set(state) == STATE_KEYS
+    assert state["topology"]["nodes"] == [double.node_id, peer]
+    edge = state["topology"]["connections"][double.node_id][peer][0]
+    assert edge["sinkMultiaddr"]["address"] == "/ip4/10.0.0.2/tcp/52415"
+    assert state["lastEventAppliedIdx"] >= 0
+    ((instance_id, tagged),) = state["instances"].items()
+    ring = tagged["MlxRingInstance"]
+    assert ring["instanceId"] == instance_id
+    assignments = ring["shardAssignments"]
+    assert assignments["modelId"] == MODEL
+    assert set(assignments["nodeToRunner"]) == {double.node_id, peer}
+    assert set(assignments["runnerToShard"]) == set(assignments["nodeToRunner"].values())
+    assert set(state["nodeMemory"][peer]["ramTotal"]) == {"inBytes"}
+
+
+def test_state_path_and_missing_path():
+    with run_double() as double:
+        assert get(f"{double.url}/state/topology/nodes") == (200, [double.node_id])
+        status, body = get(f"{double.url}/state/nope")
+    assert status == 404
+    assert body["error"]["message"] == "unable to find path 'nope' in state json"
+
+
+def test_no_master_yet_gives_empty_state():
+    with run_double("--no-master") as double:
+        status, state = get(f"{double.url}/state")
+        log = double.log_text()
+    assert status == 200
+    assert state["lastEventAppliedIdx"] == -1
+    assert state["topology"] == {"nodes": [], "connections": {}}
+    assert "elected" not in log
+
+
+@pytest.mark.parametrize("route", ["/models", "/v1/models"])
+def test_models_lists_cards(route):
+    with run_double("--instance", "org/custom-model") as double:
+        status, body = get(double.url + route)
+    assert status == 200
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert MODEL in ids
+    assert "org/custom-model" in ids
+    assert all(m["object"] == "model" and m["owned_by"] == "exo" for m in body["data"])
+
+
+def test_chat_completion_json_and_stream_agree():
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "ping pong"}]}
+    with run_double("--instance", MODEL) as double:
+        url = f"{double.url}/v1/chat/completions"
+        status, headers, text = run_coroutine(_raw_post(url, request))
+        s_status, s_headers, stream = run_coroutine(_raw_post(url, {**request, "stream": True}))
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    body = json.loads(text)
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].endswith("heard: ping pong")
+    assert choice["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == (
+        body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+
+    assert s_status == 200
+    assert s_headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in stream.split("\n\n") if e]
+    assert events[0] == ": keep-alive"
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[1:-1]]
+    assert all(e.startswith("data: ") for e in events[1:])
+    content = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert content == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "usage" in chunks[-1]
+    assert all("finish_reason" not in c["choices"][0] for c in chunks[:-1])
+
+
+def test_chat_completion_limits_tokens():
+    request = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    with run_double("--instance", MODEL) as double:
+        status, body = post(f"{double.url}/v1/chat/completions", request)
+    assert status == 200
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_chat_completion_errors_like_upstream():
+    with run_double() as double:
+        url = f"{double.url}/v1/chat/completions"
+        no_instance = post(url, {"model": MODEL, "messages": []})
+        invalid = post(url, {"messages": []})
+    assert no_instance[0] == 404
+    assert no_instance[1]["error"] == {
+        "message": f"No instance found for model {MODEL}",
+        "type": "Not Found",
+        "param": None,
+        "code": 404,
+    }
+    assert invalid[0] == 422
+    assert invalid[1]["detail"][0]["loc"] == ["body", "model"]
+
+
+def test_small_routes():
+    with run_double() as double:
+        assert get(f"{double.url}/ollama/api/version") == (200, {"version": "1.0.0"})
+        status, page = get(f"{double.url}/")
+        assert status == 200
+        assert "<title>EXO</title>" in page
+        status, events = get(f"{double.url}/events")
+        assert status == 200
+        assert [next(iter(e)) for e in events] == ["NodeGatheredInfo"]
+
+
+def test_fault_error500_then_ok_and_limited_to_paths():
+    with run_double() as double:
+        double.set_fault("error500")
+        assert get(f"{double.url}/node_id")[0] == 500
+        double.set_fault("ok")
+        assert get(f"{double.url}/node_id")[0] == 200
+        double.set_fault("error500", paths=["/models"])
+        assert get(f"{double.url}/models")[0] == 500
+        assert get(f"{double.url}/node_id")[0] == 200
+        assert get(f"{double.url}/__double__/fault")[1]["paths"] == ["/models"]
+
+
+def test_fault_hang_accepts_but_never_answers():
+    with run_double() as double:
+        double.set_fault("hang")
+        with pytest.raises(TimeoutError):
+            get(f"{double.url}/node_id", timeout=0.5)
+        double.set_fault("ok")
+        assert get(f"{double.url}/node_id")[0] == 200
+
+
+def test_fault_crash_exits_with_code():
+    with run_double() as double:
+        double.set_fault("crash", exit_code=7)
+        assert wait_exit(double.process) == 7
+        assert "EXO terminated" in double.log_text()
+
+
+def test_unknown_fault_refused():
+    with run_double() as double:
+        status, body = post(f"{double.url}/__double__/fault", {"mode": "explode"})
+    assert status == 400
+    assert "mode must be one of" in body["error"]
+
+
+def test_crash_after_uses_exit_code():
+    with run_double("--crash-after", "0.3", "--exit-code", "3") as double:
+        assert wait_exit(double.process) == 3
+
+
+def test_hang_after_stops_answering():
+    with run_double("--hang-after", "0.5") as double:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                get(f"{double.url}/node_id", timeout=0.3)
+            except TimeoutError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the double kept answering after --hang-after")
+        assert double.process.poll() is None
+
+
+def test_slow_start_binds_late():
+    with run_double("--slow-start", "1.5", wait=False) as double:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            get(f"{double.url}/node_id", timeout=0.5)
+        double.wait_until_answering()
+
+
+def test_sigterm_exits_zero_even_while_hanging():
+    with run_double() as double:
+        double.set_fault("hang")
+        with pytest.raises(TimeoutError):
+            get(f"{double.url}/state", timeout=0.3)
+        double.process.send_signal(signal.SIGTERM)
+        assert wait_exit(double.process, timeout=5) == 0
+        assert "EXO Shutdown complete" in double.log_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--force-master"], "Node elected Master - maintaining self"),
+        (["--peer", "b0b=10.0.0.9:52415"], "Node b0b elected master - demoting self"),
+        (
+            ["--peer", "b0b=10.0.0.9:52415", "--master-id", "c4t"],
+            "Node c4t elected master - demoting self",
+        ),
+        ([], "Node elected Master - maintaining self"),
+    ],
+)
+def test_election_log_lines(args, line):
+    with run_double(*args) as double:
+        log = double.log_text()
+    assert line in log
+    assert "\x1b[1mINFO" in log  # upstream's loguru sink forces colour on
+
+
+def test_every_exo_flag_is_accepted(tmp_path):
+    dump = tmp_path / "env.json"
+    flags = [
+        "-v",
+        "--force-master",
+        "--no-worker",
+        "--namespace",
+        "ns1",
+        "--zenoh-port",
+        "1",
+        "--discovery-port",
+        "2",
+        "--offline",
+        "--no-downloads",
+        "--no-batch",
+        "--no-fast-synch",
+        "--stream-delay",
+        "0.01",
+        "--env-dump",
+        str(dump),
+    ]
+    with run_double(*flags, env={"EXO_HOME_MARKER": "yes"}) as double:
+        assert get(f"{double.url}/node_id")[0] == 200
+        log = double.log_text()
+    doc = json.loads(dump.read_text())
+    assert doc["argv"][1 : 1 + len(flags)] == flags
+    assert doc["env"]["EXO_HOME_MARKER"] == "yes"
+    assert "FAST_SYNCH forced OFF" in log
+    assert "API request: GET /node_id" in log  # -v selects the DEBUG sink
+
+
+def test_bootstrap_peers_rejected_like_upstream():
+    result = subprocess.run(
+        [*_python_m(), "--bootstrap-peers", "/ip4/1.2.3.4/tcp/1", "--api-port", "1"],
+        env=double_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"temporarily removed" in result.stderr
+
+
+def test_one_node_per_cache_dir(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    with run_double(env=env):
+        result = subprocess.run(
+            [*_python_m(), "--api-port", str(free_port())],
+            env=double_env(env),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert b"already running" in result.stderr
+
+
+def test_fake_exo_package_runs_the_double(tmp_path):
+    package = make_fake_exo_package(tmp_path / "pkg", "--node-id", "fa4e")
+    exe = package / "bin" / "exo"
+    assert os.access(exe, os.X_OK)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = subprocess.Popen(
+        [str(exe), "--api-port", str(port), "--force-master"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        answer: tuple[int, Any] | None = None
+        while time.monotonic() < deadline and answer is None:
+            try:
+                answer = get(f"http://127.0.0.1:{port}/node_id", timeout=1)
+            except aiohttp.ClientConnectionError:
+                time.sleep(0.1)
+        assert answer == (200, "fa4e")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+
+def _python_m() -> list[str]:
+    return [sys.executable, "-m", "tests.exo_double"]
+
+
+def test_peer_flag_validated():
+    result = subprocess.run(
+        [*_python_m(), "--peer", "nohost"],
+        env=double_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"expected ID=HOST:PORT" in result.stderr
