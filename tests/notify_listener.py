@@ -61,12 +61,18 @@ class NotifyListener:
             env["WATCHDOG_USEC"] = str(int(watchdog_sec * 1_000_000))
         return env
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 15.0) -> Message:
+    def wait_for(
+        self, key: str, value: str | None = None, timeout: float = 15.0, *, prefix: str = ""
+    ) -> Message:
+        """The first message with ``key`` (equal to ``value``, or starting with ``prefix``)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 for msg in self.messages:
-                    if key in msg.fields and (value is None or msg.fields[key] == value):
+                    got = msg.fields.get(key)
+                    if got is None or not got.startswith(prefix):
+                        continue
+                    if value is None or got == value:
                         return msg
                 left = deadline - time.monotonic()
                 if left <= 0:
