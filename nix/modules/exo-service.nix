@@ -344,7 +344,7 @@ in
         # lines from the supervisor start with <N>, the syslog priority of the configured level
         SyslogLevelPrefix = true;
 
-        UMask = "0027";
+        UMask = "0077";
         StateDirectory = lib.mkIf stateManaged (relative "/var/lib" sec.dataDir);
         StateDirectoryMode = "0750";
         CacheDirectory = lib.mkIf cacheManaged (relative "/var/cache" sec.cacheDir);
