@@ -221,7 +221,8 @@ in
         description = ''
           Longest delay between restarts (`RestartMaxDelaySec`): delays grow exponentially
           from {option}`services.exo.restart.delaySec` to this over
-          {option}`services.exo.restart.steps` restarts, and reset once the node ran.
+          {option}`services.exo.restart.steps` restarts. systemd resets the count
+          (`NRestarts`) only when the unit is started or restarted by hand.
         '';
       };
       steps = mkOption {

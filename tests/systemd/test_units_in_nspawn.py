@@ -101,14 +101,15 @@ def show(guest: Guest, *props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def wait_until(check: Any, timeout: float, what: str) -> Any:
+def wait_until(check: Any, timeout: float, what: str, guest: Guest | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    detail = "\n" + journal(guest)[-4000:] if guest is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 def api_call(guest: Guest, path: str, body: dict[str, Any] | None = None) -> str:
@@ -243,6 +244,9 @@ def test_hung_node_is_killed_by_the_watchdog_and_restarted(guest: Guest) -> None
 
 
 def test_crash_loop_backs_off_with_growing_delays(guest: Guest, tmp_path: Path) -> None:
+    # the backoff counter (NRestarts) only resets on a start by hand: begin from zero
+    guest.run(["systemctl", "restart", f"{UNIT}.service"], timeout=90)
+    assert _restarts(guest) == 0
     args_file = guest.root / "etc" / "exo-double-args"
     args_file.write_text("--crash-after 0.5 --exit-code 3\n")
     try:
@@ -254,7 +258,7 @@ def test_crash_loop_backs_off_with_growing_delays(guest: Guest, tmp_path: Path) 
             times = [float(t) for t in pattern.findall(journal(guest))]
             return [t for t in times if t >= float(since)]
 
-        seen = wait_until(lambda: s if len(s := starts()) >= 4 else None, 90, "4 restarts")
+        seen = wait_until(lambda: s if len(s := starts()) >= 4 else None, 90, "4 restarts", guest)
         gaps = [b - a for a, b in itertools.pairwise(seen)]
         assert gaps[0] < gaps[1] < gaps[2], f"restart delays did not grow: {gaps}"
         assert "status=3" in journal(guest)
@@ -273,6 +277,7 @@ def test_stopping_the_target_stops_everything(guest: Guest) -> None:
         lambda: show(guest, "ActiveState")["ActiveState"] == "inactive",
         stop_timeout,
         f"{UNIT} to stop",
+        guest,
     )
     assert show(guest, "Result")["Result"] == "success"
     left = guest.run(["pgrep", "-u", "exo"], check=False)

@@ -41,7 +41,7 @@ class Settings:
     timeout: float  # per probe
     failures: int  # consecutive failed probes reported as 'unhealthy'
     stop_timeout: float  # SIGTERM -> SIGKILL grace for the child
-    startup_poll: float = 0.25  # seconds between readiness probes
+    startup_poll: float = 0.1  # seconds between readiness probes
 
 
 @dataclass
