@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from exo_nixos.cli import main
 from exo_nixos.config import default_config
 
-KNOWN_KEYS = list(default_config().to_json()) + [
+KNOWN_KEYS = [
+    *list(default_config().to_json()),
     "bondInterface",
     "preferredAccelerator",
     "memoryLimit",

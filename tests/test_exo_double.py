@@ -132,6 +132,9 @@ def test_chat_completion_json_and_stream_agree():
         s_status, s_headers, stream = run_coroutine(_raw_post(url, {**request, "stream": True}))
     assert status == 200
     assert headers["Content-Type"].startswith("application/json")
+    # upstream streams even the non-streamed answer: chunked, no Content-Length
+    assert headers.get("Transfer-Encoding") == "chunked"
+    assert "Content-Length" not in headers
     body = json.loads(text)
     assert body["object"] == "chat.completion"
     assert body["model"] == MODEL
@@ -229,8 +232,9 @@ def test_unknown_fault_refused():
 
 
 def test_crash_after_uses_exit_code():
-    with run_double("--crash-after", "0.3", "--exit-code", "3") as double:
+    with run_double("--crash-after", "0.3", "--exit-code", "3", wait=False) as double:
         assert wait_exit(double.process) == 3
+        assert "EXO terminated" in double.log_text()
 
 
 def test_hang_after_stops_answering():
@@ -381,3 +385,41 @@ def test_peer_flag_validated():
     )
     assert result.returncode == 2
     assert b"expected ID=HOST:PORT" in result.stderr
+
+
+async def _cors(url: str) -> tuple[dict[str, str], dict[str, str]]:
+    origin = {"Origin": "https://evil.example"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/node_id", headers=origin) as simple:
+            simple_headers = dict(simple.headers)
+        preflight_headers = {
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        async with session.options(
+            f"{url}/v1/chat/completions", headers=preflight_headers
+        ) as preflight:
+            assert preflight.status == 200
+            return simple_headers, dict(preflight.headers)
+
+
+def test_cors_is_wide_open_like_upstream():
+    with run_double() as double:
+        simple, preflight = run_coroutine(_cors(double.url))
+    assert simple["Access-Control-Allow-Origin"] == "https://evil.example"
+    assert simple["Access-Control-Allow-Credentials"] == "true"
+    assert preflight["Access-Control-Allow-Origin"] == "https://evil.example"
+    assert preflight["Access-Control-Allow-Headers"] == "authorization"
+    assert "POST" in preflight["Access-Control-Allow-Methods"]
+
+
+def test_no_api_serves_nothing_but_runs_until_sigterm():
+    with run_double("--no-api", wait=False) as double:
+        deadline = time.monotonic() + 10
+        while "Starting node" not in double.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            get(f"{double.url}/node_id", timeout=0.5)
+        assert double.process.poll() is None
+        assert double.stop() == 0

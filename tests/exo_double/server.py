@@ -236,15 +236,11 @@ class Double:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def exit_now(self, code: int) -> None:
+        """Die like a crashed exo: one critical line, no clean-up, exit ``code``."""
         self.log.critical("EXO terminated due to unhandled exception")
-        self.stream_flush()
-        os._exit(code)
-
-    @staticmethod
-    def stream_flush() -> None:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
+        os._exit(code)
 
 
 def _error(status: int, message: str, phrase: str) -> web.Response:
@@ -275,6 +271,36 @@ async def _faults(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 DOUBLE_KEY = web.AppKey("double", Double)
+
+_CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+
+
+@web.middleware
+async def _cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Starlette's CORSMiddleware as upstream configures it: any origin, credentials."""
+    if (
+        request.method == "OPTIONS"
+        and "Origin" in request.headers
+        and "Access-Control-Request-Method" in request.headers
+    ):
+        headers = {
+            "Access-Control-Allow-Methods": _CORS_METHODS,
+            "Access-Control-Max-Age": "600",
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Allow-Origin": request.headers["Origin"],
+            "Vary": "Origin",
+        }
+        if wanted := request.headers.get("Access-Control-Request-Headers"):
+            headers["Access-Control-Allow-Headers"] = wanted
+        return web.Response(text="OK", headers=headers)
+    return await handler(request)
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if origin := request.headers.get("Origin"):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
 
 
 async def node_id(request: web.Request) -> web.Response:
@@ -484,8 +510,9 @@ async def get_fault(request: web.Request) -> web.Response:
 
 
 def build_app(double: Double) -> web.Application:
-    app = web.Application(middlewares=[_faults])
+    app = web.Application(middlewares=[_cors_preflight, _faults])
     app[DOUBLE_KEY] = double
+    app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/node_id", node_id)
     app.router.add_get("/state", state)
     app.router.add_get("/state/{path:.*}", state)
@@ -510,7 +537,7 @@ def _cache_dir() -> Path | None:
     return None
 
 
-def _lock_pidfile(log: Log) -> int | None:
+def _lock_pidfile() -> int | None:
     """One exo per cache dir, as upstream's flock-ed ``exo.pid``. Returns the fd or exits."""
     cache = _cache_dir()
     if cache is None:
@@ -566,11 +593,15 @@ async def _serve(double: Double) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(double.stop.wait(), options.slow_start)
         if not double.stop.is_set():
+            log.info("Starting API")
+            # Upstream prints its banner ("Dashboard & API Ready") to stderr just before
+            # the server binds, so it is no proof that the port is open.
+            log.stream.write(f"\nDashboard & API Ready\nhttp://localhost:{options.api_port}\n\n")
+            log.stream.flush()
             runner = web.AppRunner(build_app(double), access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, options.bind, options.api_port, shutdown_timeout=1.0)
             await site.start()
-            log.info(f"API listening on http://{options.bind}:{options.api_port}")
     await double.stop.wait()
     if runner is not None:
         with contextlib.suppress(TimeoutError):
@@ -599,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.bootstrap_peers:
         print("ValueError: Bootstrap peers has been temporarily removed", file=sys.stderr)
         return 1
-    pid_fd = _lock_pidfile(log)
+    pid_fd = _lock_pidfile()
     log.info(f"pid = {os.getpid()}")
     if options.offline:
         log.info("Running in OFFLINE mode — no internet checks, local models only")
