@@ -1,10 +1,54 @@
 # services.exo.hardware: which accelerator EXO uses and the device access its unit gets.
 { config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkIf types literalExpression;
+  inherit (lib) mkOption mkIf mkDefault types literalExpression;
   cfg = config.services.exo;
   hw = cfg.hardware;
   accelerators = [ "cuda" "rocm" "mlx" "cpu" ];
+
+  # Accelerators whose EXO variant may run here: the installed ones plus the preferred one.
+  # The runtime decision (exo-nixos detect) picks one of them at every start, so the node
+  # unit gets the device access of each, and nothing more.
+  wanted = lib.unique (lib.attrNames hw.packages
+    ++ lib.optional (hw.preferredAccelerator != null) hw.preferredAccelerator);
+  uses = accelerator: lib.elem accelerator wanted;
+
+  # What each accelerator needs from the host. Names are /proc/devices entries: the nvidia
+  # driver registers nvidia-frontend (nvidiactl, nvidia0..N), nvidia-uvm and nvidia-caps (MIG);
+  # amdgpu registers kfd; render nodes are drm. NixOS creates /dev/nvidia* with mode 0666, so
+  # CUDA needs no group; /dev/kfd and /dev/dri/renderD* belong to the render group.
+  access = {
+    cuda = {
+      devices = [ "char-nvidiactl rw" "char-nvidia-frontend rw" "char-nvidia-uvm rw" "char-nvidia-caps rw" ];
+      groups = [ ];
+    };
+    rocm = {
+      devices = [ "char-kfd rw" "char-drm rw" ];
+      groups = [ "render" ];
+    };
+    mlx = { devices = [ ]; groups = [ ]; };
+    cpu = { devices = [ ]; groups = [ ]; };
+  };
+  needed = field: lib.unique (lib.concatMap (a: (access.${a} or { }).${field} or [ ]) wanted);
+  deviceAllow = needed "devices";
+  groups = needed "groups";
+  gpu = deviceAllow != [ ];
+
+  nvidiaDriver = lib.elem "nvidia" config.services.xserver.videoDrivers
+    || config.hardware.nvidia.datacenter.enable;
+  persistenced = nvidiaDriver && config.hardware.nvidia.nvidiaPersistenced;
+
+  # "80 %" -> "80%", "64GiB" -> "64G", "1.5T" -> "1.5T": the forms systemd's MemoryMax= takes.
+  memoryMax = text:
+    let
+      parts = builtins.match "([0-9]+(\\.[0-9]+)?) *(%|[KMGTkmgt]?)(i?B)?" text;
+    in
+    if parts == null then text
+    else "${builtins.elemAt parts 0}${lib.toUpper (builtins.elemAt parts 2)}";
+
+  gpuUnits = [ "systemd-modules-load.service" ]
+    ++ lib.optional hw.waitForDeviceNodes "systemd-udev-settle.service"
+    ++ lib.optional (uses "cuda" && persistenced) "nvidia-persistenced.service";
 in
 {
   imports = [ ./exo-service.nix ];
@@ -54,6 +98,18 @@ in
       description = "GPU indices or UUIDs EXO may use (`CUDA_VISIBLE_DEVICES`); `null`: all.";
     };
 
+    waitForDeviceNodes = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Start EXO only after `systemd-udev-settle.service`. NixOS creates `/dev/nvidia-uvm`
+        from a udev rule once `nvidia_uvm` is loaded; on hosts where EXO still starts before
+        the node exists (and so falls back to the CPU), this closes the race at the cost of a
+        slower boot. With `hardware.nvidia.nvidiaPersistenced` the node unit is ordered after
+        `nvidia-persistenced.service` anyway.
+      '';
+    };
+
     rocmGfxOverride = mkOption {
       type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}");
       default = null;
@@ -68,11 +124,48 @@ in
         assertion = lib.all (name: lib.elem name accelerators) (lib.attrNames hw.packages);
         message = "services.exo.hardware.packages: keys must be among ${lib.concatStringsSep ", " accelerators}.";
       }
+      {
+        assertion = hw.packages ? cpu;
+        message = ''services.exo.hardware.packages needs a "cpu" variant: EXO falls back to it when no GPU works; set services.exo.hardware.packages.cpu = pkgs.exo-complete.'';
+      }
     ];
+
+    warnings =
+      lib.optional (uses "cuda" && !nvidiaDriver) ''
+        services.exo.hardware: CUDA is wanted (preferredAccelerator or packages.cuda) but no NVIDIA driver is configured, so EXO will run on the CPU. Add "nvidia" to services.xserver.videoDrivers (desktops) or set hardware.nvidia.datacenter.enable = true (servers).''
+      ++ lib.optional (uses "cuda" && nvidiaDriver && !config.hardware.graphics.enable) ''
+        services.exo.hardware: CUDA programs on NixOS load libcuda from /run/opengl-driver, which only hardware.graphics.enable = true provides; set it, or EXO will run on the CPU.''
+      ++ lib.optional (hw.preferredAccelerator != null && hw.preferredAccelerator != "cpu" && !(hw.packages ? ${hw.preferredAccelerator})) ''
+        services.exo.hardware.preferredAccelerator is "${hw.preferredAccelerator}" but services.exo.hardware.packages has no ${hw.preferredAccelerator} variant, so it can never be chosen; add services.exo.hardware.packages.${hw.preferredAccelerator}.''
+      ++ lib.optional (uses "rocm") ''
+        services.exo.hardware: upstream EXO has no ROCm backend, so AMD GPUs are not used and EXO runs on the CPU; the rocm settings only take effect with an EXO build that has one.''
+      ++ lib.optional (uses "mlx") ''
+        services.exo.hardware: MLX's GPU backend needs Metal (macOS); on NixOS the mlx accelerator is never available and EXO runs on the CPU. Remove it from preferredAccelerator and packages.''
+      ++ lib.optional (hw.rocmGfxOverride != null && !(uses "rocm")) ''
+        services.exo.hardware.rocmGfxOverride has no effect: no rocm variant is installed or preferred.''
+      ++ lib.optional (hw.visibleDevices != null && !(uses "cuda" || uses "rocm")) ''
+        services.exo.hardware.visibleDevices has no effect: no cuda or rocm variant is installed or preferred.'';
 
     services.exo.configDocument.hardware = {
       inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride;
       packages = lib.mapAttrs (_: toString) hw.packages;
+    };
+
+    # nixpkgs' NVIDIA module lists nvidia-uvm in boot.kernelModules, loaded by
+    # systemd-modules-load.service; units that start earlier find no /dev/nvidia-uvm.
+    systemd.services.${cfg.nodeUnit} = {
+      after = lib.optionals gpu gpuUnits;
+      wants = lib.optionals gpu gpuUnits;
+      serviceConfig = {
+        DevicePolicy = mkDefault "closed";
+        # a private /dev would hide the GPUs; a CPU-only node needs no host device at all
+        PrivateDevices = mkDefault (!gpu);
+        MemoryMax = mkIf (hw.memoryLimit != null) (mkDefault (memoryMax hw.memoryLimit));
+      } // lib.optionalAttrs gpu {
+        DeviceAllow = deviceAllow;
+      } // lib.optionalAttrs (groups != [ ]) {
+        SupplementaryGroups = groups;
+      };
     };
   };
 }

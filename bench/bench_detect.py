@@ -1,0 +1,103 @@
+"""Median wall time of ``exo-nixos detect`` (it runs at every service start).
+
+Each run is a fresh process, timed from spawn to exit, so interpreter start-up and imports
+count. Cases: this machine without NVML, this machine with NVML (only where a GPU is bound to
+the nvidia driver), and captured fixture trees. Usage: python bench/bench_detect.py [-n 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hardware"
+
+
+def command() -> list[str]:
+    script = Path(sys.executable).with_name("exo-nixos")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("exo-nixos")
+    return [found] if found else [sys.executable, "-m", "exo_nixos"]
+
+
+def medians_ms(cases: list[list[str]], runs: int) -> list[float]:
+    """Round-robin over the cases, so load changes on the machine hit every case alike."""
+    for argv in cases:
+        subprocess.run(argv, capture_output=True, check=True)  # warm the page cache
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(runs):
+        for argv, samples in zip(cases, times, strict=True):
+            start = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=True)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) * 1000 for samples in times]
+
+
+def compile_bytecode() -> None:
+    """Write the package's bytecode, as a Nix-built package ships it."""
+    import compileall
+    import os
+
+    import exo_nixos
+
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    compileall.compile_dir(Path(exo_nixos.__file__).parent, quiet=1)
+
+
+def nvidia_bound(base: list[str]) -> bool:
+    out = subprocess.run([*base, "detect", "--json", "--no-nvml"], capture_output=True, check=True)
+    gpus = json.loads(out.stdout)["inventory"]["gpus"]
+    return any(g["driver"] == "nvidia" for g in gpus)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", "--runs", type=int, default=30)
+    args = parser.parse_args()
+    base = command()
+    cases: list[tuple[str, list[str]]] = [
+        ("python -c pass (interpreter start, for scale)", [sys.executable, "-c", "pass"]),
+        ("exo-nixos --version (CLI start, no command imported)", [*base, "--version"]),
+        ("detect --env, this machine, --no-nvml", [*base, "detect", "--env", "--no-nvml"]),
+    ]
+    if nvidia_bound(base):
+        cases.append(("detect --env, this machine, with NVML", [*base, "detect", "--env"]))
+    else:
+        print("# no GPU bound to the nvidia driver here: the with-NVML case is not measured")
+    for name in ("nvidia-dgx-h100", "cpu-vm-cgroup"):
+        root = str(FIXTURES / name)
+        cases.append(
+            (
+                f"detect --env --root {name} --no-nvml",
+                [*base, "detect", "--env", "--no-nvml", "--root", root],
+            )
+        )
+    cases.append(
+        (
+            "detect --env --root nvidia-dgx-h100 (recorded NVML replayed)",
+            [*base, "detect", "--env", "--root", str(FIXTURES / "nvidia-dgx-h100")],
+        )
+    )
+    cases.append(
+        (
+            "detect --json --root nvidia-dgx-h100 --no-nvml",
+            [*base, "detect", "--json", "--no-nvml", "--root", str(FIXTURES / "nvidia-dgx-h100")],
+        )
+    )
+    compile_bytecode()
+    print(f"# {args.runs} runs each, median wall time, {' '.join(base)}")
+    print(f"# load average before: {Path('/proc/loadavg').read_text().split()[0]}")
+    results = medians_ms([argv for _, argv in cases], args.runs)
+    for (label, _), median in zip(cases, results, strict=True):
+        print(f"{median:8.1f} ms  {label}")
+
+
+if __name__ == "__main__":
+    main()

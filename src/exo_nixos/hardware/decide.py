@@ -1,0 +1,337 @@
+"""The accelerator decision: preferred, else the most capable working and installed one, else CPU.
+
+Every decision carries its reasons, one line each, for ``systemctl status``, the journal and
+``exo-nixos detect``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from exo_nixos.basetypes import Accelerator, MemoryLimit
+from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor, Inventory
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config, Hardware
+
+# The backends upstream EXO has (MLX on Metal, MLX on CUDA, MLX on the CPU). No ROCm, no Intel.
+EXO_BACKENDS: frozenset[Accelerator] = frozenset(
+    {Accelerator.CUDA, Accelerator.MLX, Accelerator.CPU}
+)
+BACKEND_NAMES = {Accelerator.CUDA: "CUDA", Accelerator.ROCM: "ROCm", Accelerator.MLX: "MLX"}
+GPU_ACCELERATORS = (Accelerator.CUDA, Accelerator.ROCM, Accelerator.MLX)
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class HardwareSettings:
+    """``services.exo.hardware`` without pydantic; ``packages=None``: assume all installed."""
+
+    auto_detect: bool = True
+    preferred: Accelerator | None = None
+    memory_limit: str | None = None
+    packages: Mapping[Accelerator, str] | None = None
+    visible_devices: Sequence[str] | None = None
+    rocm_gfx_override: str | None = None
+
+    @classmethod
+    def from_config(cls, hardware: Hardware) -> HardwareSettings:
+        return cls(
+            auto_detect=hardware.auto_detect,
+            preferred=hardware.preferred_accelerator,
+            memory_limit=hardware.memory_limit,
+            packages=dict(hardware.packages),
+            visible_devices=hardware.visible_devices,
+            rocm_gfx_override=hardware.rocm_gfx_override,
+        )
+
+    def executable(self, accelerator: Accelerator) -> Path | None:
+        if self.packages is None:
+            return None
+        package = self.packages.get(accelerator)
+        return Path(package) / "bin" / "exo" if package else None
+
+
+@dataclass
+class Decision:
+    accelerator: Accelerator
+    executable: Path | None  # the chosen variant's bin/exo; None: not known or not installed
+    reasons: list[str]
+    env: dict[str, str]  # for exo's environment: CUDA_VISIBLE_DEVICES, OVERRIDE_MEMORY_MB...
+    devices: list[str] = field(default_factory=list)  # PCI addresses used, or "apple-silicon"
+    memory_limit_bytes: int | None = None
+
+
+@dataclass
+class _Option:
+    accelerator: Accelerator
+    devices: list[Gpu]
+    memory_bytes: int
+    summary: str
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "memory unknown"
+    if value >= GiB:
+        return f"{value / GiB:.0f} GiB"
+    return f"{value / MiB:.0f} MiB"
+
+
+def _describe(gpus: list[Gpu]) -> str:
+    names: dict[str, int] = {}
+    for gpu in gpus:
+        names[gpu.name] = names.get(gpu.name, 0) + 1
+    parts = [f"{count}x {name}" if count > 1 else name for name, count in names.items()]
+    known = [g.memory_bytes for g in gpus if g.memory_bytes is not None]
+    total = _size(sum(known)) if known else "memory unknown"
+    return f"{', '.join(parts)} ({total})"
+
+
+def _preferring_discrete(gpus: list[Gpu]) -> list[Gpu]:
+    """The discrete GPUs when there are any; integrated ones only on their own."""
+    discrete = [g for g in gpus if g.kind is GpuKind.DISCRETE]
+    return discrete or gpus
+
+
+def _visible(gpus: list[Gpu], wanted: Sequence[str]) -> list[Gpu]:
+    """GPUs named by index (nvidia-smi / PCI order) or UUID, in the order given."""
+    chosen: list[Gpu] = []
+    for entry in wanted:
+        for gpu in gpus:
+            if entry in {str(gpu.index), gpu.uuid, gpu.address} and gpu not in chosen:
+                chosen.append(gpu)
+    return chosen
+
+
+class _Evaluation:
+    def __init__(
+        self, settings: HardwareSettings, inventory: Inventory, supported: frozenset[Accelerator]
+    ) -> None:
+        self.settings = settings
+        self.inventory = inventory
+        self.supported = supported
+        self.options: dict[Accelerator, _Option] = {}
+        self.blockers: dict[Accelerator, str] = {}
+        for accelerator in GPU_ACCELERATORS:
+            self._evaluate(accelerator)
+
+    def installed(self, accelerator: Accelerator) -> bool:
+        packages = self.settings.packages
+        return packages is None or accelerator in packages
+
+    def _block(self, accelerator: Accelerator, reason: str) -> None:
+        self.blockers[accelerator] = reason
+
+    def _evaluate(self, accelerator: Accelerator) -> None:
+        backend = BACKEND_NAMES[accelerator]
+        if accelerator is Accelerator.MLX:
+            apple = self.inventory.apple
+            if apple is None:
+                return
+            if not apple.metal:
+                self._block(
+                    accelerator,
+                    f"Apple Silicon ({apple.model}) runs Linux: MLX "
+                    "needs Metal, which only macOS has",
+                )
+                return
+            devices: list[Gpu] = []
+            memory = self.inventory.memory.total_bytes or 0
+            summary = f"Apple Silicon {apple.model} ({_size(memory)} unified memory)"
+        else:
+            present = _preferring_discrete(self.inventory.gpus_for(accelerator))
+            if not present:
+                return
+            if accelerator not in self.supported:
+                self._block(
+                    accelerator, f"{_describe(present)} found, but EXO has no {backend} backend"
+                )
+                return
+            working = _preferring_discrete([g for g in present if g.usable])
+            if not working:
+                problems = "; ".join(f"{g.label}: {', '.join(g.problems)}" for g in present)
+                self._block(accelerator, f"no working {backend} device ({problems})")
+                return
+            if self.settings.visible_devices is not None and accelerator is Accelerator.CUDA:
+                named = _visible(present, self.settings.visible_devices)
+                working = [g for g in named if g.usable]
+                if not working:
+                    wanted = ", ".join(self.settings.visible_devices) or "none"
+                    self._block(
+                        accelerator,
+                        f"hardware.visibleDevices ({wanted}) names no working NVIDIA GPU here",
+                    )
+                    return
+            devices = working
+            memory = sum(g.memory_bytes or 0 for g in working)
+            summary = _describe(working)
+        if not self.installed(accelerator):
+            self._block(
+                accelerator,
+                f"{summary} works here, but no {accelerator} variant "
+                f"of EXO is installed (services.exo.hardware.packages.{accelerator})",
+            )
+            return
+        self.options[accelerator] = _Option(accelerator, devices, memory, summary)
+
+    def unsupported(self) -> list[str]:
+        """GPUs of a kind no EXO backend (and no accelerator choice) exists for."""
+        intel = [
+            g
+            for g in self.inventory.gpus
+            if g.vendor is GpuVendor.INTEL and g.kind is GpuKind.DISCRETE
+        ]
+        if not intel:
+            return []
+        return [f"{_describe(intel)} found, but EXO has no Intel GPU backend"]
+
+    def notes(self) -> list[str]:
+        """Usable accelerators' devices that are left out, each with its problems."""
+        lines: list[str] = []
+        for accelerator in GPU_ACCELERATORS:
+            option = self.options.get(accelerator)
+            if option is None:
+                continue
+            broken = [
+                g
+                for g in self.inventory.gpus_for(accelerator)
+                if not g.usable and g not in option.devices
+            ]
+            lines.extend(f"{g.label} left out: {', '.join(g.problems)}" for g in broken)
+        return lines
+
+
+def decide(
+    settings: HardwareSettings,
+    inventory: Inventory,
+    supported: frozenset[Accelerator] = EXO_BACKENDS,
+) -> Decision:
+    """Preferred accelerator > automatic choice by capability > CPU, with reasons."""
+    evaluation = _Evaluation(settings, inventory, supported)
+    reasons: list[str] = []
+    if settings.packages is None:
+        reasons.append("no config given: assuming every EXO variant is installed")
+    reasons.extend(evaluation.notes())
+    unsupported = evaluation.unsupported()
+    reasons.extend(unsupported)
+    chosen: _Option | None = None
+    preferred = settings.preferred
+    if preferred is Accelerator.CPU:
+        reasons.append("preferredAccelerator is cpu")
+        return _finish(settings, inventory, None, reasons)
+    if preferred is not None:
+        chosen = evaluation.options.get(preferred)
+        if chosen is not None:
+            reasons.append(f"preferred accelerator {preferred} works here: {chosen.summary}")
+        else:
+            why = evaluation.blockers.get(preferred) or _absent(preferred)
+            evaluation.blockers.pop(preferred, None)
+            reasons.append(f"preferred accelerator {preferred} cannot be used: {why}")
+    explained = preferred is not None or bool(unsupported)
+    if chosen is None and settings.auto_detect:
+        explained = explained or bool(evaluation.blockers)
+        reasons.extend(evaluation.blockers.values())
+        if evaluation.options:
+            chosen = max(evaluation.options.values(), key=lambda o: o.memory_bytes)
+            several = " (the most usable memory)" if len(evaluation.options) > 1 else ""
+            reasons.append(f"chose {chosen.accelerator}{several}: {chosen.summary}")
+    elif chosen is None and preferred is None:
+        reasons.append("autoDetect is off and no preferredAccelerator is set")
+        explained = True
+    if chosen is None:
+        if not explained:
+            reasons.append(_no_accelerator(inventory))
+        reasons[-1] = f"{reasons[-1]}: using cpu"
+    return _finish(settings, inventory, chosen, reasons)
+
+
+def _absent(accelerator: Accelerator) -> str:
+    return {
+        Accelerator.CUDA: "no NVIDIA GPU found",
+        Accelerator.ROCM: "no AMD GPU found",
+        Accelerator.MLX: "not Apple Silicon under macOS",
+    }.get(accelerator, "not available")
+
+
+def _finish(
+    settings: HardwareSettings, inventory: Inventory, option: _Option | None, reasons: list[str]
+) -> Decision:
+    accelerator = option.accelerator if option else Accelerator.CPU
+    env: dict[str, str] = {}
+    devices: list[str] = []
+    if option is not None:
+        devices = [g.address for g in option.devices] or ["apple-silicon"]
+        env.update(_device_env(settings, inventory, option))
+    limit, memory_reasons = _memory_limit(settings, inventory)
+    reasons.extend(memory_reasons)
+    if limit is not None:
+        env["OVERRIDE_MEMORY_MB"] = str(limit // MiB)
+    executable = settings.executable(accelerator)
+    if settings.packages is not None and executable is None:
+        reasons.append(
+            f"no {accelerator} variant of EXO is installed: set "
+            f"services.exo.hardware.packages.{accelerator}"
+        )
+    return Decision(accelerator, executable, reasons, env, devices, limit)
+
+
+def _no_accelerator(inventory: Inventory) -> str:
+    displays = [g for g in inventory.gpus if g.kind is GpuKind.DISPLAY]
+    others = [g for g in inventory.gpus if g.kind is not GpuKind.DISPLAY]
+    if displays and not others:
+        names = ", ".join(sorted({g.name for g in displays}))
+        return f"no accelerator: only display controllers ({names})"
+    if not inventory.gpus and inventory.apple is None:
+        return "no GPU found"
+    return "no usable accelerator"
+
+
+def _device_env(
+    settings: HardwareSettings, inventory: Inventory, option: _Option
+) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if option.accelerator is Accelerator.CUDA:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        every = [g for g in inventory.gpus_for(Accelerator.CUDA) if g.index is not None]
+        if settings.visible_devices is not None or len(option.devices) < len(every):
+            # UUIDs stay right when a GPU disappears and the indices shift
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid or str(g.index) for g in option.devices)
+    elif option.accelerator is Accelerator.ROCM:
+        if settings.visible_devices is not None:
+            env["ROCR_VISIBLE_DEVICES"] = ",".join(settings.visible_devices)
+        if settings.rocm_gfx_override:
+            env["HSA_OVERRIDE_GFX_VERSION"] = settings.rocm_gfx_override
+    return env
+
+
+def _memory_limit(settings: HardwareSettings, inventory: Inventory) -> tuple[int | None, list[str]]:
+    physical = inventory.memory.total_bytes
+    cgroup = inventory.memory.cgroup_limit_bytes
+    reasons: list[str] = []
+    limit: int | None = None
+    if settings.memory_limit is not None:
+        parsed = MemoryLimit.parse(settings.memory_limit)
+        if parsed.percent is not None and physical is None:
+            reasons.append(
+                f"memoryLimit {settings.memory_limit} not applied: physical memory unknown"
+            )
+        else:
+            limit = parsed.resolve(physical or 0)
+            reasons.append(f"memoryLimit {settings.memory_limit}: EXO plans with {_size(limit)}")
+    below_physical = cgroup is not None and (physical is None or cgroup < physical)
+    if cgroup is not None and below_physical and (limit is None or cgroup < limit):
+        reasons.append(f"the cgroup memory limit ({_size(cgroup)}) caps what EXO plans with")
+        limit = cgroup
+    return limit, reasons
+
+
+def choose(
+    config: Config, inventory: Inventory, supported: frozenset[Accelerator] = EXO_BACKENDS
+) -> Decision:
+    """The decision for a loaded config: its preferences and its installed variants."""
+    return decide(HardwareSettings.from_config(config.hardware), inventory, supported)

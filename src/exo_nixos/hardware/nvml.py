@@ -1,0 +1,230 @@
+"""NVIDIA GPUs as the driver sees them, through NVML (``nvidia-ml-py``, imported lazily).
+
+The rest of detection only needs :class:`NvmlLibrary`, the few NVML calls used here, so tests
+run with a fake and a machine without ``libnvidia-ml.so.1`` gets a warning, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from exo_nixos.hardware.model import Gpu, GpuVendor
+from exo_nixos.hardware.pci import NVIDIA_DRIVER, normalize_address
+
+
+class NvmlLibrary(Protocol):
+    """The subset of pynvml's module interface detection calls."""
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlSystemGetDriverVersion(self) -> str | bytes: ...
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetName(self, handle: Any) -> str | bytes: ...
+    def nvmlDeviceGetUUID(self, handle: Any) -> str | bytes: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]: ...
+
+
+NvmlLoader = Callable[[], NvmlLibrary]
+
+
+def load_pynvml() -> NvmlLibrary:
+    """Import nvidia-ml-py; the import itself does not load libnvidia-ml (nvmlInit does)."""
+    import pynvml
+
+    library: NvmlLibrary = pynvml
+    return library
+
+
+@dataclass
+class NvmlDevice:
+    index: int
+    address: str | None
+    name: str | None = None
+    uuid: str | None = None
+    memory_total: int | None = None
+    memory_free: int | None = None
+    compute_capability: str | None = None
+    error: str | None = None  # set when the device did not answer
+
+
+@dataclass
+class NvmlReport:
+    status: str
+    devices: list[NvmlDevice]
+    warnings: list[str]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def query(library: NvmlLibrary) -> NvmlReport:
+    """Ask NVML for every device. NVML errors of any kind become warnings or device errors."""
+    # pynvml raises NVMLError subclasses, but a broken driver install can also surface as
+    # OSError or ctypes errors: nothing raised by NVML may stop detection.
+    try:
+        library.nvmlInit()
+    except Exception as exc:
+        reason = _reason(exc)
+        return NvmlReport(
+            f"unavailable: {reason}",
+            [],
+            [
+                f"NVML could not start ({reason}): NVIDIA GPU memory, compute capability "
+                "and health were not verified"
+            ],
+        )
+    devices: list[NvmlDevice] = []
+    warnings: list[str] = []
+    try:
+        try:
+            version = _text(library.nvmlSystemGetDriverVersion())
+        except Exception:
+            version = "unknown"
+        try:
+            count = int(library.nvmlDeviceGetCount())
+        except Exception as exc:
+            warnings.append(f"NVML could not count devices ({_reason(exc)})")
+            return NvmlReport(f"error: {_reason(exc)}", [], warnings)
+        for index in range(count):
+            devices.append(_device(library, index))
+    finally:
+        try:
+            library.nvmlShutdown()
+        except Exception as exc:
+            warnings.append(f"NVML shutdown failed ({_reason(exc)})")
+    return NvmlReport(f"ok (driver {version}, {count} device(s))", devices, warnings)
+
+
+def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
+    try:
+        handle = library.nvmlDeviceGetHandleByIndex(index)
+    except Exception as exc:
+        return NvmlDevice(index, None, error=_reason(exc))
+    device = NvmlDevice(index, None)
+    try:
+        pci = library.nvmlDeviceGetPciInfo(handle)
+        device.address = normalize_address(_text(pci.busId))
+    except Exception as exc:
+        device.error = _reason(exc)
+        return device
+    try:
+        device.name = _text(library.nvmlDeviceGetName(handle))
+        device.uuid = _text(library.nvmlDeviceGetUUID(handle))
+        memory = library.nvmlDeviceGetMemoryInfo(handle)
+        device.memory_total = int(memory.total)
+        device.memory_free = int(memory.free)
+        major, minor = library.nvmlDeviceGetCudaComputeCapability(handle)
+        device.compute_capability = f"{major}.{minor}"
+    except Exception as exc:
+        device.error = _reason(exc)
+    return device
+
+
+def annotate(gpus: list[Gpu], report: NvmlReport) -> list[str]:
+    """Merge NVML's answers into the nvidia-bound GPUs; return warnings."""
+    warnings = list(report.warnings)
+    if not report.status.startswith("ok"):
+        return warnings
+    by_address = {d.address: d for d in report.devices if d.address}
+    for device in report.devices:
+        if device.address is None:
+            warnings.append(f"NVML device {device.index} does not answer: {device.error}")
+    for gpu in gpus:
+        if gpu.vendor is not GpuVendor.NVIDIA or gpu.driver != NVIDIA_DRIVER:
+            continue
+        found = by_address.get(normalize_address(gpu.address))
+        if found is None:
+            gpu.responding = False
+            gpu.problems.append("not listed by NVML (fallen off the bus or excluded)")
+            continue
+        gpu.index = found.index
+        gpu.name = found.name or gpu.name
+        gpu.uuid = found.uuid or gpu.uuid
+        if found.memory_total is not None:
+            gpu.memory_bytes = found.memory_total
+            gpu.memory_source = "nvml"
+        gpu.compute_capability = found.compute_capability or gpu.compute_capability
+        gpu.responding = found.error is None
+        if found.error is not None:
+            gpu.problems.append(f"does not answer NVML ({found.error})")
+    return warnings
+
+
+class RecordedNvml:
+    """NVML answers replayed from a JSON capture (``scripts/capture-hw-tree --nvml``).
+
+    The document: ``{"driver": "550.54.15", "devices": [{"busId": ..., "name": ...,
+    "uuid": ..., "memoryTotal": ..., "memoryFree": ..., "computeCapability": [9, 0]}
+    | {"error": "GPU is lost"}]}``.
+    """
+
+    class Error(Exception):
+        pass
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    @classmethod
+    def from_file(cls, path: Path) -> RecordedNvml:
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    def _entry(self, handle: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = self.document["devices"][int(handle)]
+        if "error" in entry:
+            raise self.Error(entry["error"])
+        return entry
+
+    def nvmlInit(self) -> None:
+        if "initError" in self.document:
+            raise self.Error(self.document["initError"])
+
+    def nvmlShutdown(self) -> None:
+        return None
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return str(self.document.get("driver", "unknown"))
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.document["devices"])
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        entry = self.document["devices"][index]
+        if "error" in entry and "busId" not in entry:
+            raise self.Error(entry["error"])
+        return index
+
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any:
+        entry = self.document["devices"][int(handle)]
+        return _Record(busId=entry["busId"])
+
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        return str(self._entry(handle)["name"])
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        return str(self._entry(handle)["uuid"])
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
+        entry = self._entry(handle)
+        return _Record(total=entry["memoryTotal"], free=entry["memoryFree"])
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:
+        major, minor = self._entry(handle)["computeCapability"]
+        return int(major), int(minor)
+
+
+class _Record:
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)

@@ -1,0 +1,71 @@
+"""scripts/capture-hw-tree: a captured tree diagnoses the same as the machine it came from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exo_nixos.hardware import HardwareSettings, decide, detect, to_json
+from tests.hardware.conftest import fixture
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "capture-hw-tree"
+
+
+def capture(source, out, *extra):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--source", str(source), *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+
+
+def _comparable(root):
+    inventory = detect(root)
+    data = to_json(inventory)
+    data.pop("root")
+    data.pop("disk")
+    return data, decide(HardwareSettings(), inventory).reasons
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nvidia-rtx4090-desktop",
+        "amd-instinct-mi250x",
+        "amd-radeon-7900xtx",
+        "intel-arc-a770",
+        "cpu-vm-cgroup",
+        "apple-m2-max-asahi",
+        "bmc-only-server",
+    ],
+)
+def test_capture_of_a_tree_detects_the_same(tmp_path, name):
+    out = tmp_path / "captured"
+    result = capture(fixture(name), out)
+    assert f"files into {out}" in result.stdout
+    assert _comparable(out) == _comparable(fixture(name))
+
+
+def test_capture_records_nvml_failure_for_replay(tmp_path):
+    out = tmp_path / "captured"
+    capture(fixture("nvidia-rtx4090-desktop"), out, "--nvml")
+    document = json.loads((out / "nvml.json").read_text())
+    if "initError" not in document:
+        pytest.skip("NVML answers on this machine; the replay test below covers success")
+    inventory = detect(out)
+    assert inventory.nvml == f"unavailable: {document['initError']}"
+
+
+def test_capture_refuses_an_existing_directory(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "exists" in result.stderr

@@ -1,0 +1,332 @@
+"""The accelerator decision: preference, capability, installed variants, CPU fallback."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from exo_nixos.basetypes import Accelerator
+from exo_nixos.config import parse_config
+from exo_nixos.hardware import (
+    Cpu,
+    Gpu,
+    GpuKind,
+    GpuVendor,
+    HardwareSettings,
+    Inventory,
+    Memory,
+    choose,
+    decide,
+    detect,
+)
+from exo_nixos.hardware.model import AppleSilicon
+from tests.hardware.conftest import fixture
+
+GiB = 1 << 30
+ALL = HardwareSettings()
+CUDA = Accelerator.CUDA
+CPU = Accelerator.CPU
+
+
+def test_datacenter_node_chooses_cuda_with_every_gpu():
+    decision = decide(ALL, detect(fixture("nvidia-dgx-h100")))
+    assert decision.accelerator is CUDA
+    assert len(decision.devices) == 8
+    assert decision.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert decision.reasons[0] == "no config given: assuming every EXO variant is installed"
+    assert decision.reasons[-1].startswith("chose cuda: 8x NVIDIA H100 80GB HBM3")
+    assert decision.executable is None
+
+
+def test_amd_instinct_falls_back_to_cpu_and_says_why():
+    decision = decide(ALL, detect(fixture("amd-instinct-mi250x")))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "8x AMD Instinct MI250X/MI250 (512 GiB) found, but EXO has no ROCm backend: using cpu"
+    )
+
+
+def test_rocm_would_be_chosen_by_a_backend_that_has_it():
+    settings = HardwareSettings(rocm_gfx_override="9.0.10", visible_devices=["0", "1"])
+    supported = frozenset({Accelerator.ROCM, CPU})
+    decision = decide(settings, detect(fixture("amd-instinct-mi250x")), supported)
+    assert decision.accelerator is Accelerator.ROCM
+    assert decision.env == {"ROCR_VISIBLE_DEVICES": "0,1", "HSA_OVERRIDE_GFX_VERSION": "9.0.10"}
+
+
+def test_radeon_decision_names_the_discrete_card_only():
+    decision = decide(ALL, detect(fixture("amd-radeon-7900xtx")))
+    assert decision.accelerator is CPU
+    assert "Raphael" not in decision.reasons[-1]
+    assert "RX 7900" in decision.reasons[-1]
+
+
+def test_intel_arc_falls_back_to_cpu():
+    decision = decide(ALL, detect(fixture("intel-arc-a770")))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1].endswith("EXO has no Intel GPU backend: using cpu")
+
+
+def test_bmc_vga_is_not_an_accelerator():
+    decision = decide(ALL, detect(fixture("bmc-only-server")))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "no accelerator: only display controllers (Matrox G200eR2 (BMC)): using cpu"
+    )
+
+
+def test_asahi_linux_cannot_use_mlx():
+    decision = decide(
+        HardwareSettings(preferred=Accelerator.MLX), detect(fixture("apple-m2-max-asahi"))
+    )
+    assert decision.accelerator is CPU
+    assert "MLX needs Metal" in decision.reasons[-1]
+    assert decision.reasons[-1].startswith("preferred accelerator mlx cannot be used")
+
+
+def test_macos_apple_silicon_chooses_mlx():
+    inventory = Inventory(
+        root="/",
+        system="Darwin",
+        cpu=Cpu("arm64", "Apple M2 Ultra", 1, 24, 24, ["asimd"]),
+        memory=Memory(192 * GiB, None, None, None),
+        apple=AppleSilicon("Apple M2 Ultra", "macos"),
+    )
+    decision = decide(ALL, inventory)
+    assert decision.accelerator is Accelerator.MLX
+    assert decision.devices == ["apple-silicon"]
+    assert "192 GiB unified memory" in decision.reasons[-1]
+
+
+def test_vm_memory_limit_follows_the_cgroup():
+    inventory = detect(fixture("cpu-vm-cgroup"))
+    decision = decide(ALL, inventory)
+    assert decision.accelerator is CPU
+    assert decision.memory_limit_bytes == 12 * GiB
+    assert decision.env["OVERRIDE_MEMORY_MB"] == "12288"
+    assert any("cgroup memory limit (12 GiB)" in r for r in decision.reasons)
+    larger = decide(HardwareSettings(memory_limit="80%"), inventory)
+    assert larger.memory_limit_bytes == 12 * GiB
+    smaller = decide(HardwareSettings(memory_limit="8G"), inventory)
+    assert smaller.env["OVERRIDE_MEMORY_MB"] == "8192"
+
+
+def test_memory_limit_percent_of_physical():
+    inventory = detect(fixture("nvidia-rtx4090-desktop"))
+    decision = decide(HardwareSettings(memory_limit="50%"), inventory)
+    assert decision.memory_limit_bytes == 65695436 * 1024 // 2
+
+
+def _config(**hardware):
+    return parse_config({"schemaVersion": 1, "hardware": hardware})
+
+
+PACKAGES = {"cpu": "/nix/store/aaaa-exo-1.0.71", "cuda": "/nix/store/bbbb-exo-cuda-1.0.71"}
+
+
+def test_choose_uses_the_configs_installed_variants():
+    decision = choose(_config(packages=PACKAGES), detect(fixture("nvidia-rtx4090-desktop")))
+    assert decision.accelerator is CUDA
+    assert decision.executable == Path("/nix/store/bbbb-exo-cuda-1.0.71/bin/exo")
+    assert not any("assuming" in r for r in decision.reasons)
+
+
+def test_gpu_without_an_installed_variant_means_cpu():
+    config = _config(packages={"cpu": PACKAGES["cpu"]})
+    decision = choose(config, detect(fixture("nvidia-rtx4090-desktop")))
+    assert decision.accelerator is CPU
+    assert decision.executable == Path("/nix/store/aaaa-exo-1.0.71/bin/exo")
+    assert "no cuda variant of EXO is installed" in decision.reasons[-1]
+
+
+def test_missing_cpu_variant_is_reported():
+    config = _config(packages={"cuda": PACKAGES["cuda"]})
+    decision = choose(config, detect(fixture("bmc-only-server")))
+    assert decision.accelerator is CPU and decision.executable is None
+    assert decision.reasons[-1] == (
+        "no cpu variant of EXO is installed: set services.exo.hardware.packages.cpu"
+    )
+
+
+def test_preferred_cpu_wins_over_a_gpu():
+    decision = choose(
+        _config(preferredAccelerator="cpu", packages=PACKAGES),
+        detect(fixture("nvidia-dgx-h100")),
+    )
+    assert decision.accelerator is CPU
+    assert decision.reasons == ["preferredAccelerator is cpu"]
+
+
+def test_preferred_that_is_absent_falls_back_to_automatic_choice():
+    config = _config(preferredAccelerator="rocm", packages=PACKAGES)
+    decision = choose(config, detect(fixture("nvidia-rtx4090-desktop")))
+    assert decision.accelerator is CUDA
+    assert decision.reasons[0] == "preferred accelerator rocm cannot be used: no AMD GPU found"
+
+
+def test_auto_detect_off_uses_only_the_preferred_accelerator():
+    inventory = detect(fixture("nvidia-rtx4090-desktop"))
+    off = choose(_config(autoDetect=False, packages=PACKAGES), inventory)
+    assert off.accelerator is CPU
+    assert off.reasons[-1].startswith("autoDetect is off")
+    preferred = choose(
+        _config(autoDetect=False, preferredAccelerator="cuda", packages=PACKAGES), inventory
+    )
+    assert preferred.accelerator is CUDA
+    blocked = choose(
+        _config(autoDetect=False, preferredAccelerator="cuda", packages=PACKAGES),
+        detect(fixture("bmc-only-server")),
+    )
+    assert blocked.accelerator is CPU
+    assert blocked.reasons == [
+        "preferred accelerator cuda cannot be used: no NVIDIA GPU found: using cpu"
+    ]
+
+
+def test_visible_devices_become_uuids():
+    inventory = detect(fixture("nvidia-dgx-h100"))
+    settings = HardwareSettings(visible_devices=["1", "GPU-85c4f0a3-2b9e-4e7d-91f6-c3a0b5d8e247"])
+    decision = decide(settings, inventory)
+    assert decision.devices == ["0000:43:00.0", "0000:df:00.0"]
+    assert decision.env["CUDA_VISIBLE_DEVICES"] == (
+        "GPU-9e3f1c55-0b7a-4d2e-8c61-3a5f0e92d7b1,GPU-85c4f0a3-2b9e-4e7d-91f6-c3a0b5d8e247"
+    )
+
+
+def test_visible_devices_naming_nothing_present_means_cpu():
+    decision = decide(
+        HardwareSettings(visible_devices=["9"]), detect(fixture("nvidia-rtx4090-desktop"))
+    )
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "hardware.visibleDevices (9) names no working NVIDIA GPU here: using cpu"
+    )
+
+
+def _gpu(address, vendor, memory_gib, name):
+    return Gpu(
+        address=address,
+        vendor=vendor,
+        vendor_id="10de" if vendor is GpuVendor.NVIDIA else "1002",
+        device_id="0000",
+        pci_class="030200",
+        name=name,
+        kind=GpuKind.DISCRETE,
+        driver="nvidia" if vendor is GpuVendor.NVIDIA else "amdgpu",
+        memory_bytes=memory_gib * GiB,
+    )
+
+
+@pytest.mark.parametrize(
+    ("nvidia_gib", "amd_gib", "expected"), [(24, 192, "rocm"), (80, 64, "cuda")]
+)
+def test_several_accelerators_most_usable_memory_wins(nvidia_gib, amd_gib, expected):
+    inventory = Inventory(
+        root="/",
+        system="Linux",
+        cpu=Cpu("x86_64", "test", 1, 8, 16, []),
+        memory=Memory(256 * GiB, None, None, None),
+        gpus=[
+            _gpu("0000:01:00.0", GpuVendor.NVIDIA, nvidia_gib, "NVIDIA"),
+            _gpu("0000:02:00.0", GpuVendor.AMD, amd_gib, "AMD"),
+        ],
+    )
+    supported = frozenset(Accelerator)
+    decision = decide(ALL, inventory, supported)
+    assert decision.accelerator == expected
+    assert "(the most usable memory)" in decision.reasons[-1]
+
+
+# --- a GPU that vanished or stopped answering -------------------------------------------
+
+
+def _recording(root):
+    return json.loads((root / "nvml.json").read_text())
+
+
+def test_gpu_lost_to_nvml_is_left_out(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    document = _recording(root)
+    document["devices"][3] = {"error": "GPU is lost"}
+    (root / "nvml.json").write_text(json.dumps(document))
+    inventory = detect(root)
+    lost = next(g for g in inventory.gpus if g.address == "0000:61:00.0")
+    assert lost.responding is False and not lost.usable
+    assert "NVML device 3 does not answer: GPU is lost" in inventory.warnings
+    decision = decide(ALL, inventory)
+    assert decision.accelerator is CUDA
+    assert len(decision.devices) == 7
+    visible = decision.env["CUDA_VISIBLE_DEVICES"].split(",")
+    assert len(visible) == 7 and lost.uuid not in visible
+    assert any(
+        r.startswith("NVIDIA H100 80GB HBM3 at 0000:61:00.0 left out") for r in decision.reasons
+    )
+
+
+def test_gpu_not_answering_memory_queries(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    document = {
+        "driver": "550.54.15",
+        "devices": [{"busId": "00000000:01:00.0", "error": "Unknown Error"}],
+    }
+    (root / "nvml.json").write_text(json.dumps(document))
+    inventory = detect(root)
+    (rtx,) = inventory.gpus_for(CUDA)
+    assert rtx.problems == ["does not answer NVML (Unknown Error)"]
+    decision = decide(ALL, inventory)
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1].startswith("no working CUDA device (NVIDIA GeForce RTX 4090 at")
+    assert decision.reasons[-1].endswith(": using cpu")
+
+
+def test_gpu_gone_from_the_bus_means_cpu(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    shutil.rmtree(root / "sys/bus/pci/devices/0000:01:00.0")
+    (root / "dev/nvidia0").unlink()
+    decision = choose(_config(preferredAccelerator="cuda", packages=PACKAGES), detect(root))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "preferred accelerator cuda cannot be used: no NVIDIA GPU found: using cpu"
+    )
+
+
+def test_nvidia_uvm_not_loaded_means_cpu(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    (root / "dev/nvidia-uvm").unlink()
+    inventory = detect(root)
+    (rtx,) = inventory.gpus_for(CUDA)
+    assert rtx.problems == ["/dev/nvidia-uvm is missing (the nvidia_uvm module is not loaded)"]
+    assert decide(ALL, inventory).accelerator is CPU
+
+
+@pytest.mark.parametrize(
+    ("driver", "problem"),
+    [
+        ("nouveau", "bound to nouveau; CUDA needs NVIDIA's driver (hardware.nvidia)"),
+        ("vfio-pci", "bound to vfio-pci (reserved for a virtual machine)"),
+    ],
+)
+def test_nvidia_gpu_on_another_driver(tree_copy, driver, problem):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    link = root / "sys/bus/pci/devices/0000:01:00.0/driver"
+    link.unlink()
+    link.symlink_to(f"../../../../bus/pci/drivers/{driver}")
+    inventory = detect(root)
+    (rtx,) = inventory.gpus_for(CUDA)
+    assert rtx.problems == [problem]
+    assert inventory.nvml.startswith("not needed")
+    assert decide(ALL, inventory).accelerator is CPU
+
+
+def test_amd_without_kfd_is_not_usable(tree_copy):
+    root = tree_copy("amd-instinct-mi250x")
+    (root / "dev/kfd").unlink()
+    inventory = detect(root)
+    assert all(
+        "/dev/kfd is missing (amdgpu's compute interface, KFD)" in g.problems
+        for g in inventory.gpus_for(Accelerator.ROCM)
+    )
+    decision = decide(ALL, inventory, frozenset({Accelerator.ROCM, CPU}))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1].startswith("no working ROCm device")

@@ -1,0 +1,178 @@
+"""services.exo.hardware evaluated with nixpkgs' lib: device access, ordering, warnings."""
+
+import pytest
+
+from exo_nixos.config import parse_config
+from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
+
+pytestmark = [pytest.mark.nix, requires_nix]
+
+NVIDIA_CHARS = [
+    "char-nvidiactl rw",
+    "char-nvidia-frontend rw",
+    "char-nvidia-uvm rw",
+    "char-nvidia-caps rw",
+]
+
+
+def _eval(hardware=None, mode="auto", **host):
+    module = {"services": {"exo": {"enable": True, "mode": mode, "hardware": hardware or {}}}}
+    module.update(host)
+    return evaluate(module)
+
+
+def _cuda_host(**extra):
+    return {
+        "services": {"exo": {"enable": True, **extra}, "xserver": {"videoDrivers": ["nvidia"]}},
+        "hardware": {"graphics": {"enable": True}},
+    }
+
+
+CUDA_PACKAGES = """
+{ pkgs, ... }: {
+  services.exo.enable = true;
+  services.exo.hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
+  services.xserver.videoDrivers = [ "nvidia" ];
+  hardware.graphics.enable = true;
+}
+"""
+
+
+def test_cpu_only_node_gets_no_devices():
+    result = _eval()
+    service = result["services"]["exo-worker"]["serviceConfig"]
+    assert service["DevicePolicy"] == "closed"
+    assert service["PrivateDevices"] is True
+    assert "DeviceAllow" not in service and "SupplementaryGroups" not in service
+    assert "systemd-modules-load.service" not in result["services"]["exo-worker"]["after"]
+    assert result["warnings"] == [] and result["assertions"] == []
+
+
+def test_cuda_variant_gets_nvidia_devices_and_module_ordering():
+    result = evaluate(CUDA_PACKAGES)
+    unit = result["services"]["exo-worker"]
+    config = unit["serviceConfig"]
+    assert config["DeviceAllow"] == NVIDIA_CHARS
+    assert config["PrivateDevices"] is False
+    assert "SupplementaryGroups" not in config  # /dev/nvidia* are 0666 on NixOS
+    assert "systemd-modules-load.service" in unit["after"]
+    assert "systemd-modules-load.service" in unit["wants"]
+    assert "systemd-udev-settle.service" not in unit["after"]
+    assert result["warnings"] == []
+    packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
+    assert set(packages) == {"cpu", "cuda"}
+
+
+def test_rendered_unit_lists_each_device_rule():
+    text = render_unit(evaluate(CUDA_PACKAGES)["services"]["exo-worker"])
+    for rule in NVIDIA_CHARS:
+        assert f"DeviceAllow={rule}\n" in text
+    assert "DevicePolicy=closed\n" in text
+    assert "After=network-online.target systemd-modules-load.service\n" in text
+
+
+def test_persistenced_and_udev_settle_ordering():
+    module = CUDA_PACKAGES.replace(
+        "hardware.graphics.enable = true;",
+        "hardware.graphics.enable = true; hardware.nvidia.nvidiaPersistenced = true;"
+        " services.exo.hardware.waitForDeviceNodes = true;",
+    )
+    unit = evaluate(module)["services"]["exo-worker"]
+    for name in ("nvidia-persistenced.service", "systemd-udev-settle.service"):
+        assert name in unit["after"] and name in unit["wants"]
+
+
+def test_rocm_gets_kfd_drm_and_render_group_and_a_warning():
+    result = _eval({"preferredAccelerator": "rocm", "rocmGfxOverride": "10.3.0"}, mode="master")
+    config = result["services"]["exo-master"]["serviceConfig"]
+    assert config["DeviceAllow"] == ["char-kfd rw", "char-drm rw"]
+    assert config["SupplementaryGroups"] == ["render"]
+    assert any("upstream EXO has no ROCm backend" in w for w in result["warnings"])
+    assert any("has no rocm variant" in w for w in result["warnings"])
+    document = parse_config(result["etc"]["exo/config.json"])
+    assert document.hardware.rocm_gfx_override == "10.3.0"
+
+
+def test_cuda_preferred_without_nvidia_driver_warns_with_the_fix():
+    result = _eval({"preferredAccelerator": "cuda"})
+    (driver,) = [w for w in result["warnings"] if "no NVIDIA driver is configured" in w]
+    assert 'Add "nvidia" to services.xserver.videoDrivers' in driver
+    assert "hardware.nvidia.datacenter.enable = true" in driver
+    assert any("has no cuda variant" in w for w in result["warnings"])
+
+
+def test_datacenter_driver_counts_as_configured():
+    module = CUDA_PACKAGES.replace(
+        'services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;"
+    )
+    assert evaluate(module)["warnings"] == []
+
+
+def test_cuda_without_graphics_driver_libraries_warns():
+    module = CUDA_PACKAGES.replace("hardware.graphics.enable = true;", "")
+    (warning,) = evaluate(module)["warnings"]
+    assert "hardware.graphics.enable = true" in warning
+
+
+def test_mlx_on_nixos_warns():
+    result = _eval({"preferredAccelerator": "mlx"})
+    assert any("needs Metal (macOS)" in w for w in result["warnings"])
+    assert "DeviceAllow" not in result["services"]["exo-worker"]["serviceConfig"]
+
+
+def test_useless_settings_warn():
+    result = _eval({"rocmGfxOverride": "11.0.0", "visibleDevices": ["0"]})
+    assert any("rocmGfxOverride has no effect" in w for w in result["warnings"])
+    assert any("visibleDevices has no effect" in w for w in result["warnings"])
+
+
+def test_packages_without_cpu_variant_is_an_assertion():
+    module = """
+    { pkgs, ... }: {
+      services.exo.enable = true;
+      services.exo.hardware.packages = { cuda = pkgs.exo-cuda; };
+    }
+    """
+    (message,) = evaluate(module)["assertions"]
+    assert "services.exo.hardware.packages.cpu = pkgs.exo-complete" in message
+
+
+@pytest.mark.parametrize(
+    ("limit", "memory_max"),
+    [("80%", "80%"), ("80 %", "80%"), ("64GiB", "64G"), ("48G", "48G"), ("512m", "512M")],
+)
+def test_memory_limit_becomes_memory_max(limit, memory_max):
+    result = _eval({"memoryLimit": limit})
+    assert result["services"]["exo-worker"]["serviceConfig"]["MemoryMax"] == memory_max
+    assert parse_config(result["etc"]["exo/config.json"]).hardware.memory_limit == limit
+
+
+def test_no_memory_limit_no_memory_max():
+    assert "MemoryMax" not in _eval()["services"]["exo-worker"]["serviceConfig"]
+
+
+def test_service_hardening_can_override_the_defaults():
+    module = """
+    { lib, ... }: {
+      services.exo.enable = true;
+      systemd.services.exo-worker.serviceConfig.DevicePolicy = "strict";
+    }
+    """
+    config = evaluate(module)["services"]["exo-worker"]["serviceConfig"]
+    assert config["DevicePolicy"] == "strict"
+
+
+def test_unknown_accelerator_key_is_rejected():
+    module = """
+    { pkgs, ... }: {
+      services.exo.enable = true;
+      services.exo.hardware.packages = { cpu = pkgs.exo-complete; tpu = pkgs.exo-cuda; };
+    }
+    """
+    result = evaluate(module)
+    assert any("keys must be among cuda, rocm, mlx, cpu" in m for m in result["assertions"])
+
+
+def test_bad_gfx_override_is_a_type_error():
+    with pytest.raises(NixEvalError, match="rocmGfxOverride"):
+        _eval({"rocmGfxOverride": "gfx1030"})

@@ -1,0 +1,165 @@
+"""Garbled, missing or hostile files give warnings, never exceptions; NVML failures too."""
+
+import json
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exo_nixos.basetypes import Accelerator
+from exo_nixos.hardware import HardwareSettings, decide, detect
+from exo_nixos.hardware.nvml import NvmlReport, load_pynvml, query
+from tests.hardware.conftest import fixture
+
+
+def test_empty_root_warns_about_what_is_missing(tmp_path):
+    inventory = detect(tmp_path)
+    assert f"{tmp_path}/proc/cpuinfo: missing" in inventory.warnings
+    assert f"{tmp_path}/proc/meminfo: missing" in inventory.warnings
+    assert inventory.gpus == [] and inventory.cpu.threads == 0
+    assert decide(HardwareSettings(), inventory).accelerator is Accelerator.CPU
+
+
+def test_garbled_files_become_warnings(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    gpu = root / "sys/bus/pci/devices/0000:43:00.0"
+    (gpu / "class").write_text("display, probably\n")
+    (root / "sys/bus/pci/devices/0000:52:00.0/vendor").write_text("0x10de0000\n")
+    (root / "proc/driver/nvidia/gpus/0000:61:00.0/information").write_text(
+        "Model: \t\t NVIDIA H100\nDevice Minor: \t seven\n"
+    )
+    (root / "proc/cpuinfo").write_bytes(b"\xff\xfe garbage \x00\x81")
+    (root / "proc/meminfo").write_text("MemFree: lots\n")
+    (root / "sys/fs/cgroup/system.slice/exo-worker.service/memory.max").write_text("lots\n")
+    (root / "nvml.json").write_text("{not json")
+    (root / "sys/devices/system/node/node1/meminfo").write_text("garbage")
+    inventory = detect(root)
+    shown = {w.split(":")[0] for w in inventory.warnings}
+    assert f"{gpu}/class" in {w.split(": ")[0] for w in inventory.warnings}
+    assert any("is out of range" in w for w in inventory.warnings)
+    assert any("Device Minor 'seven' is not a number" in w for w in inventory.warnings)
+    assert f"{root}/proc/cpuinfo: not text (garbled); ignored" in inventory.warnings
+    assert any("no MemTotal line" in w for w in inventory.warnings)
+    assert any("'lots' is neither a number nor 'max'" in w for w in inventory.warnings)
+    assert any(w.startswith("NVML could not be loaded") for w in inventory.warnings)
+    assert shown  # every warning names something
+    # the GPUs that could be read are still there and still decide
+    addresses = [g.address for g in inventory.gpus_for(Accelerator.CUDA)]
+    assert "0000:43:00.0" not in addresses and "0000:52:00.0" not in addresses
+    assert "0000:1b:00.0" in addresses
+    minorless = next(g for g in inventory.gpus if g.address == "0000:61:00.0")
+    assert minorless.usable  # /dev/nvidia<N> nodes exist, so the minor is not needed
+    assert inventory.memory.total_bytes is None and inventory.memory.cgroup_limit_bytes is None
+    decision = decide(HardwareSettings(memory_limit="80%"), inventory)
+    assert decision.accelerator is Accelerator.CUDA
+    assert "memoryLimit 80% not applied: physical memory unknown" in decision.reasons
+
+
+def test_garbled_kfd_topology(tree_copy):
+    root = tree_copy("amd-instinct-mi250x")
+    nodes = root / "sys/class/kfd/kfd/topology/nodes"
+    (nodes / "4/properties").write_text("gfx_target_version ninety\nlocation_id 49408\n")
+    (nodes / "5/mem_banks/0/properties").write_text("heap_type 1\nsize_in_bytes many\n")
+    shutil.rmtree(nodes / "6")
+    inventory = detect(root)
+    assert any("gfx_target_version 'ninety'" in w for w in inventory.warnings)
+    assert any("size_in_bytes 'many'" in w for w in inventory.warnings)
+    by_address = {g.address: g for g in inventory.gpus}
+    # gfx target falls back to the PCI id table; VRAM to amdgpu's sysfs counter
+    assert by_address["0000:c1:00.0"].gfx_target == "gfx90a"
+    assert by_address["0000:c6:00.0"].memory_source == "sysfs"
+    assert by_address["0000:c9:00.0"].memory_bytes == 68702699520
+
+
+def test_cgroup_v1_host_is_noted(tree_copy):
+    root = tree_copy("cpu-vm-cgroup")
+    (root / "proc/self/cgroup").write_text(
+        "12:memory:/system.slice/exo-worker.service\n1:name=systemd:/system.slice\n"
+    )
+    inventory = detect(root)
+    assert inventory.memory.cgroup_limit_bytes is None
+    assert any("no cgroup v2 entry" in w for w in inventory.warnings)
+
+
+def test_unreadable_directory_is_a_warning(tree_copy):
+    root = tree_copy("bmc-only-server")
+    devices = root / "sys/bus/pci/devices"
+    shutil.rmtree(devices)
+    devices.write_text("not a directory")
+    inventory = detect(root)
+    assert inventory.gpus == []
+    assert any("cannot list" in w for w in inventory.warnings)
+
+
+SMALL = "cpu-vm-cgroup"
+FILES = sorted(
+    str(p.relative_to(fixture(SMALL)))
+    for p in fixture(SMALL).rglob("*")
+    if p.is_file() and not p.is_symlink()
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(target=st.sampled_from(FILES), content=st.binary(max_size=300))
+def test_any_content_in_any_file_never_raises(tmp_path, target, content):
+    root = tmp_path / "tree"
+    if not root.exists():
+        shutil.copytree(fixture(SMALL), root, symlinks=True)
+    path = root / target
+    original = path.read_bytes()
+    path.write_bytes(content)
+    try:
+        inventory = detect(root)
+        decision = decide(HardwareSettings(memory_limit="80%"), inventory)
+        json.dumps([inventory.warnings, decision.reasons])
+    finally:
+        path.write_bytes(original)
+
+
+def _nvml_loads() -> bool:
+    try:
+        library = load_pynvml()
+        library.nvmlInit()
+    except Exception:
+        return False
+    library.nvmlShutdown()
+    return True
+
+
+@pytest.mark.skipif(_nvml_loads(), reason="libnvidia-ml loads here: this test is for hosts without")
+def test_real_pynvml_without_the_driver_library_is_a_clean_warning():
+    report = query(load_pynvml())
+    assert isinstance(report, NvmlReport)
+    assert report.status.startswith("unavailable: ")
+    assert report.devices == []
+    (warning,) = report.warnings
+    assert warning.startswith("NVML could not start (")
+    assert warning.endswith("NVIDIA GPU memory, compute capability and health were not verified")
+    inventory = detect(fixture("nvidia-rtx4090-desktop"), nvml_loader=load_pynvml)
+    assert inventory.nvml.startswith("unavailable: ")
+    assert warning in inventory.warnings
+    (rtx,) = inventory.gpus_for(Accelerator.CUDA)
+    assert rtx.responding is None and rtx.usable
+
+
+def test_nvml_that_cannot_be_imported():
+    def loader():
+        raise ImportError("No module named 'pynvml'")
+
+    inventory = detect(fixture("nvidia-rtx4090-desktop"), nvml_loader=loader)
+    assert inventory.nvml == "unavailable: No module named 'pynvml'"
+    assert inventory.warnings == [
+        "NVML could not be loaded (No module named 'pynvml'): NVIDIA GPUs were not verified"
+    ]
+
+
+def test_nvml_init_failure_is_recorded_and_replayed(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    (root / "nvml.json").write_text(json.dumps({"initError": "Driver Not Loaded", "devices": []}))
+    inventory = detect(root)
+    assert inventory.nvml == "unavailable: Driver Not Loaded"
