@@ -32,12 +32,6 @@ let
   underHome = dir: lib.any (root: inside root dir) homeRoots;
   modelsUnderHome = lib.any underHome (writableModelDirs ++ cfg.readOnlyModelDirs);
 
-  # "80%" or "48G"/"64GiB" -> systemd's MemoryMax= syntax ("80%", "48G", "64G")
-  memoryMax = limit:
-    let compact = lib.replaceStrings [ " " ] [ "" ] limit;
-    in lib.toUpper (lib.removeSuffix "B" (lib.removeSuffix "iB" (lib.removeSuffix "ib" compact)));
-
-  onlyCpu = lib.attrNames cfg.hardware.packages == [ "cpu" ];
   hc = cfg.healthCheck;
   # pings follow passing probes; this many milliseconds without one means EXO is hung
   watchdogMs = builtins.ceil ((hc.intervalSec * hc.failures + hc.timeoutSec) * 1000);
@@ -365,10 +359,9 @@ in
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
         NoNewPrivileges = true;
-        # devices: none but the pseudo-devices unless exo-hardware.nix grants GPU nodes
-        DevicePolicy = "closed";
-        # a private /dev would hide the GPU nodes, so only CPU-only hosts get one
-        PrivateDevices = lib.mkDefault onlyCpu;
+        # devices: exo-hardware.nix sets DevicePolicy=closed, DeviceAllow= for the GPU nodes
+        # of the installed variants, and PrivateDevices= (true on CPU-only nodes); it also
+        # turns hardware.memoryLimit into MemoryMax=
         PrivateTmp = true;
         PrivateMounts = true;
         PrivateUsers = true;
@@ -401,8 +394,6 @@ in
         SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" "~@privileged" ];
         SystemCallErrorNumber = "EPERM";
-      } // lib.optionalAttrs (cfg.hardware.memoryLimit != null) {
-        MemoryMax = memoryMax cfg.hardware.memoryLimit;
       };
     };
 

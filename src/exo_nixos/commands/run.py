@@ -47,7 +47,6 @@ def main(args: argparse.Namespace) -> int:
     from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
     from exo_nixos.supervisor.logs import setup_logging
     from exo_nixos.supervisor.notify import Notifier
-    from exo_nixos.supervisor.probe import probe_topology
     from exo_nixos.supervisor.runner import Settings, Supervisor
     from exo_nixos.supervisor.snapshot import SnapshotStore
 
@@ -79,7 +78,11 @@ def main(args: argparse.Namespace) -> int:
     )
     notifier = Notifier.from_environ()
     supervisor = Supervisor(
-        launch, settings, probe_topology, notifier, SnapshotStore(snapshot_path(config))
+        launch,
+        settings,
+        notifier,
+        SnapshotStore(snapshot_path(config)),
+        hint_dir=Path(config.security.runtime_dir),
     )
     try:
         status = asyncio.run(supervisor.run())

@@ -14,8 +14,12 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from exo_nixos.config import Accelerator, Config, MemoryLimit, Mode
+from exo_nixos.config import Accelerator, Config, Mode
+
+if TYPE_CHECKING:
+    from exo_nixos.hardware import Decision
 
 MASTER = "master"
 WORKER = "worker"
@@ -72,147 +76,70 @@ def snapshot_path(config: Config) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# memory
-
-
-def physical_memory_bytes(root: Path = Path("/")) -> int | None:
-    try:
-        for line in (root / "proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def cgroup_memory_limit(root: Path = Path("/")) -> int | None:
-    """The tightest ``memory.max`` on this process's cgroup v2 path, or None if unlimited."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    rel = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if rel is None:
-        return None
-    base = root / "sys/fs/cgroup"
-    current = base / rel.lstrip("/")
-    limits: list[int] = []
-    while True:
-        try:
-            text = (current / "memory.max").read_text().strip()
-        except OSError:
-            text = "max"
-        if text.isdigit():
-            limits.append(int(text))
-        if current == base or base not in current.parents:
-            break
-        current = current.parent
-    return min(limits) if limits else None
-
-
-def override_memory_mb(config: Config, root: Path = Path("/")) -> int | None:
-    """What EXO should believe it has: the configured limit, capped by the cgroup's limit.
-
-    None when neither a limit is configured nor the cgroup is tighter than physical memory
-    (EXO then measures for itself).
-    """
-    total = physical_memory_bytes(root)
-    candidates: list[int] = []
-    if config.hardware.memory_limit is not None:
-        limit = MemoryLimit.parse(config.hardware.memory_limit)
-        if limit.percent is not None and total is None:
-            pass  # a share of an unknown total: leave it to the cgroup limit
-        else:
-            candidates.append(limit.resolve(total or 0))
-    cgroup = cgroup_memory_limit(root)
-    if cgroup is not None and (total is None or cgroup < total):
-        candidates.append(cgroup)
-    if total is not None and candidates:
-        candidates.append(total)
-    if not candidates:
-        return None
-    return max(1, min(candidates) >> 20)
-
-
-# ---------------------------------------------------------------------------------------------
 # accelerator
 
-
-def _device_present(accelerator: Accelerator, root: Path) -> tuple[bool, str]:
-    dev = root / "dev"
-    if accelerator is Accelerator.CUDA:
-        if not (dev / "nvidiactl").exists():
-            return False, "no /dev/nvidiactl (NVIDIA driver not loaded or GPU gone)"
-        if not any(dev.glob("nvidia[0-9]*")):
-            return False, "no /dev/nvidiaN device (no NVIDIA GPU visible)"
-        return True, "NVIDIA device nodes present"
-    if accelerator is Accelerator.ROCM:
-        if not (dev / "kfd").exists():
-            return False, "no /dev/kfd (amdgpu/ROCm driver not loaded or GPU gone)"
-        return True, "/dev/kfd present"
-    if accelerator is Accelerator.MLX:
-        return False, "MLX on Metal needs Apple Silicon under macOS, not Linux"
-    return True, "CPU is always available"
+_GPU_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "ROCR_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+)
 
 
 def select_executable(config: Config, root: Path = Path("/")) -> Selection:
-    """Choose the EXO variant to start; fall back to the CPU variant when the GPU is unusable.
+    """Detect the hardware below ``root`` and choose the EXO variant to start.
 
-    Wanted: ``hardware.preferredAccelerator``, else the only GPU variant installed, else CPU.
-    The wanted variant is used when its executable exists and its devices are present.
+    The one place the supervisor depends on :mod:`exo_nixos.hardware`.
+    """
+    from exo_nixos.hardware import choose, detect
+
+    inventory = detect(root, models_dir=config.effective_models_dir)
+    return selection_for(config, choose(config, inventory))
+
+
+def _why_cpu(reasons: list[str]) -> str:
+    for reason in reasons:
+        if "cannot be used" in reason:
+            return reason
+    for reason in reasons:
+        if reason.endswith(": using cpu"):
+            return reason.removesuffix(": using cpu")
+    return "no usable GPU"
+
+
+def selection_for(config: Config, decision: Decision) -> Selection:
+    """Turn the hardware decision into what to run; fall back to CPU when the GPU is unusable.
+
+    "Wanted" is ``hardware.preferredAccelerator``, else any GPU variant that is installed.
+    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS.
     """
     hw = config.hardware
-    installed = [a for a in hw.packages if a is not Accelerator.CPU]
-    wanted = hw.preferred_accelerator or (installed[0] if len(installed) == 1 else Accelerator.CPU)
-    reasons: list[str] = []
-    if wanted is not Accelerator.CPU:
-        executable = hw.executable(wanted)
-        usable, why = _device_present(wanted, root)
-        if executable is None:
-            problem = f"no {wanted.value} variant installed (hardware.packages)"
-        elif not executable.exists():
-            problem = f"{executable} does not exist"
-        elif not usable:
-            problem = why
-        else:
-            reasons.append(f"{wanted.value}: {why}")
-            return Selection(wanted, str(executable), reasons, _accelerator_env(config, wanted))
-        reasons.append(f"{wanted.value} unusable: {problem}")
-        cpu = _cpu_executable(config)
-        return Selection(
-            Accelerator.CPU,
-            cpu,
-            [*reasons, f"cpu: falling back to {cpu}"],
-            _accelerator_env(config, Accelerator.CPU),
-            fallback=f"{wanted.value} unusable ({problem}); running on CPU",
-        )
-    cpu = _cpu_executable(config)
-    return Selection(
-        Accelerator.CPU, cpu, [f"cpu: {cpu}"], _accelerator_env(config, Accelerator.CPU)
-    )
-
-
-def _cpu_executable(config: Config) -> str:
-    executable = config.hardware.executable(Accelerator.CPU)
-    if executable is not None:
-        return str(executable)
-    found = shutil.which("exo")
-    return found or "exo"
-
-
-def _accelerator_env(config: Config, accelerator: Accelerator) -> dict[str, str]:
-    env: dict[str, str] = {}
-    hw = config.hardware
-    if accelerator is Accelerator.CUDA and hw.visible_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(hw.visible_devices)
-    if accelerator is Accelerator.ROCM:
-        if hw.visible_devices is not None:
-            env["HIP_VISIBLE_DEVICES"] = ",".join(hw.visible_devices)
-        if hw.rocm_gfx_override:
-            env["HSA_OVERRIDE_GFX_VERSION"] = hw.rocm_gfx_override
+    preferred = hw.preferred_accelerator
+    if preferred is not None and preferred is not Accelerator.CPU:
+        wanted = [preferred]
+    else:
+        wanted = [a for a in hw.packages if a is not Accelerator.CPU]
+    reasons = list(decision.reasons)
+    env = dict(decision.env)
+    accelerator = decision.accelerator
+    fallback: str | None = None
+    executable = decision.executable
+    if accelerator is not Accelerator.CPU and (executable is None or not executable.exists()):
+        missing = f"{executable} does not exist" if executable else "no variant installed"
+        fallback = f"{accelerator.value} unusable ({missing}); running on CPU"
+        reasons.append(f"{accelerator.value}: {missing}")
+        accelerator = Accelerator.CPU
+    elif accelerator is Accelerator.CPU and wanted:
+        names = "/".join(a.value for a in wanted)
+        fallback = f"{names} unusable ({_why_cpu(reasons)}); running on CPU"
     if accelerator is Accelerator.CPU:
+        for name in _GPU_ENV:
+            env.pop(name, None)
         env["CUDA_VISIBLE_DEVICES"] = ""  # keep a CPU run off a half-working GPU
-    return env
+        cpu = hw.executable(Accelerator.CPU)
+        executable = cpu if cpu is not None else Path(shutil.which("exo") or "exo")
+    assert executable is not None
+    return Selection(accelerator, str(executable), reasons, env, fallback)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +198,10 @@ def build_launch(
         env.pop("EXO_MODELS_READ_ONLY_DIRS", None)
     if config.offline:
         env["EXO_OFFLINE"] = "true"
-    memory = override_memory_mb(config, root)
-    if memory is not None:
-        env["OVERRIDE_MEMORY_MB"] = str(memory)
+    env.pop("OVERRIDE_MEMORY_MB", None)
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(chosen.env)
+    env.update(chosen.env)  # device selection, OVERRIDE_MEMORY_MB (limit and cgroup)
     env.update(config.environment_variables)
-    return Launch(exo_argv(config, role, chosen.executable), env, chosen, memory)
+    memory = env.get("OVERRIDE_MEMORY_MB")
+    memory_mb = int(memory) if memory and memory.isdigit() else None
+    return Launch(exo_argv(config, role, chosen.executable), env, chosen, memory_mb)

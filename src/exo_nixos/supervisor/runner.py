@@ -7,6 +7,9 @@
 - ``READY=1`` is sent once the node's API answers a probe; ``WATCHDOG=1`` after each probe that
   passes, never otherwise, so a hung EXO runs out the unit's ``WatchdogSec`` and systemd
   restarts it. ``STATUS=`` says role, master, peers, instances and accelerator.
+- EXO's output passes through to the journal line by line. EXO names the elected master only
+  there, so those lines are read (``exoapi.parse_log_line``): the master shows in STATUS, in
+  the topology snapshot, and in ``{runtimeDir}/master.json`` for ``exo-nixos health/status``.
 - The supervisor's exit status is the child's: its exit code, or the same signal re-raised.
 """
 
@@ -17,10 +20,14 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
+from exo_nixos import exoapi
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
@@ -29,8 +36,9 @@ log = logging.getLogger(__name__)
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LINE_LIMIT = 1 << 20  # longer output lines are passed on in pieces
 
-Probe = Callable[[str, float], Awaitable[Topology]]
+Probe = Callable[[str, float], Awaitable[exoapi.NodeView]]
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,19 @@ class _State:
     failed_probes: int = 0
     stopping: bool = False
     last: Topology | None = None
+    node_id: str | None = None  # from EXO's "Starting node ID" line
+    master_id: str | None = None  # from EXO's election lines
+    problem: str | None = None  # the first reason the last probe found the node degraded
+
+
+def topology_of(view: exoapi.NodeView) -> Topology:
+    return Topology(
+        node_id=view.node_id,
+        master_id=view.master_id,
+        is_master=bool(view.is_master),
+        peers={p.node_id: list(p.addresses) for p in view.peers},
+        instances=len(view.instances),
+    )
 
 
 def describe(role: str, topo: Topology | None, accelerator: str, fallback: str | None) -> str:
@@ -63,7 +84,7 @@ def describe(role: str, topo: Topology | None, accelerator: str, fallback: str |
         elif topo.master_id:
             parts.append(f"master {_short(topo.master_id)}")
         else:
-            parts.append("no master elected")
+            parts.append("master unknown")
         n = len(topo.peers)
         parts.append(f"{n} peer" + ("" if n == 1 else "s"))
         parts.append(f"{topo.instances} instance" + ("" if topo.instances == 1 else "s"))
@@ -88,15 +109,20 @@ class Supervisor:
         self,
         launch: Launch,
         settings: Settings,
-        probe: Probe,
         notifier: Notifier,
         snapshots: SnapshotStore | None = None,
+        *,
+        probe: Probe = exoapi.probe,
+        hint_dir: Path | None = None,
+        output: BinaryIO | None = None,
     ) -> None:
         self.launch = launch
         self.settings = settings
         self.probe = probe
         self.notifier = notifier
         self.snapshots = snapshots
+        self.hint_dir = hint_dir
+        self.output = output if output is not None else sys.stderr.buffer
         self.state = _State()
         self.child: asyncio.subprocess.Process | None = None
         self._kill_task: asyncio.Task[None] | None = None
@@ -129,7 +155,10 @@ class Supervisor:
                 *self.launch.argv,
                 env=self.launch.env,
                 stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                limit=LINE_LIMIT,
             )
         except OSError as exc:
             log.error("cannot start %s: %s", self.launch.argv[0], exc.strerror or exc)
@@ -137,6 +166,7 @@ class Supervisor:
             return 127 if isinstance(exc, FileNotFoundError) else 126
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        pump = asyncio.create_task(self._pump())
         health = asyncio.create_task(self._health_loop())
         try:
             returncode = await self.child.wait()
@@ -144,6 +174,12 @@ class Supervisor:
             health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health
+            # the rest of EXO's output; a runner holding the pipe open must not keep us here
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pump), 1.0)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
             if self._kill_task is not None:
@@ -190,6 +226,49 @@ class Supervisor:
             os.killpg(child.pid, signal.SIGKILL)
             log.info("killed processes EXO left behind in its process group")
 
+    # -- EXO's output -----------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        assert self.child is not None and self.child.stdout is not None
+        stream = self.child.stdout
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over LINE_LIMIT: pass it on in pieces
+                line = await stream.read(LINE_LIMIT)
+            if not line:
+                return
+            try:
+                self.output.write(line)
+                self.output.flush()
+            except (OSError, ValueError):
+                pass  # journald gone: keep reading so EXO never blocks on a full pipe
+            self._learn(line.decode("utf-8", "replace"))
+
+    def _learn(self, line: str) -> None:
+        event = exoapi.parse_log_line(line)
+        if event is None:
+            return
+        if event.kind == "started":
+            self.state.node_id = event.node_id
+            self.state.master_id = None
+            return
+        node = self.state.node_id
+        master = event.node_id or node
+        if master is None or master == self.state.master_id:
+            return
+        self.state.master_id = master
+        log.info("EXO reports master %s%s", master, " (this node)" if master == node else "")
+        if self.hint_dir is not None and node is not None:
+            try:
+                self.hint_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+                exoapi.write_master_hint(self.hint_dir, node, master)
+            except OSError as exc:
+                log.warning("cannot record the master in %s: %s", self.hint_dir, exc)
+        if self.state.ready and self.state.last is not None:
+            self._record(self.state.last)
+            self.notifier.status(self._status(self.state.last))
+
     # -- health -----------------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
@@ -211,7 +290,8 @@ class Supervisor:
     async def _probe_once(self) -> bool:
         s = self.settings
         try:
-            topo = await asyncio.wait_for(self.probe(s.api_url, s.timeout), s.timeout + 1)
+            view = await asyncio.wait_for(self.probe(s.api_url, s.timeout), s.timeout + 1)
+            topo = topology_of(view)
         except Exception as exc:  # any failure is a failed probe; the reason is logged
             reason = str(exc) or type(exc).__name__
             if not self.state.ready:
@@ -229,11 +309,17 @@ class Supervisor:
             log.info("EXO healthy again after %d failed probes", self.state.failed_probes)
         self.state.failed_probes = 0
         self._record(topo)
+        self.state.problem = view.problems[0] if view.problems else None
         if self.state.ready:
-            self.notifier.status(self._status(topo))
+            self.notifier.status(self._status(self.state.last))
         return True
 
     def _record(self, topo: Topology) -> None:
+        if self.state.master_id is not None and topo.node_id == self.state.node_id:
+            master = self.state.master_id
+            topo = Topology(
+                topo.node_id, master, master == topo.node_id, topo.peers, topo.instances
+            )
         previous = self.state.last
         self.state.last = topo
         changed = previous is None or (
@@ -250,4 +336,7 @@ class Supervisor:
 
     def _status(self, topo: Topology | None) -> str:
         sel = self.launch.selection
-        return describe(self.settings.role, topo, sel.accelerator.value, sel.fallback)
+        text = describe(self.settings.role, topo, sel.accelerator.value, sel.fallback)
+        if topo is not None and self.state.problem:
+            text += f"; degraded: {self.state.problem}"
+        return text
