@@ -1,10 +1,50 @@
-# services.exo.networking: the cluster interface, EXO's ports and the firewall.
-{ config, lib, ... }:
+# services.exo.networking: the cluster interface, EXO's ports and the firewall, the
+# prerequisites of EXO's discovery (IPv6, link-local, multicast), Thunderbolt networking and
+# the RDMA userspace, socket buffers for fast links, and an optional network namespace.
+# Link state at run time is the supervisor's job (exo-nixos, netlink), not this module's.
+{ config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkIf types;
+  inherit (lib) mkOption mkIf mkMerge mkDefault types optional optionals;
   cfg = config.services.exo;
   net = cfg.networking;
   interfaceName = types.strMatching "[^[:space:]/:]{1,15}";
+  nodeUnit = cfg.nodeUnit;
+
+  # The interfaces EXO's traffic may use: the cluster interface(s) and, for failover, the
+  # backup. Empty means "not configured": the firewall then opens ports globally and the
+  # units are not restricted.
+  clusterInterfaces = lib.unique
+    (optional (net.bondInterface != null) net.bondInterface ++ net.extraInterfaces);
+  allowedInterfaces = lib.unique
+    (clusterInterfaces ++ optional (net.backupInterface != null) net.backupInterface);
+  restricted = allowedInterfaces != [ ];
+
+  # A coordinator (mode master + noWorker) runs no inference, so no MLX ring traffic.
+  runsInference = !(cfg.mode == "master" && cfg.noWorker);
+  firewallRules = {
+    allowedUDPPorts = [ net.discoveryPort ];
+    allowedTCPPorts = [ net.zenohPort cfg.apiPort ];
+    allowedTCPPortRanges = optional runsInference { inherit (net.ringPorts) from to; };
+  };
+
+  # sysctl.d keys: with a "/" first separator the dots in a name like eth0.100 stay intact.
+  ipv6Key = iface: "net/ipv6/conf/${iface}/disable_ipv6";
+  deviceUnit = iface:
+    "sys-subsystem-net-devices-${lib.replaceStrings [ "-" ] [ "\\x2d" ] iface}.device";
+
+  # systemd-networkd .network files of the host that match a cluster interface by name and
+  # turn IPv6 link-local addressing off: EXO's discovery could not work there.
+  linkLocalOff = lib.filterAttrs
+    (_: n:
+      let
+        names = lib.concatMap (lib.splitString " ") (lib.toList (n.matchConfig.Name or [ ]));
+        setting = n.networkConfig.LinkLocalAddressing or null;
+      in
+      lib.any (i: builtins.elem i names) allowedInterfaces
+      && builtins.elem setting [ "no" "ipv4" false ])
+    config.systemd.network.networks;
+
+  netnsPath = "/run/netns/${net.networkNamespace}";
 in
 {
   imports = [ ./exo-service.nix ];
@@ -38,8 +78,10 @@ in
       type = types.bool;
       default = true;
       description = ''
-        Load Thunderbolt networking and the RDMA userspace where present. Upstream EXO uses
-        RDMA only on macOS; on Linux its traffic stays TCP over these links.
+        Load Thunderbolt networking (`thunderbolt`, `thunderbolt_net`) and the RDMA userspace
+        (`ib_uverbs`, `rdma_ucm`, `rdma-core`). Upstream EXO uses RDMA only on macOS; on Linux
+        its traffic stays TCP/IP over these links (Thunderbolt, RoCE or IPoIB interfaces).
+        Device access for the unit: {option}`services.exo.networking.rdmaDeviceAccess`.
       '';
     };
 
@@ -70,18 +112,155 @@ in
     };
 
     networkNamespace = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr (types.strMatching "[A-Za-z0-9_.-]{1,64}");
       default = null;
       example = "exo";
-      description = "Run the EXO units inside this named network namespace (`ip netns`).";
+      description = ''
+        Run the EXO node unit inside this named network namespace (`/run/netns/<name>`,
+        created by `exo-netns.service` unless it exists). The namespace starts with loopback
+        only: move or create the cluster interface in it (a macvlan or veth from your network
+        configuration). The host firewall does not apply inside it.
+      '';
+    };
+
+    rdmaDeviceAccess = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        With {option}`services.exo.networking.rdmaEnabled`, let the EXO node unit open the
+        RDMA devices (`/dev/infiniband/uverbs*`, `rdma_cm`), see them (no private `/dev`) and
+        pin memory (`LimitMEMLOCK=infinity`). Off by default: upstream EXO does not use RDMA
+        verbs on Linux (its RDMA path is macOS-only), so the unit needs no such access.
+      '';
+    };
+
+    restrictInterfaces = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        With a cluster interface configured, restrict the EXO node unit to the cluster
+        interfaces, the backup interface and loopback (`RestrictNetworkInterfaces`). EXO itself
+        would otherwise announce itself on every interface with an IPv6 address.
+      '';
+    };
+
+    socketBufferSize = mkOption {
+      type = types.nullOr (types.ints.between 212992 2147483647);
+      default = 67108864;
+      example = 134217728;
+      description = ''
+        Largest socket buffer in bytes (`net.core.rmem_max`/`wmem_max` and the TCP
+        autotuning maximum) so one TCP stream can fill a 10-100 Gb/s or Thunderbolt link.
+        Set with `mkDefault` priority; `null` leaves the kernel's defaults.
+      '';
     };
   };
 
-  config = mkIf cfg.enable {
-    services.exo.configDocument.networking = {
-      inherit (net)
-        bondInterface extraInterfaces backupInterface rdmaEnabled discoveryPort zenohPort
-        ringPorts networkNamespace;
-    };
-  };
+  config = mkIf cfg.enable (mkMerge [
+    {
+      services.exo.configDocument.networking = {
+        inherit (net)
+          bondInterface extraInterfaces backupInterface rdmaEnabled discoveryPort zenohPort
+          ringPorts networkNamespace;
+      };
+
+      assertions = [
+        {
+          assertion = config.networking.enableIPv6;
+          message = ''
+            services.exo needs IPv6: EXO's discovery uses IPv6 multicast (ff12::e0a1:de89) on
+            link-local addresses. Set networking.enableIPv6 = true.'';
+        }
+        {
+          assertion = net.ringPorts.from <= net.ringPorts.to;
+          message = "services.exo.networking.ringPorts.from (${toString net.ringPorts.from}) is above ringPorts.to (${toString net.ringPorts.to}); swap them.";
+        }
+        {
+          assertion = net.zenohPort != cfg.apiPort;
+          message = "services.exo.networking.zenohPort and services.exo.apiPort are both ${toString cfg.apiPort}; give them different ports.";
+        }
+        {
+          assertion = linkLocalOff == { };
+          message = ''
+            ${lib.concatMapStringsSep ", " (n: "systemd.network.networks.${n}") (builtins.attrNames linkLocalOff)} turns IPv6 link-local addressing off on an EXO cluster interface; EXO's discovery needs it. Set networkConfig.LinkLocalAddressing = "ipv6" (or "yes") there.'';
+        }
+      ];
+
+      warnings =
+        optional (net.openFirewall && net.networkNamespace != null) ''
+          services.exo.networking.openFirewall opens ports in the host's firewall, which does
+          not apply inside the network namespace "${net.networkNamespace}" the node runs in.''
+        ++ optional (net.backupInterface != null && builtins.elem net.backupInterface clusterInterfaces) ''
+          services.exo.networking.backupInterface ${net.backupInterface} is also a cluster
+          interface; failover to it changes nothing. Name a separate link.'';
+
+      # IPv6 on the cluster links; applied when each interface appears (systemd-sysctl runs
+      # from udev for new network devices), so bonds created later by networkd get it too.
+      boot.kernel.sysctl = mkMerge [
+        (lib.genAttrs (map ipv6Key allowedInterfaces) (_: mkDefault 0))
+        (mkIf (net.socketBufferSize != null) (
+          let size = toString net.socketBufferSize; in {
+            "net.core.rmem_max" = mkDefault net.socketBufferSize;
+            "net.core.wmem_max" = mkDefault net.socketBufferSize;
+            "net.ipv4.tcp_rmem" = mkDefault "4096 131072 ${size}";
+            "net.ipv4.tcp_wmem" = mkDefault "4096 16384 ${size}";
+          }))
+      ];
+    }
+
+    (mkIf net.openFirewall {
+      # Only the structure below `networking.firewall` may depend on the config.
+      networking.firewall =
+        if restricted
+        then { interfaces = lib.genAttrs allowedInterfaces (_: firewallRules); }
+        else firewallRules;
+    })
+
+    (mkIf restricted {
+      systemd.services.${nodeUnit} = {
+        # Wait for the links to exist (a bond from networkd may come after network-online).
+        # Links inside a network namespace have no device units in the host's systemd.
+        wants = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
+        after = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
+        serviceConfig.RestrictNetworkInterfaces =
+          mkIf net.restrictInterfaces ([ "lo" ] ++ allowedInterfaces);
+      };
+    })
+
+    (mkIf net.rdmaEnabled {
+      boot.kernelModules = [ "thunderbolt" "thunderbolt_net" "ib_uverbs" "rdma_ucm" ];
+      environment.systemPackages = [ pkgs.rdma-core ];
+    })
+
+    (mkIf (net.rdmaEnabled && net.rdmaDeviceAccess) {
+      systemd.services.${nodeUnit}.serviceConfig = {
+        # /dev/infiniband/uverbsN (char major "infiniband_verbs") and the RDMA CM node, added
+        # to the allow-list of the hardening's DevicePolicy=closed.
+        DeviceAllow = [ "char-infiniband_verbs rw" "/dev/infiniband/rdma_cm rw" ];
+        # A private /dev would hide /dev/infiniband; above mkDefault, below a host's setting.
+        PrivateDevices = lib.mkOverride 900 false;
+        # verbs pin the memory they register
+        LimitMEMLOCK = mkDefault "infinity";
+      };
+    })
+
+    (mkIf (net.networkNamespace != null) {
+      systemd.services.exo-netns = {
+        description = "Network namespace ${net.networkNamespace} for EXO";
+        before = [ "${nodeUnit}.service" ];
+        unitConfig.ConditionPathExists = "!${netnsPath}";
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${lib.getExe' pkgs.iproute2 "ip"} netns add ${net.networkNamespace}";
+          ExecStop = "${lib.getExe' pkgs.iproute2 "ip"} netns delete ${net.networkNamespace}";
+        };
+      };
+      systemd.services.${nodeUnit} = {
+        requires = [ "exo-netns.service" ];
+        after = [ "exo-netns.service" ];
+        serviceConfig.NetworkNamespacePath = netnsPath;
+      };
+    })
+  ]);
 }

@@ -259,7 +259,8 @@ class Config(_Section):
     environment_variables: dict[str, str] = Field(default_factory=dict)
     networking: Networking = Field(default_factory=lambda: Networking.model_validate({}))
     hardware: Hardware = Field(default_factory=lambda: Hardware.model_validate({}))
-    k3s: K3s = Field(default_factory=lambda: K3s.model_validate({}))
+    # Explicit alias: the automatic camelCase of "k3s" would be "k3S".
+    k3s: K3s = Field(default_factory=lambda: K3s.model_validate({}), alias="k3s")
     security: Security = Field(default_factory=lambda: Security.model_validate({}))
     gateway: Gateway = Field(default_factory=lambda: Gateway.model_validate({}))
     health_check: HealthCheck = Field(default_factory=lambda: HealthCheck.model_validate({}))

@@ -1,0 +1,105 @@
+# Every package of this flake, as an overlay body over the final package set. EXO itself is
+# upstream's own build (its flake, pinned in flake.lock: uv2nix from upstream's uv.lock, the
+# Rust bindings with crane, the dashboard with dream2nix); this file maps those builds to the
+# names the NixOS modules use and adds what a node needs on top: one wrapper per accelerator
+# (exo-complete and its variants) and the exo-nixos tool.
+{ exo }:
+final: _prev:
+let
+  inherit (final) lib;
+  system = final.stdenv.hostPlatform.system;
+  platforms = import ./platforms.nix;
+
+  # The EXO release pinned in flake.nix (the `exo` input's tag) and flake.lock.
+  version = "1.0.71";
+
+  upstream =
+    exo.packages.${system}
+      or (throw "exo-nixos: upstream EXO has no packages for ${system}; supported: ${lib.concatStringsSep ", " platforms.systems}");
+
+  resources = "${exo}/resources";
+
+  complete =
+    args:
+    final.callPackage ./exo-complete.nix (
+      {
+        inherit version resources;
+        dashboard = upstream.dashboard;
+        exo-nixos = final.exo-nixos;
+      }
+      // args
+    );
+
+  available = name: lib.elem system platforms.packages.${name};
+
+  guard =
+    name: value:
+    if available name then
+      value
+    else
+      throw "${name} is not available on ${system}: ${platforms.reasons.${name} or "see docs/flake.md"}";
+
+  isDarwin = lib.hasSuffix "-darwin" system;
+in
+lib.mapAttrs guard {
+  # The Python application: upstream's `exo` (Python 3.13 virtualenv from uv.lock, MLX CPU
+  # backend on Linux, MLX Metal on macOS).
+  exo-python = upstream.exo;
+
+  # The Rust extension (exo_pyo3_bindings) as upstream builds it: a wheel, crane + maturin.
+  exo-rust-bindings = final.exo-pyo3-bindings;
+
+  # The web dashboard's static files (upstream's dream2nix npm build of dashboard/).
+  exo-dashboard = upstream.dashboard;
+
+  # This project's tool (pre-flight, supervisor, gateway, K3s registrar), built from this
+  # repository's pyproject.toml.
+  exo-nixos = final.python3Packages.toPythonApplication final.python3Packages.exo-nixos;
+
+  # A complete node on the CPU (Linux) or on Metal (macOS, where upstream's default build is MLX).
+  exo-complete = complete {
+    exo = upstream.exo;
+    accelerator = if isDarwin then "mlx" else "cpu";
+    description =
+      if isDarwin then
+        "EXO with dashboard, resources and exo-nixos; MLX on Apple silicon (Metal)"
+      else
+        "EXO with dashboard, resources and exo-nixos; runs inference on the CPU (MLX CPU backend)";
+  };
+
+  # NVIDIA GPUs through MLX's CUDA 13 backend (upstream's exo-cuda-13: driver 580 or newer,
+  # Turing or newer GPUs).
+  exo-cuda = complete {
+    pname = "exo-cuda";
+    exo = upstream.exo-cuda-13;
+    accelerator = "cuda";
+    description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 13 backend";
+  };
+
+  # Older NVIDIA GPUs and drivers: MLX's CUDA 12 backend (upstream's exo-cuda-12).
+  exo-cuda-12 = complete {
+    pname = "exo-cuda-12";
+    exo = upstream.exo-cuda-12;
+    accelerator = "cuda";
+    description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 12 backend";
+  };
+
+  # Upstream EXO has no ROCm backend. This is the CPU build under the name the modules look
+  # up for AMD-GPU hosts; it says so in its name, its metadata, variant.json and on stderr.
+  exo-rocm = complete {
+    pname = "exo-rocm-cpu-only";
+    exo = upstream.exo;
+    accelerator = "cpu";
+    requestedAccelerator = "rocm";
+    note = "exo-rocm: upstream EXO ${version} has no ROCm backend; this node runs inference on the CPU";
+    description = "EXO for AMD-GPU hosts, running on the CPU: upstream EXO has no ROCm backend, so the GPU is not used";
+  };
+
+  # Apple silicon: upstream's default build on aarch64-darwin is MLX with Metal.
+  exo-mlx = complete {
+    pname = "exo-mlx";
+    exo = upstream.exo;
+    accelerator = "mlx";
+    description = "EXO with dashboard, resources and exo-nixos; MLX on Apple silicon (Metal)";
+  };
+}

@@ -1,0 +1,511 @@
+"""The registrar against the kube-apiserver double: real HTTP on loopback, in-process loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from exo_nixos.config import parse_config
+from exo_nixos.errors import UserError
+from exo_nixos.k3s.registrar import Backoff, Registrar, slice_name
+from exo_nixos.k3s.service import build_registrar
+from tests.kube_double import Fault, KubeApiDouble
+
+NS = "exo-system"
+NODE = "node-a"
+NAME = "exo-api-node-a"
+TOKEN = "good-token"
+
+
+class Health:
+    """A health verdict the test flips."""
+
+    def __init__(self, healthy: bool = True) -> None:
+        self.healthy = healthy
+        self.calls = 0
+
+    async def __call__(self) -> bool:
+        self.calls += 1
+        return self.healthy
+
+
+def make_config(tmp_path: Path, api_server: str, **k3s: Any) -> Any:
+    token = tmp_path / "token"
+    if not token.exists():
+        token.write_text(TOKEN + "\n")
+    document = {
+        "schemaVersion": 1,
+        "healthCheck": {"intervalSec": 0.02, "timeoutSec": 1, "failures": 2},
+        "gateway": {"enable": False},
+        "k3s": {
+            "integration": True,
+            "tokenFile": str(token),
+            "apiServer": api_server,
+            "nodeName": NODE,
+            "nodeAddress": "10.0.0.5",
+            **k3s,
+        },
+    }
+    return parse_config(document)
+
+
+def registrar_for(tmp_path: Path, api: KubeApiDouble, health: Health, **k3s: Any) -> Registrar:
+    return build_registrar(
+        make_config(tmp_path, api.url, **k3s),
+        health=health,
+        resync=0.3,
+        backoff_initial=0.02,
+        backoff_max=0.1,
+        request_timeout=0.5,
+        stop_timeout=1.0,
+    )
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    """Wait for ``check`` to hold; the limit only guards against hanging forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
+def ready_of(api: KubeApiDouble) -> bool | None:
+    obj = api.get(NS, NAME)
+    if obj is None:
+        return None
+    return bool(obj["endpoints"][0]["conditions"]["ready"])
+
+
+Scenario = Callable[[KubeApiDouble, Registrar, Health, asyncio.Event], Awaitable[None]]
+
+
+def run_scenario(
+    tmp_path: Path,
+    scenario: Scenario,
+    *,
+    healthy: bool = True,
+    api: KubeApiDouble | None = None,
+    expect_removed: bool = True,
+    **k3s: Any,
+) -> KubeApiDouble:
+    async def main() -> KubeApiDouble:
+        double = api or KubeApiDouble(token=TOKEN)
+        await double.start()
+        health = Health(healthy)
+        registrar = registrar_for(tmp_path, double, health, **k3s)
+        stop = asyncio.Event()
+        task = asyncio.create_task(registrar.run(stop))
+        try:
+            await scenario(double, registrar, health, stop)
+            stop.set()
+            removed = await asyncio.wait_for(task, 10)
+            assert removed is expect_removed
+        finally:
+            stop.set()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await registrar.client.close()
+            await double.stop()
+        return double
+
+    return asyncio.run(main())
+
+
+def test_first_registration_creates_this_nodes_slice(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "the slice is ready")
+        seen.update(api.get(NS, NAME) or {})
+
+    api = run_scenario(tmp_path, scenario)
+    meta = seen["metadata"]
+    assert meta["labels"]["kubernetes.io/service-name"] == "exo-api"
+    assert meta["labels"]["endpointslice.kubernetes.io/managed-by"] == "exo-nixos"
+    assert seen["addressType"] == "IPv4"
+    assert seen["endpoints"] == [
+        {
+            "addresses": ["10.0.0.5"],
+            "conditions": {"ready": True, "serving": True, "terminating": False},
+            "nodeName": NODE,
+        }
+    ]
+    assert seen["ports"] == [
+        {"name": "http", "port": 52415, "protocol": "TCP", "appProtocol": "http"}
+    ]
+    assert api.statuses("POST") == [201]
+    assert all(
+        s.query.get("fieldManager") == "exo-nixos" for s in api.requests if s.method == "POST"
+    )
+    # Stopping removed it.
+    assert api.get(NS, NAME) is None
+    assert api.statuses("DELETE")[-1] == 200
+
+
+def test_unhealthy_node_registers_not_ready_then_turns_ready(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is False, "registered not ready")
+        health.healthy = True
+        await until(lambda: ready_of(api) is True, "ready after a good probe")
+
+    run_scenario(tmp_path, scenario, healthy=False)
+
+
+def test_health_flips_to_not_ready_and_back(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        health.healthy = False
+        await until(lambda: ready_of(api) is False, "not ready after failed probes")
+        obj = api.get(NS, NAME)
+        assert obj is not None
+        assert obj["endpoints"][0]["conditions"] == {
+            "ready": False,
+            "serving": False,
+            "terminating": False,
+        }
+        health.healthy = True
+        await until(lambda: ready_of(api) is True, "ready again")
+
+    api = run_scenario(tmp_path, scenario)
+    # Updates went through PUT with the server's resourceVersion, never a second create.
+    assert api.statuses("POST") == [201]
+    assert api.statuses("PUT").count(200) >= 2
+
+
+def test_one_failed_probe_is_not_enough_to_go_not_ready() -> None:
+    class NoClient:
+        pass
+
+    probes = iter([True, False, True, False, False])
+
+    async def health() -> bool:
+        return next(probes)
+
+    from exo_nixos.k3s.registrar import SliceSpec
+
+    reg = Registrar(
+        NoClient(),  # type: ignore[arg-type]
+        SliceSpec(NS, "exo-api", NODE, 1),
+        address=lambda: "10.0.0.5",
+        health=health,
+        failures=2,
+    )
+    verdicts = []
+    for _ in range(5):
+        asyncio.run(reg._probe())
+        verdicts.append(reg.ready)
+    assert verdicts == [True, True, True, True, False]
+
+
+def test_stale_resource_version_conflict_is_resolved_by_rereading(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+
+        def annotate(obj: dict[str, Any]) -> None:
+            obj["metadata"]["annotations"] = {"touched-by": "kubectl"}
+
+        api.modify(NS, NAME, annotate)  # the registrar's resourceVersion is now stale
+        health.healthy = False
+        await until(lambda: ready_of(api) is False, "not ready despite the conflict")
+
+    api = run_scenario(tmp_path, scenario)
+    assert 409 in api.statuses("PUT")
+    assert api.statuses("PUT")[-1] == 200
+
+
+def test_api_down_then_up_publishes_the_current_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "exo_nixos.k3s.registrar")
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        await api.pause()
+        health.healthy = False
+        await until(lambda: reg.last_error is not None, "a failed write while down")
+        assert "unreachable" in (reg.last_error or "")
+        assert ready_of(api) is True  # nobody could change it meanwhile
+        failed_attempts = reg.backoff.attempt
+        await until(lambda: reg.backoff.attempt > failed_attempts + 1, "retries continue")
+        await api.resume()
+        await until(lambda: ready_of(api) is False, "state caught up after the outage")
+        await until(lambda: reg.last_error is None, "error cleared")
+
+    run_scenario(tmp_path, scenario)
+    assert "registration failed" in caplog.text
+    assert "API server reachable again" in caplog.text
+
+
+def test_server_errors_and_plain_text_gateway_errors_are_retried(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.fail_next = [
+            Fault(500),
+            Fault(503),
+            Fault(502, as_status=False),
+            Fault(503, bare=True),
+        ]
+        health.healthy = False
+        await until(lambda: ready_of(api) is False, "written after three failures")
+        assert not api.fail_next
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_garbage_answers_are_retried(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.garbage = 2
+        health.healthy = False
+        await until(lambda: "unexpected answer" in (reg.last_error or ""), "reported")
+        await until(lambda: ready_of(api) is False, "written once the API answers properly")
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_hanging_api_times_out_and_recovers(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.hang = True
+        health.healthy = False
+        await until(lambda: "timed out" in (reg.last_error or ""), "a timeout reported")
+        api.release()
+        await until(lambda: ready_of(api) is False, "written once the API answers")
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_bad_token_gets_401_until_the_token_file_is_fixed(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("stale-token\n")
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: "401" in (reg.last_error or ""), "401 reported")
+        assert api.get(NS, NAME) is None
+        token.write_text(TOKEN + "\n")  # rotated: the client re-reads the file on 401
+        await until(lambda: ready_of(api) is True, "registered with the new token")
+
+    api = run_scenario(tmp_path, scenario)
+    assert 401 in [s.status for s in api.requests]
+
+
+def test_missing_namespace_is_reported_and_retried(tmp_path: Path) -> None:
+    api = KubeApiDouble(token=TOKEN, namespaces=())
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: "not found" in (reg.last_error or ""), "404 namespace reported")
+        api.namespaces.add(NS)  # the manifests got applied
+        await until(lambda: ready_of(api) is True, "registered")
+
+    run_scenario(tmp_path, scenario, api=api)
+
+
+def test_slice_deleted_by_someone_else_is_recreated(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.remove(NS, NAME)
+        await until(lambda: ready_of(api) is True, "recreated on resync")
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.statuses("POST") == [201, 201]
+
+
+def test_existing_slice_from_an_earlier_run_is_taken_over(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+
+    api = KubeApiDouble(token=TOKEN)
+    api.objects[(NS, NAME)] = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "resourceVersion": "7",
+            "uid": "u",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "generation": 1,
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.0.0.9"], "conditions": {"ready": False}}],
+        "ports": [],
+    }
+    run_scenario(tmp_path, scenario, api=api)
+    assert api.statuses("POST") == []
+    assert 200 in api.statuses("PUT")
+
+
+def test_address_family_change_replaces_the_slice(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        reg.address = lambda: "fd00::5"
+        await until(lambda: (api.get(NS, NAME) or {}).get("addressType") == "IPv6", "an IPv6 slice")
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.statuses("DELETE")[0] == 200
+
+
+def test_stop_while_api_is_down_reports_failure(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        await api.pause()
+
+    api = run_scenario(tmp_path, scenario, expect_removed=False)
+    assert api.get(NS, NAME) is not None
+
+
+def test_https_with_ca_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    api = KubeApiDouble(token=TOKEN, ssl_context=server_context)
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready over HTTPS")
+
+    run_scenario(tmp_path, scenario, api=api, caFile=str(ca_file))
+
+
+def test_https_with_an_unknown_ca_never_registers(tmp_path: Path) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_context)
+    other_ca = tmp_path / "other.crt"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    api = KubeApiDouble(token=TOKEN, ssl_context=server_context)
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: "CERTIFICATE_VERIFY_FAILED" in (reg.last_error or ""), "TLS error")
+        assert api.requests == []
+
+    run_scenario(tmp_path, scenario, api=api, caFile=str(other_ca), expect_removed=False)
+
+
+def test_kubeconfig_file_credentials(tmp_path: Path) -> None:
+    async def main() -> None:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        kubeconfig = tmp_path / "k3s.yaml"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "default", "cluster": {"server": api.url}}],
+                    "users": [{"name": "default", "user": {"token": TOKEN}}],
+                    "contexts": [
+                        {"name": "default", "context": {"cluster": "default", "user": "default"}}
+                    ],
+                    "current-context": "default",
+                }
+            )
+        )
+        config = make_config(tmp_path, api.url, tokenFile=None, apiServer=None)
+        config = parse_config(
+            {
+                **config.to_json(),
+                "k3s": {**config.to_json()["k3s"], "kubeconfigFile": str(kubeconfig)},
+            }
+        )
+        reg = build_registrar(config, health=Health(True), backoff_initial=0.02)
+        try:
+            await reg._probe()
+            await reg.sync()
+            assert ready_of(api) is True
+        finally:
+            await reg.client.close()
+            await api.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("k3s", "message"),
+    [
+        ({"integration": False}, "k3s.integration and k3s.serviceDiscovery"),
+        ({"serviceDiscovery": False}, "k3s.integration and k3s.serviceDiscovery"),
+        ({"tokenFile": None, "apiServer": None}, "no credentials"),
+        ({"tokenFile": "/nonexistent/token"}, "does not exist"),
+        (
+            {"tokenFile": None, "apiServer": None, "kubeconfigFile": "/nonexistent/k"},
+            "does not exist",
+        ),
+    ],
+)
+def test_configuration_mistakes_are_user_errors(tmp_path: Path, k3s: dict[str, Any], message: str):
+    config = make_config(tmp_path, "http://127.0.0.1:1", **k3s)
+    with pytest.raises(UserError, match=message):
+        build_registrar(config, health=Health())
+
+
+def test_garbled_kubeconfig_is_a_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "k.yaml"
+    bad.write_text("clusters: [\n")
+    config = make_config(
+        tmp_path, "http://127.0.0.1:1", tokenFile=None, apiServer=None, kubeconfigFile=str(bad)
+    )
+    with pytest.raises(UserError, match=r"k3s\.kubeconfigFile"):
+        build_registrar(config, health=Health())
+
+
+def test_systemd_credentials_directory_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exo_nixos.k3s.credentials import credential_path
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "k3s-token").write_text("t")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert credential_path("/root/secret/token", "token") == creds / "k3s-token"
+    assert credential_path("/root/secret/ca.crt", "ca") == Path("/root/secret/ca.crt")
+
+
+def test_slice_names_are_valid_object_names() -> None:
+    assert slice_name("exo-api", "Node_A.example.com") == "exo-api-node-a.example.com"
+    assert len(slice_name("exo-api", "x" * 400)) <= 253
+
+
+def test_backoff_is_capped_and_grows() -> None:
+    backoff = Backoff(1.0, 8.0)
+    delays = [backoff.next() for _ in range(8)]
+    assert all(0.5 <= d <= 8.0 for d in delays)
+    assert max(delays[5:]) > 4.0 >= delays[0]
+    backoff.reset()
+    assert backoff.next() <= 1.0
+
+
+def test_steady_state_only_reads(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: len(api.statuses("GET")) >= 3, "a few resyncs")
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.statuses("PUT") == []
+    assert api.statuses("POST") == [201]
+
+
+def test_stop_abandons_a_hanging_request_and_removes_the_endpoint(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: ready_of(api) is True, "ready")
+        api.hang = True
+        health.healthy = False
+        await until(lambda: reg.ready is False, "a write to a hanging API in flight")
+        stop.set()
+        await asyncio.sleep(0)
+        api.release()
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.get(NS, NAME) is None
