@@ -376,3 +376,78 @@ def test_master_named_in_exos_log_reaches_status_snapshot_and_hint(supervise, tm
         assert time.monotonic() < deadline, snap.read_text()
         time.sleep(0.05)
     assert "Starting node node-a" in run.log()  # EXO's own lines pass through
+
+
+def _netns_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create a network namespace"
+    if subprocess.run(["ip", "-V"], capture_output=True, check=False).returncode != 0:
+        return "iproute2 (ip) not installed"
+    return None
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_netns_skip_reason() is not None, reason=_netns_skip_reason() or "")
+def test_cluster_link_loss_and_recovery_show_in_status(tmp_path) -> None:
+    """The supervisor in its own network namespace watches its cluster link (a veth)."""
+    ns = f"exo-sup-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    listener = NotifyListener()
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for cmd in (
+            ["link", "set", "lo", "up"],
+            ["link", "add", "clu0", "type", "veth", "peer", "name", "clu1"],
+            ["link", "set", "clu1", "up"],
+            ["link", "set", "clu0", "up"],
+        ):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        package = make_fake_exo_package(tmp_path / "cpu")
+        config = base_config(tmp_path, package, networking={"bondInterface": "clu0"})
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        log_path = tmp_path / "supervisor.log"
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "exo_nixos", "run"]
+        argv += ["--config", str(path), "--stop-timeout", str(STOP_TIMEOUT)]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=double_env(listener.env()),
+            )
+        ready = listener.wait_for("READY", "1")
+        assert "link" not in ready.fields["STATUS"]
+        subprocess.run(["ip", "-n", ns, "link", "set", "clu0", "down"], check=True)
+        down = wait_status(listener, "; link down: cluster interface clu0 down")
+        assert "no backup interface" in down
+        subprocess.run(["ip", "-n", ns, "link", "set", "clu0", "up"], check=True)
+        deadline = time.monotonic() + 15
+        while "; link " in listener.all("STATUS")[-1].fields["STATUS"]:
+            assert time.monotonic() < deadline, "STATUS still shows the link as down"
+            time.sleep(0.05)
+        text = log_path.read_text()
+        assert "clu0 went down" in text
+        assert "clu0 went up" in text
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT + 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        listener.close()
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def wait_status(listener: NotifyListener, fragment: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in listener.all("STATUS"):
+            if fragment in msg.fields["STATUS"]:
+                return msg.fields["STATUS"]
+        time.sleep(0.05)
+    seen = [m.fields["STATUS"] for m in listener.all("STATUS")]
+    raise AssertionError(f"no STATUS containing {fragment!r}; got {seen}")

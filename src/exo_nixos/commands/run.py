@@ -6,6 +6,11 @@ import argparse
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config
+    from exo_nixos.supervisor.runner import LinkSource, Supervisor
 
 ROLES = ("master", "worker")
 
@@ -84,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
         SnapshotStore(snapshot_path(config)),
         hint_dir=Path(config.security.runtime_dir),
     )
+    supervisor.links = _link_monitor(config, supervisor)
     try:
         status = asyncio.run(supervisor.run())
     finally:
@@ -96,3 +102,16 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
     return status
+
+
+def _link_monitor(config: Config, supervisor: Supervisor) -> LinkSource | None:
+    """The cluster-link watcher, or None when there is no interface to watch."""
+    import logging
+
+    from exo_nixos.network.watch import LinkMonitor
+
+    try:
+        return LinkMonitor.for_config(config, supervisor.on_link_change)
+    except Exception as exc:  # a garbled /sys must not keep EXO from starting
+        logging.getLogger(__name__).warning("not watching the cluster link: %s", exc)
+        return None

@@ -25,14 +25,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from exo_nixos import exoapi
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
 
+if TYPE_CHECKING:
+    from exo_nixos.network.watch import LinkEvent, LinkHealth
+
 log = logging.getLogger(__name__)
+
+
+class LinkSource(Protocol):
+    """What the supervisor needs of ``exo_nixos.network.LinkMonitor``."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -61,6 +73,7 @@ class _State:
     node_id: str | None = None  # from EXO's "Starting node ID" line
     master_id: str | None = None  # from EXO's election lines
     problem: str | None = None  # the first reason the last probe found the node degraded
+    link: str | None = None  # the cluster link's trouble, while it is not fully up
 
 
 def topology_of(view: exoapi.NodeView) -> Topology:
@@ -123,6 +136,7 @@ class Supervisor:
         self.snapshots = snapshots
         self.hint_dir = hint_dir
         self.output = output if output is not None else sys.stderr.buffer
+        self.links: LinkSource | None = None
         self.state = _State()
         self.child: asyncio.subprocess.Process | None = None
         self._kill_task: asyncio.Task[None] | None = None
@@ -168,9 +182,13 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         pump = asyncio.create_task(self._pump())
         health = asyncio.create_task(self._health_loop())
+        links = await self._start_links()
         try:
             returncode = await self.child.wait()
         finally:
+            if links is not None:
+                with contextlib.suppress(Exception):
+                    await links.stop()
             health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health
@@ -225,6 +243,26 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGKILL)
             log.info("killed processes EXO left behind in its process group")
+
+    # -- the cluster link ---------------------------------------------------------------------
+
+    async def _start_links(self) -> LinkSource | None:
+        if self.links is None:
+            return None
+        try:
+            await self.links.start()
+        except Exception as exc:  # link watching is a help, never a reason to stop EXO
+            log.warning("not watching the cluster link: %s", exc)
+            return None
+        return self.links
+
+    def on_link_change(self, health: LinkHealth, event: LinkEvent) -> None:
+        """``LinkMonitor``'s callback: log the change, show trouble in STATUS at once."""
+        level = logging.INFO if health.state == "up" else logging.WARNING
+        log.log(level, "%s: %s", event.describe(), health.message)
+        self.state.link = None if health.state == "up" else f"{health.state}: {health.message}"
+        if self.state.ready:
+            self.notifier.status(self._status(self.state.last))
 
     # -- EXO's output -----------------------------------------------------------------------
 
@@ -339,4 +377,6 @@ class Supervisor:
         text = describe(self.settings.role, topo, sel.accelerator.value, sel.fallback)
         if topo is not None and self.state.problem:
             text += f"; degraded: {self.state.problem}"
+        if self.state.link:
+            text += f"; link {self.state.link}"
         return text
