@@ -186,3 +186,45 @@ def test_target_wanted_by_multi_user_and_unit_renders() -> None:
     doc = result["etc"]["exo/config.json"]
     assert doc["noWorker"] is True
     assert doc["mode"] == "master"
+
+
+def _offline_analyze() -> str | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        return "systemd-analyze not installed (apt-get install systemd)"
+    probe = subprocess.run(
+        ["systemd-analyze", "security", "--help"], capture_output=True, text=True, check=False
+    )
+    if "--offline" not in probe.stdout:
+        return "systemd-analyze is older than 252 (no --offline)"
+    return None
+
+
+@pytest.mark.skipif(_offline_analyze() is not None, reason=_offline_analyze() or "")
+@pytest.mark.parametrize(
+    "module",
+    [
+        "{ services.exo = { enable = true; }; }",
+        """{ pkgs, ... }: { services.exo = { enable = true; mode = "master";
+             hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; }; }; }""",
+    ],
+    ids=["cpu-only", "with-gpu-variant"],
+)
+def test_offline_exposure_at_most_2_0(module: str, tmp_path) -> None:
+    import subprocess
+
+    result = evaluate(module)
+    name = result["exo"]["nodeUnit"]
+    unit = tmp_path / f"{name}.service"
+    unit.write_text(render_unit(result["services"][name]))
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", unit.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "Overall exposure level" in done.stdout, done.stderr
+    assert done.returncode == 0, done.stdout[-400:]
