@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+import aiohttp
+
 from exo_nixos import exoapi
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
@@ -61,7 +63,7 @@ class Settings:
     timeout: float  # per probe
     failures: int  # consecutive failed probes reported as 'unhealthy'
     stop_timeout: float  # SIGTERM -> SIGKILL grace for the child
-    startup_poll: float = 0.1  # seconds between readiness probes
+    startup_poll: float = 0.05  # seconds between readiness probes
 
 
 @dataclass
@@ -125,13 +127,14 @@ class Supervisor:
         notifier: Notifier,
         snapshots: SnapshotStore | None = None,
         *,
-        probe: Probe = exoapi.probe,
+        probe: Probe | None = None,
         hint_dir: Path | None = None,
         output: BinaryIO | None = None,
     ) -> None:
         self.launch = launch
         self.settings = settings
-        self.probe = probe
+        self.probe: Probe = probe or self._probe_api
+        self._session: aiohttp.ClientSession | None = None
         self.notifier = notifier
         self.snapshots = snapshots
         self.hint_dir = hint_dir
@@ -145,6 +148,18 @@ class Supervisor:
 
     async def run(self) -> int:
         """Start EXO, supervise it until it exits, return its (shell-style) exit status."""
+        # one HTTP session for every probe: no connection setup per probe
+        async with aiohttp.ClientSession() as session:
+            self._session = session
+            try:
+                return await self._run()
+            finally:
+                self._session = None
+
+    async def _probe_api(self, url: str, seconds: float) -> exoapi.NodeView:
+        return await exoapi.probe(url, seconds, session=self._session)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         sel = self.launch.selection
         if sel.fallback:
