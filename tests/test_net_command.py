@@ -83,3 +83,22 @@ def test_net_does_not_load_netlink_unless_watching() -> None:
     )
     assert result.stderr.strip().splitlines()[-1] == "False"
     assert json.loads(result.stdout)["cluster"]["name"] == "enp65s0f0np0"
+
+
+def test_capture_round_trip_of_every_fixture(tmp_path: Path) -> None:
+    for tree in sorted(p for p in FIXTURES.iterdir() if p.is_dir()):
+        dest = tmp_path / tree.name
+        result = net("--capture", dest, "--root", tree)
+        assert result.returncode == 0, result.stderr
+        assert f"read it with: exo-nixos net --root {dest}" in result.stdout
+        original = json.loads(net("--json", "--root", tree).stdout)
+        copied = json.loads(net("--json", "--root", dest).stdout)
+        assert {**original, "root": ""} == {**copied, "root": ""}, tree.name
+    kept = tmp_path / "thunderbolt/sys/bus/thunderbolt/drivers/thunderbolt-net/.keep"
+    assert kept.is_file(), "empty directories carry a marker so git keeps them"
+
+
+def test_capture_refuses_a_used_directory(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("")
+    result = net("--capture", tmp_path, "--root", FIXTURES / "rdma")
+    assert result.returncode == 2 and "not an empty directory" in result.stderr

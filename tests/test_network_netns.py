@@ -221,3 +221,23 @@ def test_watcher_recovers_from_a_failed_netlink_socket(ns: Netns) -> None:
     finally:
         err = reader.stop()
     assert "re-reading all links" in err
+
+
+def test_capture_of_a_live_namespace_reads_back_the_same(ns: Netns, tmp_path: Path) -> None:
+    ns.veth("k0", "k1")
+    ns.wait_link_local("k0")
+    ns.ip("link", "set", "k1", "multicast", "off")
+    ns.write_sysctl("net.ipv6.conf.k1.disable_ipv6", "1")
+    config = write_config(tmp_path, bondInterface="k0", rdmaEnabled=False)
+    dest = tmp_path / "tree"
+    captured = ns.python("-m", "exo_nixos", "net", "--capture", str(dest))
+    assert captured.returncode == 0, captured.stderr
+    live = net_json(ns, config)
+    replay = json.loads(
+        ns.python(
+            "-m", "exo_nixos", "net", "--json", "--config", config, "--root", str(dest)
+        ).stdout
+    )
+    assert {**live, "root": ""} == {**replay, "root": ""}
+    k1 = next(i for i in replay["interfaces"] if i["name"] == "k1")
+    assert (k1["multicast"], k1["ipv6_disabled"]) == (False, True)

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from exo_nixos.config import Accelerator, Config, MemoryLimit
+from exo_nixos.k3s.credentials import credential_path
 
 GIB = 1 << 30
 DISK_FAIL_BYTES = 2 * GIB
@@ -119,39 +120,12 @@ def check_ports(config: Config) -> CheckResult:
 
 # ---------------------------------------------------------------- interface
 
-IFF_UP = 0x1
-IFF_MULTICAST = 0x1000
-
-
-@dataclass(frozen=True)
-class InterfaceFacts:
-    exists: bool
-    operstate: str = "unknown"
-    flags: int = 0
-    link_local: tuple[str, ...] = ()
-
-
-def interface_facts(host: Host, name: str) -> InterfaceFacts:
-    base = f"/sys/class/net/{name}"
-    if not host.path(base).exists():
-        return InterfaceFacts(exists=False)
-    operstate = (host.read(f"{base}/operstate") or "unknown").strip()
-    try:
-        flags = int((host.read(f"{base}/flags") or "0").strip(), 16)
-    except ValueError:
-        flags = 0
-    link_local = []
-    for line in (host.read("/proc/net/if_inet6") or "").splitlines():
-        fields = line.split()
-        if len(fields) == 6 and fields[5] == name and fields[0].lower().startswith("fe80"):
-            address = ":".join(fields[0][i : i + 4] for i in range(0, 32, 4))
-            link_local.append(address)
-    return InterfaceFacts(True, operstate, flags, tuple(link_local))
-
 
 def check_interface(config: Config, host: Host) -> list[CheckResult]:
-    names = config.networking.cluster_interfaces
-    if not names:
+    """The configured cluster interface, judged as ``exo-nixos net`` judges it."""
+    from exo_nixos.network import choose_cluster_interface, inspect
+
+    if not config.networking.bond_interface:
         return [
             _ok(
                 "interface",
@@ -159,46 +133,15 @@ def check_interface(config: Config, host: Host) -> list[CheckResult]:
                 "with an IPv6 address",
             )
         ]
-    results = []
-    for name in names:
-        facts = interface_facts(host, name)
-        check = f"interface {name}"
-        if not facts.exists:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} does not exist",
-                    "create it (networking.bonds or systemd-networkd) or fix "
-                    "networking.bondInterface / extraInterfaces",
-                )
-            )
-        elif not facts.flags & IFF_UP or facts.operstate == "down":
-            results.append(
-                _fail(
-                    check, f"{name} is down", f"bring it up: ip link set {name} up; check cabling"
-                )
-            )
-        elif not facts.flags & IFF_MULTICAST:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} has multicast off: EXO's discovery (IPv6 multicast) cannot work",
-                    f"ip link set {name} multicast on",
-                )
-            )
-        elif not facts.link_local:
-            results.append(
-                _fail(
-                    check,
-                    f"{name} has no IPv6 link-local address: EXO's discovery cannot work",
-                    f"enable IPv6 on {name} (networking.enableIPv6, "
-                    f"sysctl net.ipv6.conf.{name}.disable_ipv6=0)",
-                )
-            )
-        else:
-            results.append(
-                _ok(check, f"{name} is up, multicast on, link-local {facts.link_local[0]}")
-            )
+    choice = choose_cluster_interface(config, inspect(host.root))
+    check = f"interface {choice.name}"
+    results = [
+        _fail(check, problem, "see `exo-nixos net` for the interfaces of this host")
+        for problem in choice.problems
+    ]
+    results += [_warn(check, warning, "see `exo-nixos net`") for warning in choice.warnings]
+    if not results:
+        results.append(_ok(check, choice.reasons[0]))
     return results
 
 
@@ -405,29 +348,43 @@ def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
 
 
 def check_kube_credentials(config: Config, host: Host) -> CheckResult:
+    """Credentials of the K3s registrar. EXO itself runs without them, so problems only warn."""
     k3s = config.k3s
     if not k3s.integration:
         return _ok("k3s credentials", "K3s integration off")
-    files = [f for f in (k3s.kubeconfig_file, k3s.token_file, k3s.ca_file) if f]
+    files = [
+        (name, kind)
+        for name, kind in (
+            (k3s.kubeconfig_file, "kubeconfig"),
+            (k3s.token_file, "token"),
+            (k3s.ca_file, "ca"),
+        )
+        if name
+    ]
     if not files:
-        return _fail(
+        return _warn(
             "k3s credentials",
-            "k3s.integration is on but neither k3s.kubeconfigFile nor k3s.tokenFile is set",
+            "k3s.integration is on but neither k3s.kubeconfigFile nor k3s.tokenFile is set: "
+            "the registrar cannot start",
             "set k3s.kubeconfigFile (e.g. /etc/rancher/k3s/k3s.yaml on a server) or "
             "k3s.tokenFile with k3s.apiServer",
         )
-    for name in files:
+    for name, kind in files:
+        path = credential_path(name, kind)
+        if path == Path(name):
+            path = host.path(name)
         try:
-            content = host.path(name).read_bytes()
+            content = path.read_bytes()
         except OSError as exc:
-            return _fail(
+            return _warn(
                 "k3s credentials",
-                f"{name} cannot be read: {exc.strerror}",
-                "check the path and that the service's credential is passed (LoadCredential)",
+                f"{name} cannot be read here: {exc.strerror} (exo-k3s-registrar.service gets "
+                "it through LoadCredential)",
+                "check the path exists; run `exo-nixos preflight` as root to check its content",
             )
         if not content.strip():
-            return _fail("k3s credentials", f"{name} is empty", "write the credential into it")
-    return _ok("k3s credentials", f"{', '.join(files)} readable")
+            return _warn("k3s credentials", f"{name} is empty", "write the credential into it")
+    return _ok("k3s credentials", f"{', '.join(n for n, _ in files)} readable")
 
 
 # ---------------------------------------------------------------- all

@@ -38,6 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="follow the cluster interface(s) and the backup through netlink; print changes",
     )
     parser.add_argument(
+        "--capture",
+        metavar="DIR",
+        help="copy the files this command reads into DIR (new or empty), for --root elsewhere",
+    )
+    parser.add_argument(
         "--interface",
         "-i",
         action="append",
@@ -68,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--root {root}: not a directory; pass the root of a captured tree")
     if args.watch:
         return _watch(args, config)
+    if args.capture:
+        return _capture(Path(args.capture), root)
     inv = inspect(root)
     choice = choose_cluster_interface(config, inv)
     if args.json:
@@ -76,6 +83,23 @@ def main(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(to_text(inv, choice))
     return 0 if choice.ok else 1
+
+
+def _capture(dest: Path, root: Path) -> int:
+    from exo_nixos.errors import UserError
+    from exo_nixos.network.sysfs import capture
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"--capture {dest}: exists and is not an empty directory; name a new one")
+    try:
+        inv, written = capture(dest, root)
+    except OSError as exc:
+        raise UserError(f"--capture {dest}: cannot write: {exc.strerror or exc}") from None
+    names = ", ".join(i.name for i in inv.interfaces) or "no interfaces"
+    print(
+        f"captured {written} files ({names}) to {dest}; read it with: exo-nixos net --root {dest}"
+    )
+    return 0
 
 
 def _watch(args: argparse.Namespace, config: Config | None) -> int:

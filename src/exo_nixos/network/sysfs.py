@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +211,19 @@ def _zero_mac(mac: str) -> bool:
     return all(part in {"0", "00"} for part in mac.split(":"))
 
 
+# While ``capture`` runs ``inspect``, every path read is noted here with how it was used
+# ("file", "link" or "exists"), so the capture holds exactly what ``inspect`` reads.
+_RECORD: ContextVar[dict[Path, str] | None] = ContextVar("exo_nixos_net_record", default=None)
+
+
+def _note(path: Path, kind: str) -> None:
+    record = _RECORD.get()
+    if record is not None:
+        record.setdefault(path, kind)
+
+
 def _read(path: Path) -> str | None:
+    _note(path, "file")
     try:
         return path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
@@ -234,6 +247,7 @@ def _uevent(path: Path) -> dict[str, str]:
 
 
 def _link_name(path: Path) -> str | None:
+    _note(path, "link")
     try:
         return os.path.basename(os.readlink(path))
     except OSError:
@@ -242,14 +256,25 @@ def _link_name(path: Path) -> str | None:
 
 def _present(path: Path) -> bool:
     """The entry exists, even as a link whose target a captured tree does not hold."""
+    _note(path, "exists")
     return os.path.lexists(path)
 
 
+def _is_dir(path: Path) -> bool:
+    _note(path, "exists")
+    return path.is_dir()
+
+
 def _list_dir(path: Path) -> list[str]:
+    _note(path, "exists")
     try:
-        return sorted(p.name for p in path.iterdir())
+        # sysfs and procfs have no dot entries; a captured tree may (".keep", see capture)
+        names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     except OSError:
         return []
+    for name in names:
+        _note(path / name, "exists")
+    return names
 
 
 def read_if_inet6(root: Path) -> dict[str, list[IPv6Address]]:
@@ -298,9 +323,9 @@ def _kind(netdir: Path, type_: int | None, flags: int, driver: str | None) -> st
     devtype = _uevent(netdir / "uevent").get("DEVTYPE")
     if type_ == ARPHRD_LOOPBACK or flags & IFF_LOOPBACK:
         return "loopback"
-    if (netdir / "bonding").is_dir() or devtype == "bond":
+    if _is_dir(netdir / "bonding") or devtype == "bond":
         return "bond"
-    if (netdir / "bridge").is_dir() or devtype == "bridge":
+    if _is_dir(netdir / "bridge") or devtype == "bridge":
         return "bridge"
     if driver == THUNDERBOLT_NET_DRIVER:
         return "thunderbolt"
@@ -499,8 +524,8 @@ def _thunderbolt(root: Path, interfaces: list[Interface]) -> Thunderbolt:
             vendor = _read(bus / "devices" / dev / "vendor_name")
             devices.append(f"{dev}: {vendor + ' ' if vendor else ''}{dname}")
     return Thunderbolt(
-        bus_present=bus.is_dir(),
-        net_driver_loaded=(bus / "drivers" / THUNDERBOLT_NET_DRIVER).is_dir(),
+        bus_present=_is_dir(bus),
+        net_driver_loaded=_is_dir(bus / "drivers" / THUNDERBOLT_NET_DRIVER),
         devices=tuple(devices),
         interfaces=tuple(i.name for i in interfaces if i.kind == "thunderbolt"),
     )
@@ -511,7 +536,7 @@ def inspect(root: Path = Path("/")) -> NetInventory:
     root = Path(root)
     ipv6 = read_if_inet6(root)
     names = _list_dir(root / "sys/class/net")
-    names = [n for n in names if (root / "sys/class/net" / n).is_dir()]
+    names = [n for n in names if _is_dir(root / "sys/class/net" / n)]
     interfaces = [_interface(root, n, ipv6) for n in names]
     by_name = {i.name: i for i in interfaces}
     bond_names = [i.name for i in interfaces if i.kind == "bond"]
@@ -520,7 +545,7 @@ def inspect(root: Path = Path("/")) -> NetInventory:
     notes: list[str] = []
     if not names:
         notes.append(f"no network interfaces under {root / 'sys/class/net'}")
-    if not (root / "proc/net/if_inet6").exists():
+    if not _present(root / "proc/net/if_inet6"):
         notes.append("IPv6 is not available (no /proc/net/if_inet6): EXO's discovery needs it")
     return NetInventory(
         root=str(root),
@@ -531,3 +556,52 @@ def inspect(root: Path = Path("/")) -> NetInventory:
         default_route_interfaces=tuple(_default_routes(root)),
         notes=tuple(notes),
     )
+
+
+def capture(dest: Path, root: Path = Path("/")) -> tuple[NetInventory, int]:
+    """Copy what ``inspect(root)`` reads into ``dest``, so ``inspect(dest)`` sees the same.
+
+    Links keep their targets (which need not resolve in the copy); directories a link leads
+    into become real directories; unreadable attributes (``speed`` of a link that is down)
+    are left out, as ``inspect`` treats both alike; empty directories get a ``.keep`` file so
+    the tree survives a git commit. Returns the inventory and the number of entries written.
+    """
+    root = Path(root)
+    record: dict[Path, str] = {}
+    token = _RECORD.set(record)
+    try:
+        inventory = inspect(root)
+    finally:
+        _RECORD.reset(token)
+    relative = {
+        path: path.relative_to(root)
+        for path in record
+        if path.is_relative_to(root) and os.path.lexists(path)
+    }
+    containers = {parent for rel in relative.values() for parent in rel.parents}
+    written = 0
+    for path, rel in sorted(relative.items(), key=lambda item: item[1]):
+        target = dest / rel
+        if rel in containers:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        if os.path.islink(path) and record[path] != "file":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not os.path.lexists(target):
+                os.symlink(os.readlink(path), target)
+                written += 1
+        elif path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            written += 1
+    # git keeps no empty directory; a marker keeps e.g. drivers/thunderbolt-net in a commit
+    for folder, subdirs, files in os.walk(dest):
+        if not subdirs and not files:
+            (Path(folder) / ".keep").touch()
+    return inventory, written
