@@ -178,6 +178,8 @@ class Supervisor:
                     peers,
                 )
         self.notifier.status(self._status(None))
+        for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
+            loop.add_signal_handler(sig, self._on_signal, sig)
         log.info("starting %s", " ".join(self.launch.argv))
         try:
             self.child = await asyncio.create_subprocess_exec(
@@ -190,11 +192,13 @@ class Supervisor:
                 limit=LINE_LIMIT,
             )
         except OSError as exc:
+            for sig in FORWARDED:
+                loop.remove_signal_handler(sig)
             log.error("cannot start %s: %s", self.launch.argv[0], exc.strerror or exc)
             self.notifier.status(f"cannot start EXO: {exc.strerror or exc}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        for sig in FORWARDED:
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.state.stopping:  # asked to stop while EXO was being started
+            self._on_signal(signal.SIGTERM, again=True)
         pump = asyncio.create_task(self._pump())
         health = asyncio.create_task(self._health_loop())
         links = await self._start_links()
@@ -228,12 +232,16 @@ class Supervisor:
 
     # -- signals ----------------------------------------------------------------------------
 
-    def _on_signal(self, sig: signal.Signals) -> None:
+    def _on_signal(self, sig: signal.Signals, *, again: bool = False) -> None:
         child = self.child
-        if child is None or child.returncode is not None:
+        if child is None:
+            if sig in STOP_SIGNALS:
+                self.state.stopping = True
+            return
+        if child.returncode is not None:
             return
         log.info("forwarding %s to EXO (pid %d)", sig.name, child.pid)
-        if sig in STOP_SIGNALS and not self.state.stopping:
+        if sig in STOP_SIGNALS and (again or not self.state.stopping):
             self.state.stopping = True
             self.notifier.stopping(f"stopping EXO ({sig.name})")
             self._kill_task = asyncio.get_running_loop().create_task(self._kill_after_grace())
