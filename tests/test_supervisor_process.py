@@ -451,3 +451,34 @@ def wait_status(listener: NotifyListener, fragment: str, timeout: float = 15.0) 
         time.sleep(0.05)
     seen = [m.fields["STATUS"] for m in listener.all("STATUS")]
     raise AssertionError(f"no STATUS containing {fragment!r}; got {seen}")
+
+
+def test_stop_while_exo_starts_ends_cleanly_without_ready(supervise) -> None:
+    run = supervise(double_args=("--slow-start", "30"))
+    run.listener.wait_for("STATUS", "worker; starting; cpu")  # signal handlers are in place
+    run.process.send_signal(signal.SIGTERM)
+    status = run.wait(STOP_TIMEOUT + 5)
+    # EXO stopped by its handler (0) or, if it had not installed one yet, by the signal itself
+    assert status in (0, -signal.SIGTERM), run.log()
+    assert not run.listener.all("READY")
+    assert "Traceback" not in run.log()
+
+
+def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
+    package = make_fake_exo_package(tmp_path / "cpu")
+    config = base_config(tmp_path, package, mode="master", clusterNamespace="lab")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "exo_nixos", "run", "--config", str(path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=double_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"{package}/bin/exo --api-port {config['apiPort']}")
+    assert "--force-master" in lines[0]
+    assert "--namespace lab" in lines[0]
+    assert f"EXO_RUNTIME_DIR={config['security']['runtimeDir']}" in lines

@@ -177,9 +177,9 @@ class Supervisor:
                     previous.topology.master_id,
                     peers,
                 )
-        self.notifier.status(self._status(None))
         for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self.notifier.status(self._status(None))
         log.info("starting %s", " ".join(self.launch.argv))
         try:
             self.child = await asyncio.create_subprocess_exec(
