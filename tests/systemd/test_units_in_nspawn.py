@@ -132,6 +132,14 @@ def journal(guest: Guest) -> str:
     ).stdout
 
 
+def test_rendered_units_verify_cleanly(guest: Guest) -> None:
+    units = [f"/etc/systemd/system/{UNIT}.service", "/etc/systemd/system/exo.target"]
+    done = guest.run(["systemd-analyze", "verify", *units], check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
+    assert done.stderr.strip() == "", done.stderr  # any warning fails
+
+
 def test_node_reaches_active_only_after_ready(guest: Guest) -> None:
     guest.run(["systemctl", "start", "--no-block", "exo.target"])
     states: list[str] = []
