@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -27,17 +28,33 @@ def command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "exo_nixos"]
 
 
-def medians_ms(cases: list[list[str]], runs: int) -> list[float]:
-    """Round-robin over the cases, so load changes on the machine hit every case alike."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def medians_ms(cases: list[list[str]], runs: int) -> list[tuple[float, float]]:
+    """Median wall and CPU (user + system) time per case, in milliseconds.
+
+    Round-robin over the cases, so load changes on the machine hit every case alike. The CPU
+    time of a single-threaded child hardly depends on other load, so it shows what the wall
+    time would be on an idle machine (less I/O waits).
+    """
     for argv in cases:
         subprocess.run(argv, capture_output=True, check=True)  # warm the page cache
-    times: list[list[float]] = [[] for _ in cases]
+    wall: list[list[float]] = [[] for _ in cases]
+    cpu: list[list[float]] = [[] for _ in cases]
     for _ in range(runs):
-        for argv, samples in zip(cases, times, strict=True):
+        for index, argv in enumerate(cases):
+            cpu_before = _cpu_seconds()
             start = time.perf_counter()
             subprocess.run(argv, capture_output=True, check=True)
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) * 1000 for samples in times]
+            wall[index].append(time.perf_counter() - start)
+            cpu[index].append(_cpu_seconds() - cpu_before)
+    return [
+        (statistics.median(w) * 1000, statistics.median(c) * 1000)
+        for w, c in zip(wall, cpu, strict=True)
+    ]
 
 
 def compile_bytecode() -> None:
@@ -95,8 +112,9 @@ def main() -> None:
     print(f"# {args.runs} runs each, median wall time, {' '.join(base)}")
     print(f"# load average before: {Path('/proc/loadavg').read_text().split()[0]}")
     results = medians_ms([argv for _, argv in cases], args.runs)
-    for (label, _), median in zip(cases, results, strict=True):
-        print(f"{median:8.1f} ms  {label}")
+    print("    wall ms    cpu ms  case")
+    for (label, _), (wall, cpu) in zip(cases, results, strict=True):
+        print(f"{wall:9.1f} {cpu:9.1f}  {label}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,11 @@ def test_port_in_use_fails_naming_the_option(host: Host) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("0.0.0.0", 0))
         port = busy.getsockname()[1]
-        cfg = make_config(host.root, networking={"discoveryPort": port})
+        cfg = make_config(
+            host.root,
+            apiPort=free_port(socket.SOCK_STREAM),
+            networking={"discoveryPort": port, "zenohPort": free_port(socket.SOCK_STREAM)},
+        )
         result = check_ports(cfg)
     assert result.status is Status.FAIL
     assert f"UDP port {port} (networking.discoveryPort) is in use" in result.reason

@@ -85,10 +85,16 @@ in
 
     packages = mkOption {
       type = types.attrsOf types.package;
-      default = { cpu = cfg.package; };
+      default = { };
       defaultText = literalExpression "{ cpu = config.services.exo.package; }";
-      example = literalExpression "{ cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; }";
-      description = "Installed EXO variants by accelerator; the supervisor runs the chosen one.";
+      example = literalExpression "{ cuda = pkgs.exo-cuda; }";
+      description = ''
+        Installed EXO variants by accelerator (`cuda`, `rocm`, `mlx`, `cpu`); the supervisor
+        runs the one chosen at start. `cpu` is always there, {option}`services.exo.package`
+        unless set here, since EXO falls back to it when no GPU works; so
+        `{ cuda = pkgs.exo-cuda; }` installs the CUDA variant next to it. Each accelerator
+        listed also gets its device access in the node unit.
+      '';
     };
 
     visibleDevices = mkOption {
@@ -145,6 +151,8 @@ in
         services.exo.hardware.rocmGfxOverride has no effect: no rocm variant is installed or preferred.''
       ++ lib.optional (hw.visibleDevices != null && !(uses "cuda" || uses "rocm")) ''
         services.exo.hardware.visibleDevices has no effect: no cuda or rocm variant is installed or preferred.'';
+
+    services.exo.hardware.packages.cpu = mkDefault cfg.package;
 
     services.exo.configDocument.hardware = {
       inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride;

@@ -404,5 +404,8 @@ def run_checks(config: Config, host: Host, accelerator: Accelerator) -> list[Che
 
 
 def accelerator_for(config: Config, host: Host) -> Accelerator:
-    """The accelerator whose device nodes pre-flight checks."""
-    return config.hardware.preferred_accelerator or Accelerator.CPU
+    """The accelerator the supervisor would run on, whose device nodes pre-flight checks."""
+    from exo_nixos.hardware import choose, detect
+
+    inventory = detect(host.root, models_dir=config.effective_models_dir)
+    return choose(config, inventory).accelerator

@@ -1,7 +1,12 @@
 """services.exo.hardware evaluated with nixpkgs' lib: device access, ordering, warnings."""
 
+import re
+import shutil
+import subprocess
+
 import pytest
 
+from exo_nixos.basetypes import Accelerator
 from exo_nixos.config import parse_config
 from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
 
@@ -126,11 +131,25 @@ def test_useless_settings_warn():
     assert any("visibleDevices has no effect" in w for w in result["warnings"])
 
 
-def test_packages_without_cpu_variant_is_an_assertion():
+def test_cpu_variant_is_always_installed_next_to_the_others():
     module = """
     { pkgs, ... }: {
       services.exo.enable = true;
       services.exo.hardware.packages = { cuda = pkgs.exo-cuda; };
+    }
+    """
+    result = evaluate(module)
+    packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
+    assert set(packages) == {"cpu", "cuda"}
+    assert packages[Accelerator.CPU].endswith("-exo-complete")
+    assert packages[Accelerator.CUDA].endswith("-exo-cuda")
+
+
+def test_removing_the_cpu_variant_is_an_assertion():
+    module = """
+    { lib, pkgs, ... }: {
+      services.exo.enable = true;
+      services.exo.hardware.packages = lib.mkForce { cuda = pkgs.exo-cuda; };
     }
     """
     (message,) = evaluate(module)["assertions"]
@@ -176,3 +195,27 @@ def test_unknown_accelerator_key_is_rejected():
 def test_bad_gfx_override_is_a_type_error():
     with pytest.raises(NixEvalError, match="rocmGfxOverride"):
         _eval({"rocmGfxOverride": "gfx1030"})
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_rendered_gpu_unit_passes_systemd_analyze_verify(tmp_path):
+    module = CUDA_PACKAGES.replace(
+        "cuda = pkgs.exo-cuda;", "cuda = pkgs.exo-cuda; rocm = pkgs.exo-rocm;"
+    ).replace(
+        "services.exo.enable = true;",
+        'services.exo.enable = true; services.exo.hardware.memoryLimit = "64GiB";',
+    )
+    text = render_unit(evaluate(module)["services"]["exo-worker"])
+    assert "SupplementaryGroups=render\n" in text and "MemoryMax=64G\n" in text
+    # the store paths of the evaluation's stand-in packages do not exist here
+    text = re.sub(r"^(ExecStart(?:Pre)?)=.*$", r"\1=/bin/true", text, flags=re.MULTILINE)
+    unit = tmp_path / "exo-worker.service"
+    unit.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr

@@ -92,33 +92,72 @@ def test_unreadable_directory_is_a_warning(tree_copy):
     assert any("cannot list" in w for w in inventory.warnings)
 
 
-SMALL = "cpu-vm-cgroup"
+TREES = ("cpu-vm-cgroup", "amd-radeon-7900xtx", "nvidia-rtx4090-desktop")
 FILES = sorted(
-    str(p.relative_to(fixture(SMALL)))
-    for p in fixture(SMALL).rglob("*")
+    (name, str(p.relative_to(fixture(name))))
+    for name in TREES
+    for p in fixture(name).rglob("*")
     if p.is_file() and not p.is_symlink()
 )
 
 
+@pytest.fixture
+def trees(tmp_path):
+    root = tmp_path / "trees"
+    for name in TREES:
+        shutil.copytree(fixture(name), root / name, symlinks=True)
+    return root
+
+
 @settings(
-    max_examples=60,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(target=st.sampled_from(FILES), content=st.binary(max_size=300))
-def test_any_content_in_any_file_never_raises(tmp_path, target, content):
-    root = tmp_path / "tree"
-    if not root.exists():
-        shutil.copytree(fixture(SMALL), root, symlinks=True)
-    path = root / target
+def test_any_content_in_any_file_never_raises(trees, target, content):
+    name, relative = target
+    path = trees / name / relative
     original = path.read_bytes()
     path.write_bytes(content)
     try:
-        inventory = detect(root)
+        inventory = detect(trees / name)
         decision = decide(HardwareSettings(memory_limit="80%"), inventory)
         json.dumps([inventory.warnings, decision.reasons])
     finally:
         path.write_bytes(original)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+NVML_KEYS = st.sampled_from(
+    ["busId", "name", "uuid", "memoryTotal", "memoryFree", "computeCapability", "error"]
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    document=JSON
+    | st.fixed_dictionaries(
+        {"devices": st.lists(st.dictionaries(NVML_KEYS, JSON, max_size=7), max_size=3)},
+        optional={"driver": JSON, "initError": JSON},
+    )
+)
+def test_any_recorded_nvml_document_never_raises(trees, document):
+    root = trees / "nvidia-rtx4090-desktop"
+    (root / "nvml.json").write_text(json.dumps(document))
+    inventory = detect(root)
+    decision = decide(HardwareSettings(), inventory)
+    assert decision.accelerator in {Accelerator.CUDA, Accelerator.CPU}
 
 
 def _nvml_loads() -> bool:
@@ -145,6 +184,9 @@ def test_real_pynvml_without_the_driver_library_is_a_clean_warning():
     assert warning in inventory.warnings
     (rtx,) = inventory.gpus_for(Accelerator.CUDA)
     assert rtx.responding is None and rtx.usable
+    decision = decide(HardwareSettings(), inventory)
+    assert decision.accelerator is Accelerator.CUDA
+    assert f"NVML {inventory.nvml}: the NVIDIA GPUs were not verified" in decision.reasons
 
 
 def test_nvml_that_cannot_be_imported():

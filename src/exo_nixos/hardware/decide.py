@@ -103,7 +103,8 @@ def _visible(gpus: list[Gpu], wanted: Sequence[str]) -> list[Gpu]:
     chosen: list[Gpu] = []
     for entry in wanted:
         for gpu in gpus:
-            if entry in {str(gpu.index), gpu.uuid, gpu.address} and gpu not in chosen:
+            names = {gpu.address, gpu.uuid, None if gpu.index is None else str(gpu.index)}
+            if entry in names and gpu not in chosen:
                 chosen.append(gpu)
     return chosen
 
@@ -203,6 +204,14 @@ class _Evaluation:
                 if not g.usable and g not in option.devices
             ]
             lines.extend(f"{g.label} left out: {', '.join(g.problems)}" for g in broken)
+            status = self.inventory.nvml
+            unverified = any(g.responding is None for g in option.devices)
+            if (
+                accelerator is Accelerator.CUDA
+                and unverified
+                and status.startswith(("unavailable", "error"))
+            ):
+                lines.append(f"NVML {status}: the NVIDIA GPUs were not verified")
         return lines
 
 

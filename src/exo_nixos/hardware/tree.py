@@ -17,11 +17,8 @@ class Tree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.warnings: list[str] = []
-
-    @property
-    def is_live(self) -> bool:
-        """True when the tree is this machine's own root, so live queries make sense."""
-        return self.root.resolve() == Path("/")
+        # True when the tree is this machine's own root, so live queries make sense
+        self.is_live = root.resolve() == Path("/")
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")

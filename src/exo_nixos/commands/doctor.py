@@ -1,0 +1,36 @@
+"""``exo-nixos doctor``: a readable report of what this host would run and what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from exo_nixos.config import DEFAULT_CONFIG_PATH
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="config file; when absent, the defaults of services.exo.enable (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=Path("/"), help="read /sys, /proc and /dev under this prefix"
+    )
+    parser.add_argument("--no-nvml", action="store_true", help="do not ask the NVIDIA driver")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    from exo_nixos.doctor import diagnose
+
+    report = diagnose(args.config, args.root, use_nvml=not args.no_nvml)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(report.text())
+    return 1 if report.problems else 0
