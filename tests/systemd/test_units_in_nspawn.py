@@ -46,10 +46,10 @@ MODULE = """
     extraArgs = [ "--slow-start" "2" ];
     healthCheck = { intervalSec = 1; timeoutSec = 1; failures = 2; };
     restart = { delaySec = 1; steps = 3; maxDelaySec = 10; };
-    # the only GPU variant is wanted, but the guest has no GPU: the supervisor must fall back
-    # to the CPU variant (preferredAccelerator stays null: with "cuda" the pre-flight refuses
-    # to start without /dev/nvidiactl)
+    # CUDA is preferred, but the guest has no GPU: the pre-flight passes (it checks the
+    # accelerator the supervisor will pick) and the supervisor falls back to the CPU variant
     hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
+    hardware.preferredAccelerator = "cuda";
     environmentVariables.EXO_SANDBOX_REPORT = "/run/exo/sandbox.json";
   };
 }
@@ -172,7 +172,7 @@ def test_systemctl_status_shows_the_status_line(guest: Guest) -> None:
     assert "peer" in line
     assert "instance" in line
     # no GPU in the guest: the CUDA variant was refused, the CPU one runs, and it says so
-    assert "cpu (FALLBACK: cuda unusable" in line
+    assert "cpu (FALLBACK: cuda unusable (preferred accelerator cuda cannot be used" in line
 
 
 def _sandbox(guest: Guest) -> dict[str, Any]:
