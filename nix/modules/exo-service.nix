@@ -336,7 +336,8 @@ in
         KillMode = "mixed";
         LimitNOFILE = 65535;
         SyslogIdentifier = nodeUnit;
-        # lines from the supervisor start with <N>, the syslog priority of the configured level
+        # the supervisor starts each line with <N>, the syslog priority of its level, so
+        # journalctl -p works; logLevel decides which lines it writes
         SyslogLevelPrefix = true;
 
         UMask = "0077";
@@ -386,7 +387,8 @@ in
         # stack) need memory that is writable and executable
         MemoryDenyWriteExecute = false;
         # AF_NETLINK: EXO enumerates interfaces and their IPv6 addresses (discovery joins
-        # multicast on each); AF_UNIX: sd_notify and the journal
+        # multicast on each) and the supervisor watches the cluster link through rtnetlink;
+        # AF_UNIX: sd_notify and the journal
         RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
         # relaxed: EXO is a network service (zenoh, discovery, API, MLX ring); a network
         # namespace for the whole unit is exo-networking.nix's choice
