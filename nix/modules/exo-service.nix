@@ -8,6 +8,34 @@ let
   absolutePath = types.strMatching "/.*";
   configFile = json.generate "exo-config.json" cfg.configDocument;
   nodeUnit = if cfg.mode == "master" then "exo-master" else "exo-worker";
+  role = if cfg.mode == "master" then "master" else "worker";
+  exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
+  sec = cfg.security;
+
+  # systemd manages (creates, chowns, makes writable) directories below these roots itself;
+  # a directory elsewhere is created by tmpfiles and made writable with ReadWritePaths.
+  managed = root: dir: lib.hasPrefix "${root}/" dir;
+  relative = root: dir: lib.removePrefix "${root}/" dir;
+  stateManaged = managed "/var/lib" sec.dataDir;
+  cacheManaged = managed "/var/cache" sec.cacheDir;
+  runtimeManaged = managed "/run" sec.runtimeDir;
+  configManaged = managed "/etc" sec.configDir;
+  inside = parent: dir: dir == parent || lib.hasPrefix "${parent}/" dir;
+  modelsDir = if cfg.modelsDir == null then "${sec.dataDir}/models" else cfg.modelsDir;
+  # writable directories the service needs beyond its own managed ones
+  unmanagedDirs =
+    lib.optional (!stateManaged) sec.dataDir
+    ++ lib.optional (!cacheManaged) sec.cacheDir
+    ++ lib.optional (!runtimeManaged) sec.runtimeDir;
+  writableModelDirs = lib.filter (d: !(inside sec.dataDir d)) ([ modelsDir ] ++ cfg.extraModelDirs);
+  homeRoots = [ "/home" "/root" "/run/user" ];
+  underHome = dir: lib.any (root: inside root dir) homeRoots;
+  modelsUnderHome = lib.any underHome (writableModelDirs ++ cfg.readOnlyModelDirs);
+
+  hc = cfg.healthCheck;
+  # pings follow passing probes; this many milliseconds without one means EXO is hung
+  watchdogMs = builtins.ceil ((hc.intervalSec * hc.failures + hc.timeoutSec) * 1000);
+  stopGraceSec = cfg.timeouts.stopSec - 5;
 in
 {
   options.services.exo = {
@@ -175,6 +203,48 @@ in
       };
     };
 
+    restart = {
+      delaySec = mkOption {
+        type = types.ints.between 1 3600;
+        default = 1;
+        description = "Delay before the first automatic restart of the node (`RestartSec`).";
+      };
+      maxDelaySec = mkOption {
+        type = types.ints.between 1 86400;
+        default = 300;
+        description = ''
+          Longest delay between restarts (`RestartMaxDelaySec`): delays grow exponentially
+          from {option}`services.exo.restart.delaySec` to this over
+          {option}`services.exo.restart.steps` restarts. systemd resets the count
+          (`NRestarts`) only when the unit is started or restarted by hand.
+        '';
+      };
+      steps = mkOption {
+        type = types.ints.between 1 100;
+        default = 8;
+        description = "Restarts over which the delay grows to its maximum (`RestartSteps`).";
+      };
+    };
+
+    timeouts = {
+      startSec = mkOption {
+        type = types.ints.between 1 86400;
+        default = 300;
+        description = ''
+          Time from start until EXO's API answers (the supervisor then sends READY=1) before
+          systemd gives up and restarts the node (`TimeoutStartSec`).
+        '';
+      };
+      stopSec = mkOption {
+        type = types.ints.between 10 3600;
+        default = 30;
+        description = ''
+          Stop timeout (`TimeoutStopSec`). The supervisor gives EXO five seconds less after
+          SIGTERM before it kills EXO's processes, so systemd never has to.
+        '';
+      };
+    };
+
     configDocument = mkOption {
       type = json.type;
       default = { };
@@ -244,16 +314,92 @@ in
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
       restartTriggers = [ configFile ];
+      # no start rate limit: the exponential backoff below paces restarts forever
+      startLimitIntervalSec = 0;
       serviceConfig = {
+        # the supervisor sends READY=1 once EXO's API answers, WATCHDOG=1 while probes pass
         Type = "notify";
         NotifyAccess = "main";
-        User = cfg.security.user;
-        Group = cfg.security.group;
-        ExecStartPre = "${lib.getExe' cfg.toolPackage "exo-nixos"} preflight --config ${configFile}";
-        ExecStart = "${lib.getExe' cfg.toolPackage "exo-nixos"} run --config ${configFile} --role ${if cfg.mode == "master" then "master" else "worker"}";
+        ExecStartPre = "${exoNixos} preflight --config ${configFile}";
+        ExecStart = "${exoNixos} run --config ${configFile} --role ${role} --stop-timeout ${toString stopGraceSec}";
+        User = sec.user;
+        Group = sec.group;
+
         Restart = "always";
+        RestartSec = cfg.restart.delaySec;
+        RestartSteps = cfg.restart.steps;
+        RestartMaxDelaySec = cfg.restart.maxDelaySec;
+        WatchdogSec = "${toString watchdogMs}ms";
+        TimeoutStartSec = cfg.timeouts.startSec;
+        TimeoutStopSec = cfg.timeouts.stopSec;
+        # SIGTERM to the supervisor only; it stops EXO and its runners, SIGKILL for leftovers
+        KillMode = "mixed";
         LimitNOFILE = 65535;
+        SyslogIdentifier = nodeUnit;
+        # the supervisor starts each line with <N>, the syslog priority of its level, so
+        # journalctl -p works; logLevel decides which lines it writes
+        SyslogLevelPrefix = true;
+
+        UMask = "0077";
+        StateDirectory = lib.mkIf stateManaged (relative "/var/lib" sec.dataDir);
+        StateDirectoryMode = "0750";
+        CacheDirectory = lib.mkIf cacheManaged (relative "/var/cache" sec.cacheDir);
+        CacheDirectoryMode = "0750";
+        RuntimeDirectory = lib.mkIf runtimeManaged (relative "/run" sec.runtimeDir);
+        RuntimeDirectoryMode = "0750";
+        # holds config.json, which has no secrets (those come from environmentFile)
+        ConfigurationDirectory = lib.mkIf configManaged (relative "/etc" sec.configDir);
+        ConfigurationDirectoryMode = "0755";
+        ReadWritePaths = unmanagedDirs ++ writableModelDirs;
+        # "-": a missing read-only model dir (an unmounted share) does not block the start;
+        # the pre-flight reports it
+        ReadOnlyPaths = map (d: "-${d}") cfg.readOnlyModelDirs;
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+
+        # hardening: everything EXO tolerates; each relaxation says why
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        # devices: exo-hardware.nix sets DevicePolicy=closed, DeviceAllow= for the GPU nodes
+        # of the installed variants, and PrivateDevices= (true on CPU-only nodes); it also
+        # turns hardware.memoryLimit into MemoryMax=
+        PrivateTmp = true;
+        PrivateMounts = true;
+        PrivateUsers = true;
+        ProtectSystem = "strict";
+        # model directories under /home stay reachable (read-only unless listed as writable)
+        ProtectHome = if modelsUnderHome then "read-only" else true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        # relaxed: EXO reads /proc/meminfo, /proc/cpuinfo and /proc/stat for placement
+        ProcSubset = "all";
+        LockPersonality = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        # relaxed: CUDA's PTX JIT and libffi closures (ctypes callbacks in the Python ML
+        # stack) need memory that is writable and executable
+        MemoryDenyWriteExecute = false;
+        # AF_NETLINK: EXO enumerates interfaces and their IPv6 addresses (discovery joins
+        # multicast on each) and the supervisor watches the cluster link through rtnetlink;
+        # AF_UNIX: sd_notify and the journal
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+        # relaxed: EXO is a network service (zenoh, discovery, API, MLX ring); a network
+        # namespace for the whole unit is exo-networking.nix's choice
+        PrivateNetwork = false;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" ];
+        SystemCallErrorNumber = "EPERM";
       };
     };
+
+    systemd.tmpfiles.rules =
+      map (d: "d ${d} 0750 ${sec.user} ${sec.group} - -") (unmanagedDirs ++ writableModelDirs);
   };
 }

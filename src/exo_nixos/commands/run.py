@@ -1,0 +1,117 @@
+"""``exo-nixos run --config FILE --role master|worker``: the ExecStart of the EXO node unit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config
+    from exo_nixos.supervisor.runner import LinkSource, Supervisor
+
+ROLES = ("master", "worker")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="/etc/exo/config.json", help="the config JSON (default %(default)s)"
+    )
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        help="master adds --force-master (and --no-worker if configured); default from mode",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="SIGTERM to SIGKILL grace for EXO; keep it below TimeoutStopSec (%(default)s)",
+    )
+    parser.add_argument(
+        "--host-root",
+        default="/",
+        metavar="DIR",
+        help="read /dev, /proc and /sys below DIR when choosing the variant (default /)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the EXO command line and environment it would use, then exit",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exo_nixos.config import load_config
+    from exo_nixos.errors import UserError
+    from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
+    from exo_nixos.supervisor.logs import setup_logging
+    from exo_nixos.supervisor.notify import Notifier
+    from exo_nixos.supervisor.runner import Settings, Supervisor
+    from exo_nixos.supervisor.snapshot import SnapshotStore
+
+    config = load_config(args.config)
+    role = args.role or role_for(config)
+    if role == "master" and config.mode.value != "master":
+        raise UserError(
+            f"--role master needs mode 'master' in {args.config} (it is '{config.mode}'); "
+            'set services.exo.mode = "master"'
+        )
+    if args.stop_timeout <= 0:
+        raise UserError("--stop-timeout must be above zero seconds")
+    setup_logging(config.log_level)
+    launch = build_launch(config, role, root=Path(args.host_root))
+    if args.dry_run:
+        print(" ".join(launch.argv))
+        for key in sorted(launch.env):
+            if key.startswith(("EXO_", "XDG_", "OVERRIDE_", "CUDA_", "HIP_", "HSA_")):
+                print(f"{key}={launch.env[key]}")
+        return 0
+    hc = config.health_check
+    settings = Settings(
+        role=role,
+        api_url=f"http://127.0.0.1:{config.api_port}",
+        interval=hc.interval_sec,
+        timeout=hc.timeout_sec,
+        failures=hc.failures,
+        stop_timeout=args.stop_timeout,
+    )
+    notifier = Notifier.from_environ()
+    supervisor = Supervisor(
+        launch,
+        settings,
+        notifier,
+        SnapshotStore(snapshot_path(config)),
+        hint_dir=Path(config.security.runtime_dir),
+    )
+    supervisor.links = _link_monitor(config, supervisor)
+    try:
+        status = asyncio.run(supervisor.run())
+    finally:
+        notifier.close()
+    child = supervisor.child
+    if child is not None and child.returncode is not None and child.returncode < 0:
+        sig = -child.returncode
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # die the way EXO died, so systemd sees a clean stop by signal
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+    return status
+
+
+def _link_monitor(config: Config, supervisor: Supervisor) -> LinkSource | None:
+    """The cluster-link watcher, or None when there is no interface to watch."""
+    import logging
+
+    from exo_nixos.network.watch import LinkMonitor
+
+    try:
+        return LinkMonitor.for_config(config, supervisor.on_link_change)
+    except Exception as exc:  # a garbled /sys must not keep EXO from starting
+        logging.getLogger(__name__).warning("not watching the cluster link: %s", exc)
+        return None

@@ -1,0 +1,207 @@
+"""From the config to EXO's command line and environment.
+
+Upstream facts this relies on (exo's ``main.py`` and ``shared/constants.py``): state lives under
+``$XDG_{CONFIG,DATA,CACHE}_HOME/exo``; models go to ``EXO_DEFAULT_MODELS_DIR`` plus the colon
+lists ``EXO_MODELS_DIRS`` and ``EXO_MODELS_READ_ONLY_DIRS``; ``OVERRIDE_MEMORY_MB`` is the memory
+EXO plans with; ``EXO_RUNTIME_DIR`` marks a service run; there is no log-level variable, only
+``-v`` (any verbosity selects debug output); ``--legacy-daemon`` must never be used under systemd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from exo_nixos.config import Accelerator, Config, Mode
+
+if TYPE_CHECKING:
+    from exo_nixos.hardware import Decision
+
+MASTER = "master"
+WORKER = "worker"
+ROLES = (MASTER, WORKER)
+SUPERVISOR_STATE = "exo-nixos"  # our own sub-directory of the state directory
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The EXO executable to run and why."""
+
+    accelerator: Accelerator
+    executable: str
+    reasons: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    fallback: str | None = None  # set when the wanted accelerator could not be used
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+    selection: Selection
+    memory_mb: int | None
+
+
+def role_for(config: Config) -> str:
+    return MASTER if config.mode is Mode.MASTER else WORKER
+
+
+def _xdg_home(directory: str) -> str:
+    """The XDG base under which EXO's own ``exo`` sub-directory is ``directory`` itself.
+
+    EXO appends ``/exo``: for ``/var/lib/exo`` the base is ``/var/lib``. Any other name gets
+    EXO's files one level down (``/srv/ai`` -> ``/srv/ai/exo``).
+    """
+    path = Path(directory)
+    return str(path.parent) if path.name == "exo" else str(path)
+
+
+def state_paths(config: Config) -> dict[str, str]:
+    sec = config.security
+    return {
+        "XDG_DATA_HOME": _xdg_home(sec.data_dir),
+        "XDG_CACHE_HOME": _xdg_home(sec.cache_dir),
+        # config.toml is touched at start; the configuration directory itself stays read-only
+        "XDG_CONFIG_HOME": str(Path(sec.data_dir) / "config"),
+        "EXO_RUNTIME_DIR": sec.runtime_dir,
+    }
+
+
+def snapshot_path(config: Config) -> Path:
+    return Path(config.security.data_dir) / SUPERVISOR_STATE / "topology.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerator
+
+_GPU_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "ROCR_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+)
+
+
+def select_executable(config: Config, root: Path = Path("/")) -> Selection:
+    """Detect the hardware below ``root`` and choose the EXO variant to start.
+
+    The one place the supervisor depends on :mod:`exo_nixos.hardware`.
+    """
+    from exo_nixos.hardware import choose, detect
+
+    inventory = detect(root, models_dir=config.effective_models_dir)
+    return selection_for(config, choose(config, inventory))
+
+
+def _why_cpu(reasons: list[str]) -> str:
+    for reason in reasons:
+        if "cannot be used" in reason:
+            return reason
+    for reason in reasons:
+        if reason.endswith(": using cpu"):
+            return reason.removesuffix(": using cpu")
+    return "no usable GPU"
+
+
+def selection_for(config: Config, decision: Decision) -> Selection:
+    """Turn the hardware decision into what to run; fall back to CPU when the GPU is unusable.
+
+    "Wanted" is ``hardware.preferredAccelerator``, else any GPU variant that is installed.
+    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS.
+    """
+    hw = config.hardware
+    preferred = hw.preferred_accelerator
+    if preferred is not None and preferred is not Accelerator.CPU:
+        wanted = [preferred]
+    else:
+        wanted = [a for a in hw.packages if a is not Accelerator.CPU]
+    reasons = list(decision.reasons)
+    env = dict(decision.env)
+    accelerator = decision.accelerator
+    fallback: str | None = None
+    executable = decision.executable
+    if accelerator is not Accelerator.CPU and (executable is None or not executable.exists()):
+        missing = f"{executable} does not exist" if executable else "no variant installed"
+        fallback = f"{accelerator.value} unusable ({missing}); running on CPU"
+        reasons.append(f"{accelerator.value}: {missing}")
+        accelerator = Accelerator.CPU
+    elif accelerator is Accelerator.CPU and wanted:
+        names = "/".join(a.value for a in wanted)
+        fallback = f"{names} unusable ({_why_cpu(reasons)}); running on CPU"
+    if accelerator is Accelerator.CPU:
+        for name in _GPU_ENV:
+            env.pop(name, None)
+        env["CUDA_VISIBLE_DEVICES"] = ""  # keep a CPU run off a half-working GPU
+        cpu = hw.executable(Accelerator.CPU)
+        executable = cpu if cpu is not None else Path(shutil.which("exo") or "exo")
+    assert executable is not None
+    return Selection(accelerator, str(executable), reasons, env, fallback)
+
+
+# ---------------------------------------------------------------------------------------------
+# argv and environment
+
+
+def exo_argv(config: Config, role: str, executable: str) -> list[str]:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    net = config.networking
+    argv = [
+        executable,
+        "--api-port",
+        str(config.api_port),
+        "--zenoh-port",
+        str(net.zenoh_port),
+        "--discovery-port",
+        str(net.discovery_port),
+    ]
+    if config.cluster_namespace:
+        argv += ["--namespace", config.cluster_namespace]
+    if role == MASTER:
+        argv.append("--force-master")
+        if config.no_worker:
+            argv.append("--no-worker")
+    if config.offline:
+        argv.append("--offline")
+    if config.log_level == "debug":
+        argv.append("-v")
+    argv += config.extra_args
+    return argv
+
+
+def build_launch(
+    config: Config,
+    role: str,
+    *,
+    base_env: Mapping[str, str] | None = None,
+    root: Path = Path("/"),
+    selection: Selection | None = None,
+) -> Launch:
+    """Everything needed to start EXO: argv, environment, the chosen variant, memory."""
+    chosen = selection or select_executable(config, root)
+    env = dict(os.environ if base_env is None else base_env)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EXO_HOME", "LISTEN_FDS"):
+        env.pop(name, None)  # the supervisor talks to systemd, EXO does not
+    env.update(state_paths(config))
+    env["EXO_DEFAULT_MODELS_DIR"] = config.effective_models_dir
+    if config.extra_model_dirs:
+        env["EXO_MODELS_DIRS"] = ":".join(config.extra_model_dirs)
+    else:
+        env.pop("EXO_MODELS_DIRS", None)
+    if config.read_only_model_dirs:
+        env["EXO_MODELS_READ_ONLY_DIRS"] = ":".join(config.read_only_model_dirs)
+    else:
+        env.pop("EXO_MODELS_READ_ONLY_DIRS", None)
+    if config.offline:
+        env["EXO_OFFLINE"] = "true"
+    env.pop("OVERRIDE_MEMORY_MB", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(chosen.env)  # device selection, OVERRIDE_MEMORY_MB (limit and cgroup)
+    env.update(config.environment_variables)
+    memory = env.get("OVERRIDE_MEMORY_MB")
+    memory_mb = int(memory) if memory and memory.isdigit() else None
+    return Launch(exo_argv(config, role, chosen.executable), env, chosen, memory_mb)

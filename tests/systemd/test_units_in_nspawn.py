@@ -1,0 +1,296 @@
+"""The node unit, rendered from the evaluated module, under a real systemd 257 (nspawn guest).
+
+One guest is booted for the module; the tests run in file order against it: start, status,
+hardening, exposure, watchdog, crash-loop backoff, stop. Skipped with the reason where the
+guest cannot be built or booted (not root, no systemd-nspawn/debootstrap, no nixpkgs lib).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.nixeval import skip_reason as nix_skip_reason
+from tests.systemd.guest import (
+    Guest,
+    GuestUnavailable,
+    build_tarball,
+    cache_dir,
+    missing_host_tools,
+    unpack,
+)
+from tests.systemd.provision import provision
+
+pytestmark = pytest.mark.systemd
+
+UNIT = "exo-worker"
+API = 52415
+EXPOSURE_LIMIT = 2.0
+
+MODULE = """
+{ pkgs, ... }: {
+  services.exo = {
+    enable = true;
+    mode = "worker";
+    # the double binds its API after 2 s, so "activating" is observable before READY
+    extraArgs = [ "--slow-start" "2" ];
+    healthCheck = { intervalSec = 1; timeoutSec = 1; failures = 2; };
+    restart = { delaySec = 1; steps = 3; maxDelaySec = 10; };
+    # CUDA is preferred, but the guest has no GPU: the pre-flight passes (it checks the
+    # accelerator the supervisor will pick) and the supervisor falls back to the CPU variant
+    hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
+    hardware.preferredAccelerator = "cuda";
+    environmentVariables.EXO_SANDBOX_REPORT = "/run/exo/sandbox.json";
+  };
+}
+"""
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (systemd-nspawn, debootstrap)"
+    if missing := missing_host_tools():
+        tools = ", ".join(missing)
+        return f"missing host tools: {tools} (apt-get install systemd-container debootstrap)"
+    return nix_skip_reason()
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[Guest]:
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    log = cache_dir() / "debootstrap.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tarball = build_tarball(log)
+    except GuestUnavailable as exc:
+        pytest.skip(f"guest tree unavailable: {exc}")
+    work = Path(tempfile.mkdtemp(prefix="exo-guest-", dir=os.environ.get("TMPDIR", "/var/tmp")))
+    try:
+        root = unpack(tarball, work)
+        provision(root, MODULE)
+        machine = Guest(root=root, name=f"exo-test-{os.getpid()}", console=work / "console.log")
+        try:
+            machine.boot()
+        except GuestUnavailable as exc:
+            machine.poweroff()
+            pytest.skip(f"the container cannot start here: {exc}")
+        try:
+            # a device the exo user may open by its mode, so only DevicePolicy can refuse it
+            machine.run(["chmod", "0666", "/dev/net/tun"])
+            yield machine
+        finally:
+            machine.poweroff()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def show(guest: Guest, *props: str) -> dict[str, str]:
+    out = guest.run(["systemctl", "show", f"{UNIT}.service", *(f"-p{p}" for p in props)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_until(check: Any, timeout: float, what: str, guest: Guest | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    detail = "\n" + journal(guest)[-4000:] if guest is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+
+
+def api_call(guest: Guest, path: str, body: dict[str, Any] | None = None) -> str:
+    """HTTP to the node API from inside the guest (its own network namespace)."""
+    code = (
+        "import json,sys,urllib.request as u\n"
+        "body=json.loads(sys.argv[2]) if sys.argv[2] else None\n"
+        "data=json.dumps(body).encode() if body is not None else None\n"
+        "req=u.Request(sys.argv[1],data=data,headers={'Content-Type':'application/json'})\n"
+        "print(u.urlopen(req,timeout=3).read().decode())\n"
+    )
+    url = f"http://127.0.0.1:{API}{path}"
+    arg = json.dumps(body) if body is not None else ""
+    return guest.run(["python3", "-c", code, url, arg]).stdout.strip()
+
+
+def journal(guest: Guest) -> str:
+    return guest.run(
+        ["journalctl", "-u", f"{UNIT}.service", "-o", "short-monotonic", "--no-pager"]
+    ).stdout
+
+
+def test_rendered_units_verify_cleanly(guest: Guest) -> None:
+    units = [f"/etc/systemd/system/{UNIT}.service", "/etc/systemd/system/exo.target"]
+    done = guest.run(["systemd-analyze", "verify", *units], check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
+    assert done.stderr.strip() == "", done.stderr  # any warning fails
+
+
+def test_node_reaches_active_only_after_ready(guest: Guest) -> None:
+    guest.run(["systemctl", "start", "--no-block", "exo.target"])
+    states: list[str] = []
+
+    def active() -> bool:
+        states.append(show(guest, "ActiveState")["ActiveState"])
+        return states[-1] == "active"
+
+    wait_until(active, 60, f"{UNIT} to become active")
+    assert "activating" in states, f"never seen activating before READY: {states}"
+    # READY=1 came from the supervisor once the API answered; it answers now
+    assert json.loads(api_call(guest, "/node_id"))
+    props = show(guest, "Type", "NotifyAccess", "Result", "MainPID")
+    assert props["Type"] == "notify"
+    assert props["Result"] == "success"
+    text = journal(guest)
+    # EXO's API came up, the supervisor saw it answer, and only then did systemd call it started
+    api_up = text.index("Starting API")
+    answered = text.index("EXO's API answers")
+    started = text.index("Started exo-worker.service")
+    assert api_up < answered < started, text
+
+
+def test_systemctl_status_shows_the_status_line(guest: Guest) -> None:
+    status = guest.run(["systemctl", "status", "--no-pager", f"{UNIT}.service"], check=False)
+    match = re.search(r'Status: "([^"]*)"', status.stdout)
+    assert match, status.stdout
+    line = match.group(1)
+    assert line.startswith("worker; ")
+    assert "peer" in line
+    assert "instance" in line
+    # no GPU in the guest: the CUDA variant was refused, the CPU one runs, and it says so
+    assert "cpu (FALLBACK: cuda unusable (preferred accelerator cuda cannot be used" in line
+
+
+def _sandbox(guest: Guest) -> dict[str, Any]:
+    text = wait_until(
+        lambda: guest.run(["cat", "/run/exo/sandbox.json"], check=False).stdout,
+        20,
+        "the sandbox report",
+    )
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
+def test_runs_as_exo_with_the_hardening_enforced(guest: Guest) -> None:
+    main_pid = show(guest, "MainPID")["MainPID"]
+    status = guest.run(["cat", f"/proc/{main_pid}/status"]).stdout
+    uid = guest.run(["id", "-u", "exo"]).stdout.strip()
+    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.M), status
+    report = _sandbox(guest)
+    assert str(report["uid"]) == uid
+    writes = report["writes"]
+    for denied in ("/usr/exo-probe", "/etc/exo-probe", "/var/exo-probe"):
+        assert writes[denied] == "EROFS", (denied, writes)
+    for hidden in ("/home/exo-probe", "/root/exo-probe"):
+        assert writes[hidden] in {"EACCES", "ENOENT", "EROFS"}, (hidden, writes)
+    for allowed in ("/var/lib/exo/exo-probe", "/var/cache/exo/exo-probe", "/run/exo/exo-probe"):
+        assert writes[allowed] == "ok", (allowed, writes)
+    assert writes["/tmp/exo-probe"] == "ok"  # PrivateTmp: its own /tmp
+    devices = report["devices"]
+    assert devices["/dev/null"] == "ok"
+    assert devices["/dev/net/tun"] == "EPERM", devices  # mode 0666, but not in DeviceAllow
+    # control: the same user outside the unit opens it, so the refusal is the unit's doing
+    opened = guest.run(
+        [
+            "setpriv",
+            "--reuid",
+            "exo",
+            "--regid",
+            "exo",
+            "--clear-groups",
+            "python3",
+            "-c",
+            "import os; os.close(os.open('/dev/net/tun', os.O_RDWR))",
+        ],
+        check=False,
+    )
+    assert opened.returncode == 0, opened.stderr
+    assert report["CapEff"] == "0000000000000000"
+    assert report["NoNewPrivs"] == "1"
+    assert report["Seccomp"] == "2"
+    modes = guest.run(["stat", "-c", "%n %a %U", "/var/lib/exo", "/var/cache/exo", "/run/exo"])
+    assert modes.stdout.split("\n")[:3] == [
+        "/var/lib/exo 750 exo",
+        "/var/cache/exo 750 exo",
+        "/run/exo 750 exo",
+    ]
+
+
+def test_exposure_is_recorded_and_low(guest: Guest) -> None:
+    out = guest.run(["systemd-analyze", "security", "--no-pager", f"{UNIT}.service"]).stdout
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out
+    exposure = float(match.group(1))
+    record = os.environ.get("EXO_NIXOS_EXPOSURE_RECORD")
+    if record:
+        Path(record).write_text(out)
+    assert exposure <= EXPOSURE_LIMIT, out
+
+
+def _restarts(guest: Guest) -> int:
+    return int(show(guest, "NRestarts")["NRestarts"])
+
+
+def test_hung_node_is_killed_by_the_watchdog_and_restarted(guest: Guest) -> None:
+    before = _restarts(guest)
+    old_pid = show(guest, "MainPID")["MainPID"]
+    api_call(guest, "/__double__/fault", {"mode": "hang"})
+    wait_until(lambda: _restarts(guest) > before, 60, "a restart after the watchdog fired")
+    assert "Watchdog timeout" in journal(guest)
+    wait_until(lambda: show(guest, "ActiveState")["ActiveState"] == "active", 60, "active")
+    assert show(guest, "MainPID")["MainPID"] != old_pid
+
+
+def test_crash_loop_backs_off_with_growing_delays(guest: Guest, tmp_path: Path) -> None:
+    # the backoff counter (NRestarts) only resets on a start by hand: begin from zero
+    guest.run(["systemctl", "restart", f"{UNIT}.service"], timeout=90)
+    assert _restarts(guest) == 0
+    args_file = guest.root / "etc" / "exo-double-args"
+    args_file.write_text("--crash-after 0.5 --exit-code 3\n")
+    try:
+        since = guest.run(["cat", "/proc/uptime"]).stdout.split()[0]
+        api_call(guest, "/__double__/fault", {"mode": "crash", "exitCode": 3})
+        pattern = re.compile(r"^\[\s*(\d+\.\d+)\] \S+ systemd\[1\]: Starting exo-worker", re.M)
+
+        def starts() -> list[float]:
+            times = [float(t) for t in pattern.findall(journal(guest))]
+            return [t for t in times if t >= float(since)]
+
+        seen = wait_until(lambda: s if len(s := starts()) >= 4 else None, 90, "4 restarts", guest)
+        gaps = [b - a for a, b in itertools.pairwise(seen)]
+        assert gaps[0] < gaps[1] < gaps[2], f"restart delays did not grow: {gaps}"
+        assert "status=3" in journal(guest)
+    finally:
+        args_file.unlink()
+    guest.run(["systemctl", "reset-failed", f"{UNIT}.service"], check=False)
+    guest.run(["systemctl", "restart", f"{UNIT}.service"], timeout=90)
+    assert show(guest, "ActiveState")["ActiveState"] == "active"
+
+
+def test_stopping_the_target_stops_everything(guest: Guest) -> None:
+    guest.run(["systemctl", "stop", "exo.target"], timeout=60)
+    # PartOf= queues the node's stop alongside the target's; it ends within TimeoutStopSec
+    stop_timeout = int(show(guest, "TimeoutStopUSec")["TimeoutStopUSec"].rstrip("s") or 30)
+    wait_until(
+        lambda: show(guest, "ActiveState")["ActiveState"] == "inactive",
+        stop_timeout,
+        f"{UNIT} to stop",
+        guest,
+    )
+    assert show(guest, "Result")["Result"] == "success"
+    left = guest.run(["pgrep", "-u", "exo"], check=False)
+    assert left.stdout.strip() == "", f"processes of user exo left: {left.stdout}"
