@@ -4,6 +4,10 @@ It runs exactly where EXO would (the supervisor's child, under every directive o
 unit), so what it records is what EXO would meet. Written to ``$EXO_SANDBOX_REPORT`` (JSON):
 which writes and device opens succeed, uid/gids, capabilities, no_new_privs, seccomp.
 Extra double flags for fault tests come from ``/etc/exo-double-args`` when that file exists.
+
+``$EXO_NET_PROBES`` (space-separated ``label=host:port``, IPv6 as ``[addr%iface]:port``) names
+UDP datagrams to send, the way EXO's discovery and its peers' traffic leave the node; each
+label's outcome (``ok`` or the errno name) goes into the report's ``net``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -54,6 +59,25 @@ def _try_open(path: str) -> str:
     return "ok"
 
 
+def _try_send(target: str) -> str:
+    host, _, port = target.rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    address = host.strip("[]")
+    try:
+        info = socket.getaddrinfo(address, int(port), family, socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"exo-probe", info[4])
+    except OSError as exc:
+        return _outcome(exc)
+    return "ok"
+
+
+def _net_probes() -> dict[str, str]:
+    spec = os.environ.get("EXO_NET_PROBES", "")
+    probes = (item.partition("=") for item in spec.split())
+    return {label: _try_send(target) for label, _, target in probes}
+
+
 def _status_fields() -> dict[str, str]:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -70,6 +94,7 @@ def report() -> dict[str, object]:
         "groups": os.getgroups(),
         "writes": {p: _try_write(p) for p in WRITE_PROBES},
         "devices": {p: _try_open(p) for p in DEVICE_PROBES},
+        "net": _net_probes(),
         "CapEff": status.get("CapEff"),
         "CapBnd": status.get("CapBnd"),
         "NoNewPrivs": status.get("NoNewPrivs"),

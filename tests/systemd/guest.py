@@ -33,6 +33,11 @@ PACKAGES = (
     # the tool's run-time dependencies, from the guest's own archive (Python 3.13)
     "python3-pydantic",
     "python3-aiohttp",
+    # the gateway's: its metrics, and the event loop it prefers (as on NixOS)
+    "python3-prometheus-client",
+    "python3-uvloop",
+    # test set-up inside the guest: the interfaces of the interface-restriction test
+    "iproute2",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 

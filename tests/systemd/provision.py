@@ -3,7 +3,8 @@
 The unit files are rendered from the evaluated NixOS module (``tests.nixeval``) and installed
 verbatim: instead of rewriting their ``/nix/store`` paths, the guest gets files at exactly
 those paths. The tool's store path holds a ``bin/exo-nixos`` that runs this checkout's
-``exo_nixos`` with the guest's Python 3.13 (pydantic and aiohttp from Debian); each EXO
+``exo_nixos`` with the guest's Python 3.13 (pydantic, aiohttp, prometheus-client and uvloop
+from Debian); a coreutils path holds the ``bin/kill`` of the gateway's ExecReload; each EXO
 package path holds a ``bin/exo`` running ``tests/systemd/fake_exo.py`` (sandbox self-check,
 then the EXO test double); the config document's store path holds the evaluated JSON.
 """
@@ -58,6 +59,8 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         f"{node}.service": render_unit(result["services"][node]),
         "exo.target": render_unit(result["targets"]["exo"], "target"),
     }
+    if "exo-api" in result["services"]:  # the gateway (exo-api.nix), when enabled
+        units["exo-api.service"] = render_unit(result["services"]["exo-api"])
     document = result["etc"]["exo/config.json"]
     config_text = json.dumps(document, indent=2, sort_keys=True)
     install_code(root)
@@ -72,6 +75,9 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         elif path.endswith(".json"):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(config_text)
+        elif path.endswith("-coreutils"):
+            # ExecReload's `kill -HUP $MAINPID`: the shell's kill does the same
+            _script(target / "bin" / "kill", 'kill "$@"\n')
         elif path in packages:
             _script(
                 target / "bin" / "exo",

@@ -11,25 +11,15 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.nixeval import skip_reason as nix_skip_reason
-from tests.systemd.guest import (
-    Guest,
-    GuestUnavailable,
-    build_tarball,
-    cache_dir,
-    missing_host_tools,
-    unpack,
-)
-from tests.systemd.provision import provision
+from tests.systemd.guest import Guest
+from tests.systemd.harness import booted_guest, http, unit_journal, unit_props
+from tests.systemd.harness import wait_until as _wait_until
 
 pytestmark = pytest.mark.systemd
 
@@ -51,85 +41,38 @@ MODULE = """
     hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
     hardware.preferredAccelerator = "cuda";
     environmentVariables.EXO_SANDBOX_REPORT = "/run/exo/sandbox.json";
+    # this guest tests the node unit alone (the gateway has its own guest)
+    gateway.enable = false;
   };
 }
 """
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (systemd-nspawn, debootstrap)"
-    if missing := missing_host_tools():
-        tools = ", ".join(missing)
-        return f"missing host tools: {tools} (apt-get install systemd-container debootstrap)"
-    return nix_skip_reason()
-
-
 @pytest.fixture(scope="module")
 def guest() -> Iterator[Guest]:
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    log = cache_dir() / "debootstrap.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tarball = build_tarball(log)
-    except GuestUnavailable as exc:
-        pytest.skip(f"guest tree unavailable: {exc}")
-    work = Path(tempfile.mkdtemp(prefix="exo-guest-", dir=os.environ.get("TMPDIR", "/var/tmp")))
-    try:
-        root = unpack(tarball, work)
-        provision(root, MODULE)
-        machine = Guest(root=root, name=f"exo-test-{os.getpid()}", console=work / "console.log")
-        try:
-            machine.boot()
-        except GuestUnavailable as exc:
-            machine.poweroff()
-            pytest.skip(f"the container cannot start here: {exc}")
-        try:
-            # a device the exo user may open by its mode, so only DevicePolicy can refuse it
-            machine.run(["chmod", "0666", "/dev/net/tun"])
-            yield machine
-        finally:
-            machine.poweroff()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with booted_guest(MODULE, "exo-test") as machine:
+        # a device the exo user may open by its mode, so only DevicePolicy can refuse it
+        machine.run(["chmod", "0666", "/dev/net/tun"])
+        yield machine
 
 
 def show(guest: Guest, *props: str) -> dict[str, str]:
-    out = guest.run(["systemctl", "show", f"{UNIT}.service", *(f"-p{p}" for p in props)]).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return unit_props(guest, f"{UNIT}.service", *props)
 
 
 def wait_until(check: Any, timeout: float, what: str, guest: Guest | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    detail = "\n" + journal(guest)[-4000:] if guest is not None else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+    return _wait_until(check, timeout, what, guest, f"{UNIT}.service")
 
 
 def api_call(guest: Guest, path: str, body: dict[str, Any] | None = None) -> str:
     """HTTP to the node API from inside the guest (its own network namespace)."""
-    code = (
-        "import json,sys,urllib.request as u\n"
-        "body=json.loads(sys.argv[2]) if sys.argv[2] else None\n"
-        "data=json.dumps(body).encode() if body is not None else None\n"
-        "req=u.Request(sys.argv[1],data=data,headers={'Content-Type':'application/json'})\n"
-        "print(u.urlopen(req,timeout=3).read().decode())\n"
-    )
-    url = f"http://127.0.0.1:{API}{path}"
-    arg = json.dumps(body) if body is not None else ""
-    return guest.run(["python3", "-c", code, url, arg]).stdout.strip()
+    status, text = http(guest, f"http://127.0.0.1:{API}{path}", body)
+    assert status == 200, (path, status, text)
+    return text
 
 
 def journal(guest: Guest) -> str:
-    return guest.run(
-        ["journalctl", "-u", f"{UNIT}.service", "-o", "short-monotonic", "--no-pager"]
-    ).stdout
+    return unit_journal(guest, f"{UNIT}.service")
 
 
 def test_rendered_units_verify_cleanly(guest: Guest) -> None:
