@@ -160,6 +160,9 @@ def test_gateway_starts_after_the_node_is_ready(guest: Guest) -> None:
     # its process was started only once the node was active (after the supervisor's READY=1),
     # and systemd called it started only after the gateway's own READY=1 (once it listened)
     assert 0 < node_ready <= gw_exec < gw_ready, (node_ready, gw_exec, gw_ready)
+    # it runs on uvloop's event loop, as on NixOS (under MemoryDenyWriteExecute=true)
+    pid = props(guest, GATEWAY, "MainPID")["MainPID"]
+    assert "uvloop" in guest.run(["cat", f"/proc/{pid}/maps"]).stdout
     text = unit_journal(guest, GATEWAY)
     assert text.index("gateway listening on http://0.0.0.0:52417 (1 API keys)") < text.index(
         "Started exo-api.service"

@@ -3,6 +3,8 @@
 One guest is booted for the module; the tests run in file order against it: start, status,
 hardening, exposure, watchdog, crash-loop backoff, stop. Skipped with the reason where the
 guest cannot be built or booted (not root, no systemd-nspawn/debootstrap, no nixpkgs lib).
+The gateway and the interface restriction have their own guest
+(test_gateway_and_interfaces_in_nspawn.py).
 """
 
 from __future__ import annotations
