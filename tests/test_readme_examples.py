@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def example_files() -> dict[str, str]:
     return files
 
 
-def evaluate_node(tmp_path: Path, node: str) -> dict:
+def evaluate_node(tmp_path: Path, node: str) -> dict[str, Any]:
     for name, block in example_files().items():
         (tmp_path / f"{name}.nix").write_text(block)
     fake_inputs = """
