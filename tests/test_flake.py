@@ -642,3 +642,15 @@ def test_workflow_runs_flake_check_with_kvm():
     assert "exo.cachix.org" in json.dumps(workflow)
     runs = "\n".join(s.get("run", "") for j in workflow["jobs"].values() for s in j["steps"])
     assert "nix flake check --no-build --all-systems" in runs
+
+
+def test_workflow_builds_natively_on_aarch64_linux():
+    workflow = yaml.safe_load((REPO / ".github/workflows/nix.yml").read_text())
+    arm = [j for j in workflow["jobs"].values() if str(j["runs-on"]).endswith("-arm")]
+    assert len(arm) == 1
+    runs = "\n".join(s.get("run", "") for s in arm[0]["steps"])
+    assert ".#packages.aarch64-linux.exo-complete" in runs
+    assert ".#packages.aarch64-linux.exo-nixos" in runs
+    assert ".#checks.aarch64-linux.module-eval" in runs
+    assert "vm-" not in runs  # the VM tests need KVM: x86_64-linux only
+    assert "exo.cachix.org" in json.dumps(workflow["env"])
