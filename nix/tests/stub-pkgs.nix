@@ -24,6 +24,7 @@ lib.genAttrs [
 ] fakePackage
 // {
   inherit lib;
+  stdenv.hostPlatform.system = "x86_64-linux";
   formats.json = _: {
     type = (lib.types.attrsOf lib.types.anything) // { name = "json value"; };
     generate = generated;

@@ -57,6 +57,11 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """Messages quoting other tools (YAML parsers, OpenSSL) can span lines; the CLI's do not."""
+    return " ".join(message.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
@@ -66,10 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _load(args.command).main(args)
     except ConfigError as exc:
         for line in exc.problems or [str(exc)]:
-            print(f"exo-nixos: error: {line}", file=sys.stderr)
+            print(f"exo-nixos: error: {one_line(line)}", file=sys.stderr)
         return exc.exit_code
     except UserError as exc:
-        print(f"exo-nixos: error: {exc}", file=sys.stderr)
+        print(f"exo-nixos: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

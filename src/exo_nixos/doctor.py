@@ -108,7 +108,8 @@ def _accelerator_section(
         settings = HardwareSettings(packages=None)
     decision = decide(settings, inventory)
     section = Section("Accelerator", str(decision.accelerator))
-    section.lines += text_lines(inventory, decision)
+    # detection warnings (garbled files, NVML) count as warnings, and are not listed twice
+    section.lines += [line for line in text_lines(inventory, decision) if "warning: " not in line]
     section.warnings += inventory.warnings
     return section, decision
 

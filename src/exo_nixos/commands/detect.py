@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from exo_nixos.commands.rootarg import add_root_argument, checked_root
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--env", action="store_true", help="print KEY=VALUE lines for a systemd EnvironmentFile"
     )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("/"),
-        metavar="DIR",
-        help="read /sys, /proc and /dev under DIR (a captured tree); default /",
-    )
+    add_root_argument(parser)
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -52,11 +47,7 @@ def main(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         settings = HardwareSettings.from_config(config.hardware)
         models_dir = args.models_dir or config.effective_models_dir
-    if not args.root.is_dir():
-        from exo_nixos.errors import UserError
-
-        raise UserError(f"--root {args.root}: not a directory; pass a captured tree or /")
-    inventory = detect(args.root, use_nvml=not args.no_nvml, models_dir=models_dir)
+    inventory = detect(checked_root(args.root), use_nvml=not args.no_nvml, models_dir=models_dir)
     decision = decide(settings, inventory)
     if args.json:
         json.dump(full_json(inventory, decision), sys.stdout, indent=2)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from exo_nixos.commands.rootarg import add_root_argument, checked_root
 from exo_nixos.config import DEFAULT_CONFIG_PATH
 
 
@@ -17,9 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONFIG_PATH,
         help="config file; when absent, the defaults of services.exo.enable (default: %(default)s)",
     )
-    parser.add_argument(
-        "--root", type=Path, default=Path("/"), help="read /sys, /proc and /dev under this prefix"
-    )
+    add_root_argument(parser)
     parser.add_argument("--no-nvml", action="store_true", help="do not ask the NVIDIA driver")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -27,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.doctor import diagnose
 
-    report = diagnose(args.config, args.root, use_nvml=not args.no_nvml)
+    report = diagnose(args.config, checked_root(args.root), use_nvml=not args.no_nvml)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.commands.rootarg import add_root_argument, checked_root
+
 if TYPE_CHECKING:
     from exo_nixos.config import Config
     from exo_nixos.network import LinkMonitor
@@ -21,12 +23,7 @@ DEFAULT_CONFIG = "/etc/exo/config.json"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument(
-        "--root",
-        default="/",
-        metavar="DIR",
-        help="read sysfs/procfs below DIR (a captured tree) instead of /",
-    )
+    add_root_argument(parser, "sysfs and procfs")
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -63,14 +60,11 @@ def _config(path: str | None) -> Config | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from exo_nixos.errors import UserError
     from exo_nixos.network import choose_cluster_interface, inspect
     from exo_nixos.network.report import to_json, to_text
 
     config = _config(args.config)
-    root = Path(args.root)
-    if not root.is_dir():
-        raise UserError(f"--root {root}: not a directory; pass the root of a captured tree")
+    root = checked_root(args.root)
     if args.watch:
         return _watch(args, config)
     if args.capture:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from exo_nixos.commands.rootarg import add_root_argument, checked_root
 from exo_nixos.config import DEFAULT_CONFIG_PATH
 
 
@@ -18,12 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="config file (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("/"),
-        help="read /sys, /proc, /dev and the directories under this prefix (a captured tree)",
-    )
+    add_root_argument(parser, "/sys, /proc, /dev and the service directories")
 
 
 def format_results(results: list[object]) -> str:
@@ -44,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from exo_nixos.preflight import Host, Status, accelerator_for, run_checks
 
     config = load_config(args.config)
-    host = Host(args.root)
+    host = Host(checked_root(args.root))
     results = run_checks(config, host, accelerator_for(config, host))
     if args.json:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)

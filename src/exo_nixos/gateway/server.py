@@ -51,7 +51,7 @@ def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
         ) from None
     except ssl.SSLError as exc:
         raise UserError(
-            f"{certificate}, {key}: not a matching PEM certificate and key: {exc.reason}"
+            f"{certificate}, {key}: not a matching PEM certificate and key: {exc.reason or exc}"
         ) from None
     return context
 
