@@ -2,12 +2,15 @@
   description = "Run EXO distributed AI inference on NixOS: packages, overlays, NixOS modules (services.exo) and VM tests";
 
   inputs = {
-    # The same branch and revision upstream EXO locks at the pinned release (see docs/flake.md).
+    # The same branch and revision upstream EXO locks at the pinned commit (see docs/flake.md).
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
-    # EXO itself, pinned to a release tag and built by upstream's own flake. Its inputs keep
-    # upstream's pins (no `follows`), so the build is the one exo.cachix.org serves.
-    exo.url = "github:exo-explore/exo/v1.0.71";
+    # EXO itself, built by upstream's own flake, pinned to the commit exo-nixos is written for:
+    # v1.0.71 + 44 commits, with the zenoh transport (TCP 52414) and IPv6 multicast discovery
+    # (UDP 52413) behind `--zenoh-port`, `--discovery-port` and `--namespace`; v1.0.71 itself
+    # still runs libp2p and rejects those flags. Its inputs keep upstream's pins (no
+    # `follows`), so the build is the one exo.cachix.org serves. See docs/flake.md.
+    exo.url = "github:exo-explore/exo/b5375f8cee4368d09e1ce96a56b9f81fb0bc81aa";
   };
 
   nixConfig = {

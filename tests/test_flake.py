@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,11 @@ SEED_PACKAGES = {
     "exo-mlx",
 }
 SEED_MODULES = {"default", "exo-service", "exo-hardware", "exo-networking", "exo-k3s", "exo-api"}
-EXO_RELEASE = "1.0.71"
+# The EXO commit exo-nixos is written for (zenoh transport, IPv6 multicast discovery, the
+# --zenoh-port/--discovery-port/--namespace flags): v1.0.71 + 44 commits.
+EXO_REV = "b5375f8cee4368d09e1ce96a56b9f81fb0bc81aa"
+EXO_BASE_RELEASE = "1.0.71"
+EXO_VERSION = "1.0.71-unstable-2026-06-22"
 
 requires_nix_instantiate = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None,
@@ -140,7 +145,9 @@ def test_every_flake_input_is_locked_at_the_root():
         node = LOCK["nodes"][root["inputs"][name]]
         kind, _, rest = url.partition(":")
         owner, repo, ref = rest.split("/")
-        assert node["original"] == {"type": kind, "owner": owner, "repo": repo, "ref": ref}
+        # Nix reads a 40-digit hex third component of a github: URL as a rev, else as a ref.
+        pin = "rev" if re.fullmatch(r"[0-9a-f]{40}", ref) else "ref"
+        assert node["original"] == {"type": kind, "owner": owner, "repo": repo, pin: ref}
 
 
 def test_lock_file_version_is_read_by_nix_2_8():
@@ -184,16 +191,27 @@ def test_every_lock_reference_resolves_and_every_node_is_used():
     assert reached == set(LOCK["nodes"])
 
 
-def test_exo_is_pinned_to_a_release():
+def test_exo_is_pinned_to_the_commit_the_tool_is_written_for():
     exo = LOCK["nodes"][LOCK["nodes"]["root"]["inputs"]["exo"]]
-    ref = exo["original"]["ref"]
-    assert ref == f"v{EXO_RELEASE}"
-    assert tuple(int(p) for p in ref[1:].split(".")) >= (1, 0, 71)
-    assert exo["locked"]["rev"] == "fd707de30b42db4211d15da96b9052e1dc280ed1"
-    # nixpkgs' pkgs/by-name/ex/exo fetches the same tag with the same NAR hash.
-    assert exo["locked"]["narHash"] == "sha256-k3jtrJCxLx8nq1R70CtZWFyNVXEa5Ltw0MgdA0qFVXA="
+    # flake.nix names the commit itself, not a moving tag or branch.
+    assert exo["original"] == {
+        "type": "github",
+        "owner": "exo-explore",
+        "repo": "exo",
+        "rev": EXO_REV,
+    }
+    assert exo["locked"]["rev"] == EXO_REV
+    # `git archive` of the commit, hashed with `nix hash path` (re-derived below when
+    # EXO_NIXOS_UPSTREAM_GIT is set).
+    assert exo["locked"]["narHash"] == "sha256-eftfZkz97NE5V9y89nz+B7cVJRh/kTfIt+AKMlIwARA="
+
+
+def test_package_version_names_the_release_and_the_pinned_commit_date():
+    exo = LOCK["nodes"][LOCK["nodes"]["root"]["inputs"]["exo"]]
+    day = datetime.fromtimestamp(exo["locked"]["lastModified"], tz=UTC).strftime("%Y-%m-%d")
+    assert f"{EXO_BASE_RELEASE}-unstable-{day}" == EXO_VERSION
     packages = (REPO / "nix/packages/default.nix").read_text()
-    assert f'version = "{EXO_RELEASE}";' in packages
+    assert re.findall(r'^  version = "([^"]*)";', packages, flags=re.MULTILINE) == [EXO_VERSION]
 
 
 def test_our_nixpkgs_is_upstream_exos_nixpkgs():
@@ -265,12 +283,16 @@ requires_upstream = pytest.mark.skipif(
 @requires_upstream
 def test_exo_pin_rederived_from_upstream():
     exo = LOCK["nodes"]["exo"]["locked"]
-    tag = LOCK["nodes"]["exo"]["original"]["ref"]
-    assert git("rev-parse", f"{tag}^{{commit}}").decode().strip() == exo["rev"]
+    assert git("rev-parse", f"{exo['rev']}^{{commit}}").decode().strip() == exo["rev"]
+    # The version's release part is the newest tag the commit contains.
+    described = git("describe", "--tags", "--abbrev=0", exo["rev"]).decode().strip()
+    assert described == f"v{EXO_BASE_RELEASE}"
     assert int(git("log", "-1", "--format=%ct", exo["rev"])) == exo["lastModified"]
-    # A GitHub tarball holds what `git archive` exports unless .gitattributes says otherwise.
-    tree = git("ls-tree", "-r", "--name-only", exo["rev"]).decode().splitlines()
-    assert not [p for p in tree if p.endswith(".gitattributes")]
+    # A GitHub tarball holds what `git archive` exports unless .gitattributes says otherwise,
+    # and holds no submodule contents.
+    entries = git("ls-tree", "-r", exo["rev"]).decode().splitlines()
+    assert not [e for e in entries if e.split("\t", 1)[1].endswith(".gitattributes")]
+    assert not [e for e in entries if e.startswith("160000 ")]
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=io.BytesIO(git("archive", exo["rev"]))) as archive:
             archive.extractall(tmp, filter="tar")
@@ -426,12 +448,16 @@ def test_accelerated_variants_wrap_the_matching_upstream_build():
         "cuda",
         "exo-cuda-13",
     )
-    assert linux["exo-cuda-12"]["wraps"] == "exo-cuda-12"
+    assert "exo-cuda-12" not in linux  # upstream no longer exports it
+    # upstream's package names at the pinned commit
+    assert linux["exo-python"] == {"name": "exo"}
+    assert linux["exo-rust-bindings"] == {"name": "exo-rs"}
+    assert linux["exo-dashboard"] == {"name": "dashboard"}
     darwin = variants("aarch64-darwin")["packages"]
     assert (darwin["exo-mlx"]["accelerator"], darwin["exo-mlx"]["wraps"]) == ("mlx", "exo")
     for variant in (*linux.values(), *darwin.values()):
         if "accelerator" in variant:
-            assert variant["version"] == EXO_RELEASE
+            assert variant["version"] == EXO_VERSION
             assert variant["resources"].endswith("-source/resources")
             assert variant["dashboard"] == "dashboard"
             assert variant["note"] is None or variant["requestedAccelerator"] == "rocm"
@@ -445,6 +471,8 @@ def test_accelerated_variants_wrap_the_matching_upstream_build():
         ("x86_64-linux", "exo-mlx", "Apple-silicon (Metal) build"),
         ("aarch64-darwin", "exo-cuda", "CUDA backend for Linux only"),
         ("aarch64-darwin", "exo-rocm", "no ROCm backend"),
+        ("x86_64-linux", "exo-cuda-12", "stopped building its CUDA 12 variant"),
+        ("aarch64-linux", "exo-cuda-12", "use exo-cuda (CUDA 13"),
     ],
 )
 def test_unavailable_variant_fails_evaluation_with_its_reason(system: str, name: str, reason: str):
@@ -455,6 +483,44 @@ def test_unavailable_variant_fails_evaluation_with_its_reason(system: str, name:
     )
     assert f"{name} is not available on {system}" in error
     assert reason in error
+
+
+@pytest.mark.nix
+@requires_nix
+@pytest.mark.parametrize(
+    ("name", "missing"),
+    [("exo-python", "exo"), ("exo-cuda", "exo-cuda-13"), ("exo-dashboard", "dashboard")],
+)
+def test_a_build_the_pinned_exo_lacks_fails_evaluation_naming_it(name: str, missing: str):
+    # Upstream renames and drops package outputs between commits (exo_pyo3_bindings became
+    # exo-rs, exo-cuda-12 was commented out); a re-pin that loses one says which.
+    lib = lib_expr()
+    error = nix_eval_error(
+        f'let lib = {lib}; exo = {{ outPath = "/x"; packages.x86_64-linux = {{ }}; }}; '
+        'final = { inherit lib; stdenv.hostPlatform.system = "x86_64-linux"; '
+        "callPackage = _: args: builtins.seq args.exo args; }; "
+        f"in (import ./nix/packages {{ inherit exo; }} final {{ }}).{name}"
+    )
+    expected = f"upstream EXO {EXO_VERSION} (flake.lock) exports no packages.x86_64-linux.{missing}"
+    assert expected in error
+
+
+@pytest.mark.nix
+@requires_nix
+def test_rust_bindings_are_upstreams_exo_rs():
+    lib = lib_expr()
+    wheel = nix_eval(
+        f'let lib = {lib}; exo = {{ packages.aarch64-linux.exo-rs = "wheel"; }}; '
+        'final = { inherit lib; stdenv.hostPlatform.system = "aarch64-linux"; }; '
+        "in (import ./nix/overlays/rust-overrides.nix { inherit exo; } final { }).exo-rs"
+    )
+    assert wheel == "wheel"
+    error = nix_eval_error(
+        f"let lib = {lib}; exo = {{ packages.aarch64-linux = {{ }}; }}; "
+        'final = { inherit lib; stdenv.hostPlatform.system = "aarch64-linux"; }; '
+        "in (import ./nix/overlays/rust-overrides.nix { inherit exo; } final { }).exo-rs"
+    )
+    assert "exports no packages.aarch64-linux.exo-rs" in error
 
 
 # --- the exo-nixos package ------------------------------------------------------------------
@@ -576,3 +642,15 @@ def test_workflow_runs_flake_check_with_kvm():
     assert "exo.cachix.org" in json.dumps(workflow)
     runs = "\n".join(s.get("run", "") for j in workflow["jobs"].values() for s in j["steps"])
     assert "nix flake check --no-build --all-systems" in runs
+
+
+def test_workflow_builds_natively_on_aarch64_linux():
+    workflow = yaml.safe_load((REPO / ".github/workflows/nix.yml").read_text())
+    arm = [j for j in workflow["jobs"].values() if str(j["runs-on"]).endswith("-arm")]
+    assert len(arm) == 1
+    runs = "\n".join(s.get("run", "") for s in arm[0]["steps"])
+    assert ".#packages.aarch64-linux.exo-complete" in runs
+    assert ".#packages.aarch64-linux.exo-nixos" in runs
+    assert ".#checks.aarch64-linux.module-eval" in runs
+    assert "vm-" not in runs  # the VM tests need KVM: x86_64-linux only
+    assert "exo.cachix.org" in json.dumps(workflow["env"])

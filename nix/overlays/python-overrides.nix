@@ -2,7 +2,7 @@
 # library itself and what its K3s registrar needs that nixpkgs lacks: lightkube (with its
 # models) and the HTTP client it is built on, httpx2 with httpcore2. EXO's own
 # Python dependencies are not overridden here: upstream's uv2nix build pins them from uv.lock,
-# and changing them would give a different EXO than the release tested upstream.
+# and changing them would give a different EXO than the one built and tested upstream.
 final: prev: {
   pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
     (pyfinal: pyprev: {

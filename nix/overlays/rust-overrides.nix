@@ -1,12 +1,13 @@
-# EXO's Rust extension (exo_pyo3_bindings: networking, discovery, keys) as `pkgs.exo-pyo3-bindings`:
-# the wheel upstream's flake builds with crane + maturin and its Rust toolchain (fenix stable)
-# from the pinned release; it is the wheel upstream installs into exo-python's virtualenv.
+# EXO's Rust extension (the Python module `exo_rs`: networking over zenoh, discovery, keys) as
+# `pkgs.exo-rs`: the wheel upstream's flake builds with crane + maturin and its Rust toolchain
+# (fenix stable) from the pinned commit, the wheel upstream installs into exo-python's
+# virtualenv. Upstream named it `exo_pyo3_bindings` up to v1.0.71 and `exo-rs` since.
 { exo }:
 final: _prev: {
-  exo-pyo3-bindings =
+  exo-rs =
     let
       system = final.stdenv.hostPlatform.system;
     in
-    exo.packages.${system}.exo_pyo3_bindings
-      or (throw "exo-pyo3-bindings: upstream EXO builds its Rust bindings for x86_64-linux, aarch64-linux and aarch64-darwin, not ${system}");
+    exo.packages.${system}.exo-rs
+      or (throw "exo-rs: upstream EXO (flake.lock) exports no packages.${system}.exo-rs; it builds its Rust bindings for x86_64-linux, aarch64-linux and aarch64-darwin");
 }

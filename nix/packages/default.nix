@@ -10,14 +10,23 @@ let
   system = final.stdenv.hostPlatform.system;
   platforms = import ./platforms.nix;
 
-  # The EXO release pinned in flake.nix (the `exo` input's tag) and flake.lock.
-  version = "1.0.71";
+  # The EXO commit pinned in flake.nix and flake.lock: the last release tag it contains and
+  # the commit date (UTC). Upstream's own pyproject.toml version (0.3.70) is not EXO's release
+  # number, so it is not used. tests/test_flake.py checks this against flake.lock.
+  version = "1.0.71-unstable-2026-06-22";
 
   upstream =
     exo.packages.${system}
       or (throw "exo-nixos: upstream EXO has no packages for ${system}; supported: ${lib.concatStringsSep ", " platforms.systems}");
 
   resources = "${exo}/resources";
+
+  # One of upstream's package outputs, or an evaluation error that says the pinned commit
+  # lacks it (instead of a missing-attribute error from deep inside the overlay).
+  build =
+    name:
+    upstream.${name}
+      or (throw "exo-nixos: upstream EXO ${version} (flake.lock) exports no packages.${system}.${name}; see docs/flake.md");
 
   complete =
     args:
@@ -44,13 +53,14 @@ in
 lib.mapAttrs guard {
   # The Python application: upstream's `exo` (Python 3.13 virtualenv from uv.lock, MLX CPU
   # backend on Linux, MLX Metal on macOS).
-  exo-python = upstream.exo;
+  exo-python = build "exo";
 
-  # The Rust extension (exo_pyo3_bindings) as upstream builds it: a wheel, crane + maturin.
-  exo-rust-bindings = final.exo-pyo3-bindings;
+  # The Rust extension (upstream's `exo-rs`, Python module exo_rs) as upstream builds it: a
+  # wheel, crane + maturin.
+  exo-rust-bindings = final.exo-rs;
 
   # The web dashboard's static files (upstream's dream2nix npm build of dashboard/).
-  exo-dashboard = upstream.dashboard;
+  exo-dashboard = build "dashboard";
 
   # This project's tool (pre-flight, supervisor, gateway, K3s registrar), built from this
   # repository's pyproject.toml.
@@ -58,7 +68,7 @@ lib.mapAttrs guard {
 
   # A complete node on the CPU (Linux) or on Metal (macOS, where upstream's default build is MLX).
   exo-complete = complete {
-    exo = upstream.exo;
+    exo = build "exo";
     accelerator = if isDarwin then "mlx" else "cpu";
     description =
       if isDarwin then
@@ -71,15 +81,17 @@ lib.mapAttrs guard {
   # Turing or newer GPUs).
   exo-cuda = complete {
     pname = "exo-cuda";
-    exo = upstream.exo-cuda-13;
+    exo = build "exo-cuda-13";
     accelerator = "cuda";
     description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 13 backend";
   };
 
-  # Older NVIDIA GPUs and drivers: MLX's CUDA 12 backend (upstream's exo-cuda-12).
+  # Older NVIDIA GPUs and drivers: MLX's CUDA 12 backend. Upstream stopped exporting
+  # exo-cuda-12 after v1.0.71 (it is commented out in python/parts.nix at the pinned commit),
+  # so platforms.nix lists it nowhere and this evaluates to the error that says so.
   exo-cuda-12 = complete {
     pname = "exo-cuda-12";
-    exo = upstream.exo-cuda-12;
+    exo = build "exo-cuda-12";
     accelerator = "cuda";
     description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 12 backend";
   };
@@ -88,7 +100,7 @@ lib.mapAttrs guard {
   # up for AMD-GPU hosts; it says so in its name, its metadata, variant.json and on stderr.
   exo-rocm = complete {
     pname = "exo-rocm-cpu-only";
-    exo = upstream.exo;
+    exo = build "exo";
     accelerator = "cpu";
     requestedAccelerator = "rocm";
     note = "exo-rocm: upstream EXO ${version} has no ROCm backend; this node runs inference on the CPU";
@@ -98,7 +110,7 @@ lib.mapAttrs guard {
   # Apple silicon: upstream's default build on aarch64-darwin is MLX with Metal.
   exo-mlx = complete {
     pname = "exo-mlx";
-    exo = upstream.exo;
+    exo = build "exo";
     accelerator = "mlx";
     description = "EXO with dashboard, resources and exo-nixos; MLX on Apple silicon (Metal)";
   };

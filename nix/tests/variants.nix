@@ -12,12 +12,12 @@ let
   };
   exo = {
     outPath = "/nix/store/00000000000000000000000000000000-source";
+    # what upstream's flake exports at the pinned commit (the names used here)
     packages.${system} = lib.genAttrs [
       "exo"
-      "exo-cuda-12"
       "exo-cuda-13"
       "dashboard"
-      "exo_pyo3_bindings"
+      "exo-rs"
     ] upstreamPackage;
   };
   final = {
@@ -26,7 +26,7 @@ let
     # exo-complete.nix is called with these arguments; the test inspects them.
     callPackage = path: args: { calledFile = baseNameOf path; } // args;
     exo-nixos = upstreamPackage "exo-nixos";
-    exo-pyo3-bindings = upstreamPackage "exo-pyo3-bindings";
+    exo-rs = upstreamPackage "exo-rs";
     python3Packages = {
       exo-nixos = upstreamPackage "exo-nixos-lib";
       toPythonApplication = p: p // { application = true; };
