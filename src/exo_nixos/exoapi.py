@@ -465,7 +465,8 @@ async def probe(
         return await _probe(own, base, timeout)
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+def run_coroutine(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to completion from sync code, also when this thread already runs a loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -476,7 +477,7 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def probe_sync(base_url: str, timeout: float) -> NodeView:
     """:func:`probe` for synchronous callers (also safe where an event loop is running)."""
-    return _run(probe(base_url, timeout))
+    return run_coroutine(probe(base_url, timeout))
 
 
 # -- exo's log: the only place it names the master -----------------------------------------
