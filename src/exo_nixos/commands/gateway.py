@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from exo_nixos.config import DEFAULT_CONFIG_PATH
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
