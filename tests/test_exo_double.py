@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from exo_nixos.exoapi import run_coroutine
 from tests.exo_double.fixture import (
     double_env,
     free_port,
     http_json,
     make_fake_exo_package,
-    run_coroutine,
     run_double,
 )
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from exo_nixos.exoapi import run_coroutine
 from tests.exo_double.fixture import (
     double_env,
     free_port,
     http_json,
     make_fake_exo_package,
-    run_coroutine,
 )
 from tests.notify_listener import NotifyListener
 

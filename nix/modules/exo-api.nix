@@ -11,6 +11,7 @@ let
   tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
   netns = cfg.networking.networkNamespace;
+  hardening = import ./lib/hardening.nix;
 in
 {
   imports = [ ./exo-service.nix ];
@@ -147,7 +148,7 @@ in
       requires = [ "${cfg.nodeUnit}.service" ];
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
-      serviceConfig = {
+      serviceConfig = hardening // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} gateway --config ${cfg.configFile}";
@@ -171,38 +172,16 @@ in
         # the gateway joins it (clients reach it on the interfaces moved there).
         NetworkNamespacePath = mkIf (netns != null) "/run/netns/${netns}";
 
-        # Hardening: a network proxy needs no devices, capabilities or writable paths.
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        NoNewPrivileges = true;
+        # Hardening beyond the baseline (lib/hardening.nix): a network proxy needs no
+        # devices, IPC, keyring, resource control or netlink.
         PrivateDevices = true;
         DevicePolicy = "closed";
-        PrivateTmp = true;
-        PrivateUsers = true;
         PrivateIPC = true;
         PrivateMounts = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectControlGroups = true;
-        ProtectProc = "invisible";
-        ProcSubset = "pid";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
         KeyringMode = "private";
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
         SystemCallErrorNumber = "EPERM";
-        UMask = "0077";
       };
     };
   };

@@ -10,6 +10,7 @@ let
   label = types.strMatching "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?";
   absolutePath = types.strMatching "/.*";
   tool = lib.getExe' cfg.toolPackage "exo-nixos";
+  hardening = import ./lib/hardening.nix;
 
   isServer = kube.enable && kube.role == "server";
   hasCredentials = k3s.kubeconfigFile != null || k3s.tokenFile != null;
@@ -155,7 +156,7 @@ in
         partOf = [ "exo.target" ];
         wantedBy = [ "exo.target" ];
         restartTriggers = [ cfg.configFile ];
-        serviceConfig = {
+        serviceConfig = hardening // {
           ExecStart = "${tool} k3s register --config ${cfg.configFile}";
           LoadCredential = credentials;
           Restart = "always";
@@ -165,33 +166,11 @@ in
           # The registrar deletes its endpoint on SIGTERM within 10 s.
           TimeoutStopSec = 20;
           DynamicUser = true;
-          CapabilityBoundingSet = "";
-          AmbientCapabilities = "";
-          NoNewPrivileges = true;
-          PrivateTmp = true;
+          # Hardening beyond the baseline (lib/hardening.nix): an API client needs no devices.
           PrivateDevices = true;
-          PrivateUsers = true;
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          ProtectClock = true;
-          ProtectControlGroups = true;
-          ProtectHostname = true;
-          ProtectKernelLogs = true;
-          ProtectKernelModules = true;
-          ProtectKernelTunables = true;
-          ProtectProc = "invisible";
-          ProcSubset = "pid";
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          RemoveIPC = true;
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
           # AF_NETLINK: reading the cluster interface's address.
           RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
-          SystemCallArchitectures = "native";
           SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
-          UMask = "0077";
         };
       };
     })

@@ -11,6 +11,7 @@ let
   role = if cfg.mode == "master" then "master" else "worker";
   exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
   sec = cfg.security;
+  hardening = import ./lib/hardening.nix;
 
   # systemd manages (creates, chowns, makes writable) directories below these roots itself;
   # a directory elsewhere is created by tmpfiles and made writable with ReadWritePaths.
@@ -316,7 +317,8 @@ in
       restartTriggers = [ configFile ];
       # no start rate limit: the exponential backoff below paces restarts forever
       startLimitIntervalSec = 0;
-      serviceConfig = {
+      # the shared sandbox (lib/hardening.nix); this unit's differences close the set
+      serviceConfig = hardening // {
         # the supervisor sends READY=1 once EXO's API answers, WATCHDOG=1 while probes pass
         Type = "notify";
         NotifyAccess = "main";
@@ -340,7 +342,6 @@ in
         # journalctl -p works; logLevel decides which lines it writes
         SyslogLevelPrefix = true;
 
-        UMask = "0077";
         StateDirectory = lib.mkIf stateManaged (relative "/var/lib" sec.dataDir);
         StateDirectoryMode = "0750";
         CacheDirectory = lib.mkIf cacheManaged (relative "/var/cache" sec.cacheDir);
@@ -356,33 +357,15 @@ in
         ReadOnlyPaths = map (d: "-${d}") cfg.readOnlyModelDirs;
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
 
-        # hardening: everything EXO tolerates; each relaxation says why
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        NoNewPrivileges = true;
+        # hardening beyond the baseline: everything EXO tolerates; each relaxation says why
         # devices: exo-hardware.nix sets DevicePolicy=closed, DeviceAllow= for the GPU nodes
         # of the installed variants, and PrivateDevices= (true on CPU-only nodes); it also
         # turns hardware.memoryLimit into MemoryMax=
-        PrivateTmp = true;
         PrivateMounts = true;
-        PrivateUsers = true;
-        ProtectSystem = "strict";
         # model directories under /home stay reachable (read-only unless listed as writable)
         ProtectHome = if modelsUnderHome then "read-only" else true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectProc = "invisible";
         # relaxed: EXO reads /proc/meminfo, /proc/cpuinfo and /proc/stat for placement
         ProcSubset = "all";
-        LockPersonality = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        RemoveIPC = true;
         # relaxed: CUDA's PTX JIT and libffi closures (ctypes callbacks in the Python ML
         # stack) need memory that is writable and executable
         MemoryDenyWriteExecute = false;
@@ -393,8 +376,6 @@ in
         # relaxed: EXO is a network service (zenoh, discovery, API, MLX ring); a network
         # namespace for the whole unit is exo-networking.nix's choice
         PrivateNetwork = false;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" ];
         SystemCallErrorNumber = "EPERM";
       };
     };

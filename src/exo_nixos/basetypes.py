@@ -1,4 +1,4 @@
-"""Config value types that need nothing beyond the standard library.
+"""Config value types and the config's path, needing nothing beyond the standard library.
 
 They live apart from :mod:`exo_nixos.config` (pydantic) so that commands on the start path,
 such as ``exo-nixos detect``, can use them without importing pydantic.
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from pathlib import Path
+
+DEFAULT_CONFIG_PATH = Path("/etc/exo/config.json")
+"""Where the NixOS module writes the config document."""
 
 
 class Accelerator(StrEnum):

@@ -25,13 +25,19 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from exo_nixos.basetypes import Accelerator, MemoryLimit
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH, Accelerator, MemoryLimit
 from exo_nixos.errors import ConfigError
 
-__all__ = ["Accelerator", "Config", "MemoryLimit", "load_config", "parse_config"]
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Accelerator",
+    "Config",
+    "MemoryLimit",
+    "load_config",
+    "parse_config",
+]
 
 SCHEMA_VERSION = 1
-DEFAULT_CONFIG_PATH = Path("/etc/exo/config.json")
 
 EXO_API_PORT = 52415
 EXO_ZENOH_PORT = 52414

@@ -90,8 +90,6 @@ class NodeView:
     node_id: str
     master_id: str | None = None
     """The elected master, when known. exo's API does not expose it: see ``with_master``."""
-    is_master: bool | None = None
-    """Whether this node is the master; ``None`` when unknown."""
     peers: tuple[Peer, ...] = ()
     instances: tuple[Instance, ...] = ()
     models_ok: bool = False
@@ -107,11 +105,14 @@ class NodeView:
     def healthy(self) -> bool:
         return not self.problems
 
+    @property
+    def is_master(self) -> bool | None:
+        """Whether this node is the master; ``None`` when unknown."""
+        return None if self.master_id is None else self.master_id == self.node_id
+
     def with_master(self, master_id: str | None) -> NodeView:
         """This view with the master learnt elsewhere (exo's log, a master hint)."""
-        if master_id is None:
-            return replace(self, master_id=None, is_master=None)
-        return replace(self, master_id=master_id, is_master=master_id == self.node_id)
+        return replace(self, master_id=master_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -465,7 +466,8 @@ async def probe(
         return await _probe(own, base, timeout)
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+def run_coroutine(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to completion from sync code, also when this thread already runs a loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -476,7 +478,7 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def probe_sync(base_url: str, timeout: float) -> NodeView:
     """:func:`probe` for synchronous callers (also safe where an event loop is running)."""
-    return _run(probe(base_url, timeout))
+    return run_coroutine(probe(base_url, timeout))
 
 
 # -- exo's log: the only place it names the master -----------------------------------------

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.rootarg import add_root_argument, checked_root
-from exo_nixos.config import DEFAULT_CONFIG_PATH
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

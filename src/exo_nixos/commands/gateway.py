@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from exo_nixos.config import DEFAULT_CONFIG_PATH
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError
     from exo_nixos.gateway.server import check, serve

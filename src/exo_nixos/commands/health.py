@@ -6,6 +6,10 @@ import argparse
 import json
 import math
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exo_nixos.nodehealth import HealthReport
 
 
 def _positive_seconds(text: str) -> float:
@@ -38,17 +42,27 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def assess_target(args: argparse.Namespace) -> HealthReport:
+    """Probe the node that the options of :func:`add_target_arguments` name."""
+    from exo_nixos.nodehealth import assess, resolve_target
+
+    return assess(resolve_target(args.url, args.config, args.timeout))
+
+
+def print_json(report: HealthReport) -> None:
+    """``--json`` output of ``health`` and ``status``: the report, one indented object."""
+    json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     add_target_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from exo_nixos.nodehealth import assess, resolve_target
-
-    report = assess(resolve_target(args.url, args.config, args.timeout))
+    report = assess_target(args)
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json(report)
         return report.verdict.exit_code
     if report.view is None:
         print(f"down: {report.reason}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exo_nixos.config import DEFAULT_CONFIG_PATH
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.rootarg import add_root_argument, checked_root
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
     from exo_nixos.network import LinkMonitor
-
-DEFAULT_CONFIG = "/etc/exo/config.json"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help=f"the exo-nixos config (default {DEFAULT_CONFIG} when it exists)",
+        help=f"the exo-nixos config (default {DEFAULT_CONFIG_PATH} when it exists)",
     )
     parser.add_argument(
         "--watch",
@@ -54,8 +53,8 @@ def _config(path: str | None) -> Config | None:
 
     if path is not None:
         return load_config(path)
-    if Path(DEFAULT_CONFIG).exists():
-        return load_config(DEFAULT_CONFIG)
+    if DEFAULT_CONFIG_PATH.exists():
+        return load_config(DEFAULT_CONFIG_PATH)
     return None
 
 

@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.rootarg import add_root_argument, checked_root
-from exo_nixos.config import DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:
+    from exo_nixos.preflight import CheckResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,12 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_root_argument(parser, "/sys, /proc, /dev and the service directories")
 
 
-def format_results(results: list[object]) -> str:
-    from exo_nixos.preflight import CheckResult
-
+def format_results(results: list[CheckResult]) -> str:
     lines = []
     for result in results:
-        assert isinstance(result, CheckResult)
         line = f"{result.status.upper():<4}  {result.check}: {result.reason}"
         if result.fix:
             line += f"\n      fix: {result.fix}"
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(format_results(list(results)))
+        print(format_results(results))
     failed = [r for r in results if r.status is Status.FAIL]
     if failed and not args.json:
         print(f"{len(failed)} check(s) failed", file=sys.stderr)

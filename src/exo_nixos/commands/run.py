@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+
 if TYPE_CHECKING:
     from exo_nixos.config import Config
     from exo_nixos.supervisor.runner import LinkSource, Supervisor
@@ -17,7 +19,7 @@ ROLES = ("master", "worker")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default="/etc/exo/config.json", help="the config JSON (default %(default)s)"
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
     )
     parser.add_argument(
         "--role",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from exo_nixos.commands.health import add_target_arguments
+from exo_nixos.commands.health import add_target_arguments, assess_target, print_json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -14,12 +13,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from exo_nixos.nodehealth import assess, render_status, resolve_target
+    from exo_nixos.nodehealth import render_status
 
-    report = assess(resolve_target(args.url, args.config, args.timeout))
+    report = assess_target(args)
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json(report)
     else:
         sys.stdout.write(render_status(report))
     return report.verdict.exit_code

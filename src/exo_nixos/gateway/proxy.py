@@ -95,22 +95,28 @@ def _error(
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
+def _end_to_end(
+    headers: CIMultiDictProxy[str], drop: frozenset[str], drop_prefix: str | None = None
+) -> CIMultiDict[str]:
+    """``headers`` less those in ``drop``, those the Connection header names (RFC 9110
+    7.6.1) and, with ``drop_prefix``, those whose name starts with it."""
+    named: set[str] = set()
     for value in headers.getall("Connection", []):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+        named.update(t.strip().lower() for t in value.split(",") if t.strip())
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower in named:
+            continue
+        if drop_prefix is not None and lower.startswith(drop_prefix):
+            continue
+        kept.add(name, value)
+    return kept
 
 
 def forward_request_headers(request: web.Request) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones and its key, plus X-Forwarded-*."""
-    named = _connection_tokens(request.headers)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        lower = name.lower()
-        if lower in _REQUEST_DROP or lower in named:
-            continue
-        headers.add(name, value)
+    headers = _end_to_end(request.headers, _REQUEST_DROP)
     peer = request.remote or ""
     previous = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
@@ -121,14 +127,7 @@ def forward_request_headers(request: web.Request) -> CIMultiDict[str]:
 
 
 def forward_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    named = _connection_tokens(upstream.headers)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        lower = name.lower()
-        if lower in _RESPONSE_DROP or lower in named or lower.startswith(_RESPONSE_DROP_PREFIX):
-            continue
-        headers.add(name, value)
-    return headers
+    return _end_to_end(upstream.headers, _RESPONSE_DROP, _RESPONSE_DROP_PREFIX)
 
 
 class Gateway:

@@ -47,7 +47,6 @@ ARM_PARTS: dict[tuple[int, int], str] = {
     (0x61, 0x039): "Apple M2 Max Avalanche",
     (0xC0, 0xAC3): "Ampere-1",
 }
-APPLE_IMPLEMENTER = 0x61
 _NODE_MEMORY = re.compile(r"MemTotal:\s*(\d+)\s*kB")
 
 

@@ -76,11 +76,7 @@ class Notifier:
         return True
 
     def ready(self, status: str | None = None) -> bool:
-        fields = ["READY=1"]
-        if status is not None:
-            fields.append(_status_field(status))
-            self._last_status = status
-        return self.send(*fields)
+        return self._send_state("READY=1", status)
 
     def status(self, text: str) -> bool:
         """Send ``STATUS=``; repeated identical text is not resent."""
@@ -93,11 +89,14 @@ class Notifier:
         return self.send("WATCHDOG=1")
 
     def stopping(self, status: str | None = None) -> bool:
-        fields = ["STOPPING=1"]
-        if status is not None:
-            fields.append(_status_field(status))
-            self._last_status = status
-        return self.send(*fields)
+        return self._send_state("STOPPING=1", status)
+
+    def _send_state(self, state: str, status: str | None) -> bool:
+        """``state`` (``READY=1``, ``STOPPING=1``) with an optional ``STATUS=`` in one message."""
+        if status is None:
+            return self.send(state)
+        self._last_status = status
+        return self.send(state, _status_field(status))
 
     def close(self) -> None:
         if self._sock is not None:
