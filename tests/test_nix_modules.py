@@ -105,3 +105,48 @@ def test_rendered_unit_text():
     assert "PartOf=exo.target" in text
     assert "Type=notify" in text
     assert "[Install]\nWantedBy=exo.target" in text
+
+
+def test_config_dir_decides_where_config_json_goes():
+    result = evaluate(
+        {"services": {"exo": {"enable": True, "security": {"configDir": "/etc/ai/exo"}}}}
+    )
+    assert "ai/exo/config.json" in result["etc"]
+    assert "exo/config.json" not in result["etc"]
+    result = evaluate(
+        {"services": {"exo": {"enable": True, "security": {"configDir": "/srv/exo"}}}}
+    )
+    assert any("must lie below /etc" in m for m in result["assertions"])
+
+
+@pytest.mark.parametrize("limit", ["0", "0%", "150%", "0.0G"])
+def test_memory_limit_out_of_range_is_refused(limit):
+    result = evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
+    assert any("hardware.memoryLimit" in m for m in result["assertions"])
+
+
+@pytest.mark.parametrize("limit", ["80%", "80 %", "48G", "48gib", "48 G", "1.5T", "512MiB"])
+def test_memory_limit_syntax_agrees_with_the_config_model(limit):
+    result = evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
+    assert result["assertions"] == []
+    assert parse_config(result["etc"]["exo/config.json"]).hardware.memory_limit == limit
+
+
+def test_gateway_listen_address_must_be_an_address():
+    with pytest.raises(NixEvalError, match="listenAddress"):
+        evaluate({"services": {"exo": {"enable": True, "gateway": {"listenAddress": "localhost"}}}})
+
+
+def test_registrar_in_host_namespace_is_warned_about():
+    result = evaluate(
+        {
+            "services": {
+                "exo": {
+                    "enable": True,
+                    "networking": {"networkNamespace": "exo"},
+                    "k3s": {"integration": True, "kubeconfigFile": "/etc/rancher/k3s/k3s.yaml"},
+                }
+            }
+        }
+    )
+    assert any("network namespace exo" in w for w in result["warnings"])

@@ -23,7 +23,8 @@ in
       description = "Run `exo-api.service`, the authenticated gateway to the cluster's EXO APIs.";
     };
     listenAddress = mkOption {
-      type = types.str;
+      # an IPv4 or IPv6 address, as the gateway binds it (host names are not resolved)
+      type = types.strMatching "([0-9]{1,3}(\\.[0-9]{1,3}){3})|([0-9a-fA-F.]*:[0-9a-fA-F:.]*)";
       default = "127.0.0.1";
       example = "0.0.0.0";
       description = "Address the gateway listens on; anything but loopback needs `apiKeysFile`.";
@@ -177,11 +178,9 @@ in
         PrivateDevices = true;
         DevicePolicy = "closed";
         PrivateIPC = true;
-        PrivateMounts = true;
         KeyringMode = "private";
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
         SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
-        SystemCallErrorNumber = "EPERM";
       };
     };
   };

@@ -38,13 +38,21 @@ let
     || config.hardware.nvidia.datacenter.enable;
   persistenced = nvidiaDriver && config.hardware.nvidia.nvidiaPersistenced;
 
-  # "80 %" -> "80%", "64GiB" -> "64G", "1.5T" -> "1.5T": the forms systemd's MemoryMax= takes.
+  # The syntax exo-nixos' config model accepts: a percentage or a size in binary units.
+  memoryLimitPattern = "([0-9]+(\\.[0-9]+)?) *(%|[KMGTkmgt]?)([iI]?[bB])?";
+  memoryLimitParts = text: builtins.match memoryLimitPattern text;
+  # "80 %" -> "80%", "64GiB" -> "64G", "1.5t" -> "1.5T": the forms systemd's MemoryMax= takes.
   memoryMax = text:
+    let parts = memoryLimitParts text;
+    in "${builtins.elemAt parts 0}${lib.toUpper (builtins.elemAt parts 2)}";
+  # above zero, and a percentage at most 100 (leading zeros dropped: JSON numbers have none)
+  memoryLimitInRange = text:
     let
-      parts = builtins.match "([0-9]+(\\.[0-9]+)?) *(%|[KMGTkmgt]?)(i?B)?" text;
+      parts = memoryLimitParts text;
+      digits = builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0;
+      number = builtins.fromJSON digits;
     in
-    if parts == null then text
-    else "${builtins.elemAt parts 0}${lib.toUpper (builtins.elemAt parts 2)}";
+    number > 0 && (builtins.elemAt parts 2 != "%" || number <= 100);
 
   gpuUnits = [ "systemd-modules-load.service" ]
     ++ lib.optional hw.waitForDeviceNodes "systemd-udev-settle.service"
@@ -74,7 +82,7 @@ in
     };
 
     memoryLimit = mkOption {
-      type = types.nullOr (types.strMatching "[0-9]+(\\.[0-9]+)?( *%|[KMGTkmgt]?(i?B)?)");
+      type = types.nullOr (types.strMatching memoryLimitPattern);
       default = null;
       example = "80%";
       description = ''
@@ -126,6 +134,10 @@ in
 
   config = mkIf cfg.enable {
     assertions = [
+      {
+        assertion = hw.memoryLimit == null || memoryLimitInRange hw.memoryLimit;
+        message = ''services.exo.hardware.memoryLimit = "${toString hw.memoryLimit}": a size must be above zero and a percentage above 0% and at most 100%, for example "80%" or "48G".'';
+      }
       {
         assertion = lib.all (name: lib.elem name accelerators) (lib.attrNames hw.packages);
         message = "services.exo.hardware.packages: keys must be among ${lib.concatStringsSep ", " accelerators}.";

@@ -143,7 +143,9 @@ in
             "services.exo.k3s: no credentials, so exo-k3s-registrar is not started; set services.exo.k3s.tokenFile (with apiServer and caFile) or services.exo.k3s.kubeconfigFile."
         )
         ++ optional (!gatewayReachable)
-          "services.exo.k3s: the ${k3s.serviceName} Service points at EXO's own API port ${toString cfg.apiPort}, which has no authentication, because the gateway is ${if cfg.gateway.enable then "bound to loopback" else "disabled"}; set services.exo.gateway.listenAddress and apiKeysFile to put pods behind the gateway.";
+          "services.exo.k3s: the ${k3s.serviceName} Service points at EXO's own API port ${toString cfg.apiPort}, which has no authentication, because the gateway is ${if cfg.gateway.enable then "bound to loopback" else "disabled"}; set services.exo.gateway.listenAddress and apiKeysFile to put pods behind the gateway."
+        ++ optional (registrarWanted && cfg.networking.networkNamespace != null)
+          "services.exo.k3s: EXO runs in network namespace ${cfg.networking.networkNamespace} while exo-k3s-registrar stays in the host's to reach the Kubernetes API, so its health probe of 127.0.0.1 never sees the node and the endpoint stays not ready; set services.exo.k3s.serviceDiscovery = false or drop networking.networkNamespace.";
 
       services.k3s.manifests = mkIf isServer {
         exo-system.source = manifests;
@@ -170,7 +172,7 @@ in
           PrivateDevices = true;
           # AF_NETLINK: reading the cluster interface's address.
           RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" "AF_NETLINK" ];
-          SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+          SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
         };
       };
     })

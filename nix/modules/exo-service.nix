@@ -86,7 +86,9 @@ in
       example = "rack-a";
       description = ''
         EXO `--namespace`: only nodes with the same namespace see each other. `null` keeps
-        EXO's default, its version string, so nodes of different EXO versions never mix.
+        EXO's default, the version in its `pyproject.toml` (`0.3.70` at the pinned commit),
+        which does not change with every EXO build: set a name per cluster to keep clusters on
+        one segment apart.
       '';
     };
 
@@ -277,6 +279,10 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
+        assertion = configManaged;
+        message = ''services.exo.security.configDir = "${sec.configDir}": it must lie below /etc, where NixOS writes config.json; use for example "/etc/exo".'';
+      }
+      {
         assertion = cfg.noWorker -> cfg.mode == "master";
         message = ''services.exo.noWorker only applies to mode "master"; set services.exo.mode = "master" or remove noWorker.'';
       }
@@ -289,7 +295,7 @@ in
         readOnlyModelDirs extraArgs environmentVariables healthCheck security;
     };
 
-    environment.etc."exo/config.json".source = configFile;
+    environment.etc."${relative "/etc" sec.configDir}/config.json".source = configFile;
     environment.systemPackages = [ cfg.toolPackage ];
 
     users.users = mkIf (cfg.security.user == "exo") {
@@ -361,7 +367,6 @@ in
         # devices: exo-hardware.nix sets DevicePolicy=closed, DeviceAllow= for the GPU nodes
         # of the installed variants, and PrivateDevices= (true on CPU-only nodes); it also
         # turns hardware.memoryLimit into MemoryMax=
-        PrivateMounts = true;
         # model directories under /home stay reachable (read-only unless listed as writable)
         ProtectHome = if modelsUnderHome then "read-only" else true;
         # relaxed: EXO reads /proc/meminfo, /proc/cpuinfo and /proc/stat for placement
@@ -376,7 +381,6 @@ in
         # relaxed: EXO is a network service (zenoh, discovery, API, MLX ring); a network
         # namespace for the whole unit is exo-networking.nix's choice
         PrivateNetwork = false;
-        SystemCallErrorNumber = "EPERM";
       };
     };
 

@@ -8,6 +8,7 @@
   AmbientCapabilities = "";
   NoNewPrivileges = true;
   PrivateTmp = true;
+  PrivateMounts = true;
   PrivateUsers = true;
   ProtectSystem = "strict";
   ProtectHome = true;
@@ -27,5 +28,6 @@
   RestrictSUIDSGID = true;
   SystemCallArchitectures = "native";
   SystemCallFilter = [ "@system-service" "~@privileged" ];
+  SystemCallErrorNumber = "EPERM";
   UMask = "0077";
 }
