@@ -64,8 +64,8 @@ def nix_files() -> list[Path]:
     )
 
 
-def nix_eval(expr: str) -> Any:
-    result = subprocess.run(
+def nix_instantiate(expr: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
         capture_output=True,
         text=True,
@@ -73,19 +73,16 @@ def nix_eval(expr: str) -> Any:
         cwd=REPO,
         check=False,
     )
+
+
+def nix_eval(expr: str) -> Any:
+    result = nix_instantiate(expr)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def nix_eval_error(expr: str) -> str:
-    result = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        env=NIX_ENV,
-        cwd=REPO,
-        check=False,
-    )
+    result = nix_instantiate(expr)
     assert result.returncode != 0, f"expected an evaluation error, got {result.stdout}"
     return result.stderr
 

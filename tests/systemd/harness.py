@@ -96,6 +96,17 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
+def sandbox_report(guest: Guest) -> dict[str, Any]:
+    """What the fake exo recorded about the sandbox it found inside the node unit."""
+    text = wait_until(
+        lambda: guest.run(["cat", "/run/exo/sandbox.json"], check=False).stdout,
+        20,
+        "the sandbox report",
+    )
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
 _HTTP = (
     "import json,sys,urllib.error,urllib.request as u\n"
     "url,body,headers=sys.argv[1],sys.argv[2],json.loads(sys.argv[3])\n"

@@ -19,12 +19,18 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.systemd.guest import Guest
-from tests.systemd.harness import booted_guest, http, unit_journal, unit_props, wait_until
+from tests.systemd.harness import (
+    booted_guest,
+    http,
+    sandbox_report,
+    unit_journal,
+    unit_props,
+    wait_until,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -250,21 +256,11 @@ def test_exposure_is_low(guest: Guest) -> None:
     assert exposure(guest, NODE) <= NODE_EXPOSURE_LIMIT
 
 
-def _sandbox(guest: Guest) -> dict[str, Any]:
-    text = wait_until(
-        lambda: guest.run(["cat", "/run/exo/sandbox.json"], check=False).stdout,
-        20,
-        "the sandbox report",
-    )
-    report: dict[str, Any] = json.loads(text)
-    return report
-
-
 def test_node_may_use_only_the_bond_and_loopback(guest: Guest) -> None:
     allowed = props(guest, NODE, "RestrictNetworkInterfaces")["RestrictNetworkInterfaces"]
     assert set(allowed.split()) == {"lo", "bond0"}, allowed
     # sent by the program EXO would be, inside the running node unit
-    sent = _sandbox(guest)["net"]
+    sent = sandbox_report(guest)["net"]
     assert sent == {
         "lo": "ok",
         "bond0": "ok",

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.systemd.guest import Guest
-from tests.systemd.harness import booted_guest, http, unit_journal, unit_props
+from tests.systemd.harness import booted_guest, http, sandbox_report, unit_journal, unit_props
 from tests.systemd.harness import wait_until as _wait_until
 
 pytestmark = pytest.mark.systemd
@@ -120,22 +120,12 @@ def test_systemctl_status_shows_the_status_line(guest: Guest) -> None:
     assert "cpu (FALLBACK: cuda unusable (preferred accelerator cuda cannot be used" in line
 
 
-def _sandbox(guest: Guest) -> dict[str, Any]:
-    text = wait_until(
-        lambda: guest.run(["cat", "/run/exo/sandbox.json"], check=False).stdout,
-        20,
-        "the sandbox report",
-    )
-    report: dict[str, Any] = json.loads(text)
-    return report
-
-
 def test_runs_as_exo_with_the_hardening_enforced(guest: Guest) -> None:
     main_pid = show(guest, "MainPID")["MainPID"]
     status = guest.run(["cat", f"/proc/{main_pid}/status"]).stdout
     uid = guest.run(["id", "-u", "exo"]).stdout.strip()
     assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.M), status
-    report = _sandbox(guest)
+    report = sandbox_report(guest)
     assert str(report["uid"]) == uid
     writes = report["writes"]
     for denied in ("/usr/exo-probe", "/etc/exo-probe", "/var/exo-probe"):
