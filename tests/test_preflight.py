@@ -13,6 +13,7 @@ import pytest
 
 from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, Config, parse_config
+from exo_nixos.hardware import Inventory, detect
 from exo_nixos.preflight import (
     Host,
     Status,
@@ -187,8 +188,13 @@ def test_not_a_directory(host: Host) -> None:
     assert "not a directory" in result.reason
 
 
+def detected(host: Host, cfg: Config) -> Inventory:
+    return detect(host.root, use_nvml=False, models_dir=cfg.effective_models_dir)
+
+
 def test_disk_reports_free_space(host: Host) -> None:
-    result = check_disk(make_config(host.root), host)
+    cfg = make_config(host.root)
+    result = check_disk(cfg, detected(host, cfg).disk)
     assert result.status in {Status.OK, Status.WARN, Status.FAIL}
     assert "GiB free for models" in result.reason
 
@@ -196,10 +202,12 @@ def test_disk_reports_free_space(host: Host) -> None:
 def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     class Tiny:
         f_bavail = 10
+        f_blocks = 100
         f_frsize = 4096
 
     monkeypatch.setattr(os, "statvfs", lambda _: Tiny())
-    result = check_disk(make_config(host.root), host)
+    cfg = make_config(host.root)
+    result = check_disk(cfg, detected(host, cfg).disk)
     assert result.status is Status.FAIL
 
 
@@ -209,12 +217,13 @@ def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch
 )
 def test_memory_limit_against_physical(host: Host, limit, status) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": limit})
-    assert check_memory(cfg, host).status is status
+    assert check_memory(cfg, detected(host, cfg).memory.total_bytes).status is status
 
 
 def test_memory_unreadable_warns(host: Host) -> None:
     (host.root / "proc/meminfo").write_text("garbled")
-    assert check_memory(make_config(host.root), host).status is Status.WARN
+    cfg = make_config(host.root)
+    assert check_memory(cfg, detected(host, cfg).memory.total_bytes).status is Status.WARN
 
 
 def test_cuda_devices(host: Host) -> None:

@@ -25,11 +25,21 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH, Accelerator, MemoryLimit
+from exo_nixos.basetypes import (
+    DEFAULT_CONFIG_PATH,
+    EXO_API_PORT,
+    EXO_DISCOVERY_PORT,
+    EXO_ZENOH_PORT,
+    Accelerator,
+    MemoryLimit,
+)
 from exo_nixos.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "EXO_API_PORT",
+    "EXO_DISCOVERY_PORT",
+    "EXO_ZENOH_PORT",
     "Accelerator",
     "Config",
     "MemoryLimit",
@@ -39,9 +49,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 
-EXO_API_PORT = 52415
-EXO_ZENOH_PORT = 52414
-EXO_DISCOVERY_PORT = 52413
 GATEWAY_PORT = 52417
 
 

@@ -18,7 +18,7 @@ from exo_nixos.config import Config, default_config, load_config
 from exo_nixos.preflight import CheckResult, Host, Status, run_checks
 
 if TYPE_CHECKING:
-    from exo_nixos.hardware import Decision
+    from exo_nixos.hardware import Decision, Inventory
 
 NODE_PROBE_TIMEOUT_S = 1.5
 
@@ -96,12 +96,11 @@ def _load(config_path: Path) -> tuple[Config, str, bool]:
 
 
 def _accelerator_section(
-    config: Config, installed: bool, root: Path, use_nvml: bool
+    config: Config, installed: bool, inventory: Inventory
 ) -> tuple[Section, Decision]:
-    from exo_nixos.hardware import HardwareSettings, decide, detect
+    from exo_nixos.hardware import HardwareSettings, decide
     from exo_nixos.hardware.report import text_lines
 
-    inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)
     settings = HardwareSettings.from_config(config.hardware)
     if not installed:
         # no config: judge as if every EXO variant were installed, as `detect` does
@@ -161,9 +160,12 @@ def _node_section(config: Config) -> Section:
 def diagnose(config_path: Path, root: Path = Path("/"), use_nvml: bool = True) -> Report:
     config, source, installed = _load(config_path)
     host = Host(root)
-    accelerator, decision = _accelerator_section(config, installed, root, use_nvml)
+    from exo_nixos.hardware import detect
+
+    inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)
+    accelerator, decision = _accelerator_section(config, installed, inventory)
     network = _network_section(config, root)
-    results = run_checks(config, host, decision.accelerator)
+    results = run_checks(config, host, inventory, decision.accelerator)
     if not installed:
         results = [r for r in results if not r.check.startswith("directory ")]
     # the network section already judges the cluster interface

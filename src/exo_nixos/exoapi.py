@@ -34,10 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.errors import UserError
 from exo_nixos.fsutil import atomic_write
 
-DEFAULT_URL = "http://127.0.0.1:52415"
+DEFAULT_URL = f"http://127.0.0.1:{EXO_API_PORT}"
 MASTER_HINT_FILE = "master.json"
 
 _T = TypeVar("_T")

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from exo_nixos.config import Accelerator, Config, MemoryLimit
+from exo_nixos.hardware.model import Disk, Inventory
 from exo_nixos.k3s.credentials import credential_path
 
 GIB = 1 << 30
@@ -64,12 +65,6 @@ class Host:
 
     def path(self, absolute: str | Path) -> Path:
         return self.root / str(absolute).lstrip("/")
-
-    def read(self, absolute: str) -> str | None:
-        try:
-            return self.path(absolute).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
 
 
 # ---------------------------------------------------------------- ports
@@ -254,16 +249,11 @@ def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckRes
 # ---------------------------------------------------------------- disk and memory
 
 
-def check_disk(config: Config, host: Host) -> CheckResult:
-    models = host.path(config.effective_models_dir)
-    probe = next((p for p in (models, *models.parents) if p.exists()), None)
-    if probe is None:
+def check_disk(config: Config, disk: Disk | None) -> CheckResult:
+    """Free space for models, as detection measured it."""
+    if disk is None:
         return _warn("disk", f"cannot find {config.effective_models_dir}", "create the model dir")
-    try:
-        usage = os.statvfs(probe)
-    except OSError as exc:
-        return _warn("disk", f"cannot stat {probe}: {exc.strerror}", "check the mount")
-    free = usage.f_bavail * usage.f_frsize
+    free = disk.free_bytes
     text = f"{free / GIB:.1f} GiB free for models in {config.effective_models_dir}"
     if free < DISK_FAIL_BYTES:
         return _fail("disk", text, "free space or set modelsDir to a larger filesystem")
@@ -272,19 +262,8 @@ def check_disk(config: Config, host: Host) -> CheckResult:
     return _ok("disk", text)
 
 
-def physical_memory(host: Host) -> int | None:
-    for line in (host.read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            parts = line.split()
-            try:
-                return int(parts[1]) * 1024
-            except (IndexError, ValueError):
-                return None
-    return None
-
-
-def check_memory(config: Config, host: Host) -> CheckResult:
-    total = physical_memory(host)
+def check_memory(config: Config, total: int | None) -> CheckResult:
+    """``hardware.memoryLimit`` against physical memory (``total``, from detection)."""
     if total is None:
         return _warn("memory", "cannot read MemTotal from /proc/meminfo", "check /proc is mounted")
     text = config.hardware.memory_limit
@@ -390,22 +369,17 @@ def check_kube_credentials(config: Config, host: Host) -> CheckResult:
 # ---------------------------------------------------------------- all
 
 
-def run_checks(config: Config, host: Host, accelerator: Accelerator) -> list[CheckResult]:
+def run_checks(
+    config: Config, host: Host, inventory: Inventory, accelerator: Accelerator
+) -> list[CheckResult]:
+    """Every check; ``inventory`` is the hardware detection the caller already made."""
     results = [check_ports(config)]
     results += check_interface(config, host)
     results += [check_directory(spec, host, config) for spec in directory_specs(config)]
     results += [
-        check_disk(config, host),
-        check_memory(config, host),
+        check_disk(config, inventory.disk),
+        check_memory(config, inventory.memory.total_bytes),
         check_devices(accelerator, host),
         check_kube_credentials(config, host),
     ]
     return results
-
-
-def accelerator_for(config: Config, host: Host) -> Accelerator:
-    """The accelerator the supervisor would run on, whose device nodes pre-flight checks."""
-    from exo_nixos.hardware import choose, detect
-
-    inventory = detect(host.root, models_dir=config.effective_models_dir)
-    return choose(config, inventory).accelerator

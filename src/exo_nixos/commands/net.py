@@ -49,13 +49,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(path: str | None) -> Config | None:
+    """The config when one is given or installed; pydantic is imported only then."""
+    if path is None and not DEFAULT_CONFIG_PATH.exists():
+        return None
     from exo_nixos.config import load_config
 
-    if path is not None:
-        return load_config(path)
-    if DEFAULT_CONFIG_PATH.exists():
-        return load_config(DEFAULT_CONFIG_PATH)
-    return None
+    return load_config(path or DEFAULT_CONFIG_PATH)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,11 +38,13 @@ def format_results(results: list[CheckResult]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.config import load_config
-    from exo_nixos.preflight import Host, Status, accelerator_for, run_checks
+    from exo_nixos.hardware import choose, detect
+    from exo_nixos.preflight import Host, Status, run_checks
 
     config = load_config(args.config)
     host = Host(checked_root(args.root))
-    results = run_checks(config, host, accelerator_for(config, host))
+    inventory = detect(host.root, models_dir=config.effective_models_dir)
+    results = run_checks(config, host, inventory, choose(config, inventory).accelerator)
     if args.json:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         sys.stdout.write("\n")

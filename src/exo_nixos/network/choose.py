@@ -10,9 +10,13 @@ found here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from exo_nixos.config import EXO_DISCOVERY_PORT, Config
+from exo_nixos.basetypes import EXO_DISCOVERY_PORT
 from exo_nixos.network.sysfs import Interface, NetInventory
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config
 
 DISCOVERY_GROUP = "ff12::e0a1:de89"
 
