@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from exo_nixos.basetypes import Accelerator
 from exo_nixos.hardware import HardwareSettings, decide, detect
-from exo_nixos.hardware.nvml import NvmlReport, load_pynvml, query
+from exo_nixos.hardware.nvml import NvmlReport, RecordedNvml, load_pynvml, query
 from tests.hardware.conftest import fixture
 
 
@@ -205,3 +205,96 @@ def test_nvml_init_failure_is_recorded_and_replayed(tree_copy):
     (root / "nvml.json").write_text(json.dumps({"initError": "Driver Not Loaded", "devices": []}))
     inventory = detect(root)
     assert inventory.nvml == "unavailable: Driver Not Loaded"
+
+
+# --- NVML failures that rule CUDA out too ---------------------------------------------
+
+
+def _real_nvml_error(code: int) -> Exception:
+    """pynvml's own exception for an NVML return code, as nvmlInit raises it."""
+    import pynvml
+
+    error: Exception = pynvml.NVMLError(code)
+    return error
+
+
+class _FailingInit(RecordedNvml):
+    def __init__(self, error: Exception) -> None:
+        super().__init__({"devices": []})
+        self.error = error
+
+    def nvmlInit(self) -> None:
+        raise self.error
+
+
+def test_driver_library_mismatch_falls_back_to_cpu_with_the_fix():
+    # nixos-rebuild switch to a new NVIDIA driver without a reboot: the old module stays loaded
+    error = _real_nvml_error(18)
+    inventory = detect(fixture("nvidia-rtx4090-desktop"), nvml_loader=lambda: _FailingInit(error))
+    (rtx,) = inventory.gpus_for(Accelerator.CUDA)
+    assert rtx.responding is False and not rtx.usable
+    assert rtx.problems == [
+        "the loaded nvidia kernel module (550.78) is not the release of the NVIDIA libraries "
+        f"(NVML: {error}): reboot, so the driver of the current system generation is loaded"
+    ]
+    assert inventory.warnings == []  # the problem is the GPU's, said once
+    decision = decide(HardwareSettings(), inventory)
+    assert decision.accelerator is Accelerator.CPU
+    assert decision.reasons[-1].startswith("no working CUDA device (NVIDIA GeForce RTX 4090 at")
+    assert (
+        "reboot, so the driver of the current system generation is loaded" in decision.reasons[-1]
+    )
+
+
+def test_driver_not_loaded_rules_out_cuda(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    recorded = {"initError": "Driver Not Loaded", "initErrorCode": 9, "devices": []}
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    nvidia = inventory.gpus_for(Accelerator.CUDA)
+    assert len(nvidia) == 8
+    assert all(
+        g.problems == ["the NVIDIA driver is not running (NVML: Driver Not Loaded)"] for g in nvidia
+    )
+    assert decide(HardwareSettings(), inventory).accelerator is Accelerator.CPU
+
+
+@pytest.mark.parametrize(("code", "message"), [(4, "Insufficient Permissions"), (999, "Unknown")])
+def test_other_init_failures_leave_the_gpus_unverified_not_unusable(tree_copy, code, message):
+    root = tree_copy("nvidia-dgx-h100")
+    recorded = {"initError": message, "initErrorCode": code, "devices": []}
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    nvidia = inventory.gpus_for(Accelerator.CUDA)
+    assert all(g.responding is None and g.usable for g in nvidia)
+    decision = decide(HardwareSettings(), inventory)
+    assert decision.accelerator is Accelerator.CUDA
+    assert f"NVML unavailable: {message}: the NVIDIA GPUs were not verified" in decision.reasons
+
+
+def test_mismatch_without_a_readable_module_version(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    (root / "sys/module/nvidia/version").write_bytes(b"\xff\x00garbage")
+    recorded = {"initError": "Driver/library version mismatch", "initErrorCode": 18, "devices": []}
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    assert inventory.nvidia_module is None
+    assert any(
+        w.endswith("/sys/module/nvidia/version: not text (garbled); ignored")
+        for w in inventory.warnings
+    )
+    (rtx,) = inventory.gpus_for(Accelerator.CUDA)
+    assert rtx.problems[0].startswith(
+        "the loaded nvidia kernel module is not the release of the NVIDIA libraries (NVML: "
+        "Driver/library version mismatch)"
+    )
+
+
+def test_module_version_that_is_not_a_version_is_ignored(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    (root / "sys/module/nvidia/version").write_text("latest and greatest\n")
+    inventory = detect(root)
+    assert inventory.nvidia_module is None
+    assert f"{root}/sys/module/nvidia/version: 'latest and greatest' is not a version; ignored" in (
+        inventory.warnings
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from exo_nixos.hardware import amd, cpu, memory, nvml, pci
@@ -11,6 +12,8 @@ from exo_nixos.hardware.tree import Tree
 
 DEFAULT_MODELS_DIR = "/var/lib/exo/models"
 RECORDED_NVML = "nvml.json"  # NVML answers captured next to a tree (scripts/capture-hw-tree)
+NVIDIA_MODULE_VERSION = "/sys/module/nvidia/version"
+VERSION = re.compile(r"\d+(\.\d+)+")
 
 
 def host_system() -> str:
@@ -47,6 +50,8 @@ def detect(
     )
     nvidia_bound = [g for g in gpus if g.driver == pci.NVIDIA_DRIVER]
     nvml_warnings: list[str] = []
+    if nvidia_bound:
+        inventory.nvidia_module = _module_version(tree)
     if not nvidia_bound:
         inventory.nvml = "not needed (no GPU bound to the nvidia driver)"
     elif not use_nvml:
@@ -56,11 +61,19 @@ def detect(
         if loader is None:
             inventory.nvml = "not asked (captured tree without nvml.json)"
         else:
-            report = _query(loader)
+            report = _query(loader, inventory.nvidia_module)
             inventory.nvml = report.status
             nvml_warnings = nvml.annotate(gpus, report)
     inventory.warnings = tree.warnings + nvml_warnings
     return inventory
+
+
+def _module_version(tree: Tree) -> str | None:
+    version = tree.line(NVIDIA_MODULE_VERSION)
+    if version is None or VERSION.fullmatch(version):
+        return version
+    tree.warn(f"{tree.shown(NVIDIA_MODULE_VERSION)}: {version[:40]!r} is not a version; ignored")
+    return None
 
 
 def _default_loader(tree: Tree) -> nvml.NvmlLoader | None:
@@ -72,7 +85,7 @@ def _default_loader(tree: Tree) -> nvml.NvmlLoader | None:
     return None
 
 
-def _query(loader: nvml.NvmlLoader) -> nvml.NvmlReport:
+def _query(loader: nvml.NvmlLoader, module_version: str | None) -> nvml.NvmlReport:
     try:
         library = loader()
     except Exception as exc:  # ImportError, a garbled recording: report, never crash
@@ -82,7 +95,7 @@ def _query(loader: nvml.NvmlLoader) -> nvml.NvmlReport:
             [],
             [f"NVML could not be loaded ({reason}): NVIDIA GPUs were not verified"],
         )
-    return nvml.query(library)
+    return nvml.query(library, module_version)
 
 
 def _detect_macos(tree: Tree, models_dir: str) -> Inventory:

@@ -59,6 +59,16 @@ class NvmlReport:
     status: str
     devices: list[NvmlDevice]
     warnings: list[str]
+    # Set when NVML's failure means no NVIDIA GPU can run CUDA here either: every GPU bound to
+    # the nvidia driver gets this as a problem.
+    blocking: str | None = None
+
+
+# NVML return codes (nvml.h) whose failure in nvmlInit also rules CUDA out: the kernel module
+# and the user-space libraries come from different driver releases (on NixOS: a switch to a
+# new driver without a reboot), or the driver is not running at all.
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
 
 
 def _text(value: str | bytes) -> str:
@@ -70,14 +80,40 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def query(library: NvmlLibrary) -> NvmlReport:
-    """Ask NVML for every device. NVML errors of any kind become warnings or device errors."""
+def _code(exc: BaseException) -> int | None:
+    """The NVML return code pynvml's NVMLError carries as ``value``."""
+    value = getattr(exc, "value", None)
+    return value if isinstance(value, int) else None
+
+
+def _blocking(code: int | None, reason: str, module_version: str | None) -> str | None:
+    if code == NVML_ERROR_LIB_RM_VERSION_MISMATCH:
+        loaded = f" ({module_version})" if module_version else ""
+        return (
+            f"the loaded nvidia kernel module{loaded} is not the release of the NVIDIA "
+            f"libraries (NVML: {reason}): reboot, so the driver of the current system "
+            "generation is loaded"
+        )
+    if code == NVML_ERROR_DRIVER_NOT_LOADED:
+        return f"the NVIDIA driver is not running (NVML: {reason})"
+    return None
+
+
+def query(library: NvmlLibrary, module_version: str | None = None) -> NvmlReport:
+    """Ask NVML for every device. NVML errors of any kind become warnings or device errors.
+
+    ``module_version`` is the loaded nvidia kernel module's version, named in the problem a
+    driver/library version mismatch gives.
+    """
     # pynvml raises NVMLError subclasses, but a broken driver install can also surface as
     # OSError or ctypes errors: nothing raised by NVML may stop detection.
     try:
         library.nvmlInit()
     except Exception as exc:
         reason = _reason(exc)
+        blocking = _blocking(_code(exc), reason, module_version)
+        if blocking is not None:
+            return NvmlReport(f"unavailable: {reason}", [], [], blocking)
         return NvmlReport(
             f"unavailable: {reason}",
             [],
@@ -136,6 +172,12 @@ def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
 def annotate(gpus: list[Gpu], report: NvmlReport) -> list[str]:
     """Merge NVML's answers into the nvidia-bound GPUs; return warnings."""
     warnings = list(report.warnings)
+    if report.blocking is not None:
+        for gpu in gpus:
+            if gpu.vendor is GpuVendor.NVIDIA and gpu.driver == NVIDIA_DRIVER:
+                gpu.responding = False
+                gpu.problems.append(report.blocking)
+        return warnings
     if not report.status.startswith("ok"):
         return warnings
     by_address = {d.address: d for d in report.devices if d.address}
@@ -168,11 +210,14 @@ class RecordedNvml:
 
     The document: ``{"driver": "550.54.15", "devices": [{"busId": ..., "name": ...,
     "uuid": ..., "memoryTotal": ..., "memoryFree": ..., "computeCapability": [9, 0]}
-    | {"error": "GPU is lost"}]}``.
+    | {"error": "GPU is lost"}]}``, or ``{"initError": "...", "initErrorCode": 18,
+    "devices": []}`` for an NVML that did not start.
     """
 
     class Error(Exception):
-        pass
+        def __init__(self, message: str, value: int | None = None) -> None:
+            super().__init__(message)
+            self.value = value
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
@@ -189,7 +234,9 @@ class RecordedNvml:
 
     def nvmlInit(self) -> None:
         if "initError" in self.document:
-            raise self.Error(self.document["initError"])
+            code = self.document.get("initErrorCode")
+            message = str(self.document["initError"])
+            raise self.Error(message, code if isinstance(code, int) else None)
 
     def nvmlShutdown(self) -> None:
         return None
