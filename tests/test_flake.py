@@ -446,6 +446,9 @@ def test_accelerated_variants_wrap_the_matching_upstream_build():
         "exo-cuda-13",
     )
     assert "exo-cuda-12" not in linux  # upstream no longer exports it
+    # what MLX's CUDA 13 build needs; the module's cudaMinimum* defaults come from here
+    assert linux["exo-cuda"]["requirements"] == {"nvidiaDriver": "580", "computeCapability": "7.5"}
+    assert linux["exo-complete"]["requirements"] == {}
     # upstream's package names at the pinned commit
     assert linux["exo-python"] == {"name": "exo"}
     assert linux["exo-rust-bindings"] == {"name": "exo-rs"}

@@ -36,6 +36,10 @@ let
 
   nvidiaDriver = lib.elem "nvidia" config.services.xserver.videoDrivers
     || config.hardware.nvidia.datacenter.enable;
+  # the configured driver's version, when the driver is configured and its package says
+  nvidiaVersion = if nvidiaDriver then config.hardware.nvidia.package.version or null else null;
+  driverTooOld = uses "cuda" && nvidiaVersion != null && hw.cudaMinimumDriver != null
+    && lib.versionOlder nvidiaVersion hw.cudaMinimumDriver;
   persistenced = nvidiaDriver && config.hardware.nvidia.nvidiaPersistenced;
 
   # The syntax exo-nixos' config model accepts: a percentage or a size in binary units.
@@ -124,6 +128,33 @@ in
       '';
     };
 
+    cudaMinimumDriver = mkOption {
+      type = types.nullOr (types.strMatching "[0-9]{1,4}(\\.[0-9]{1,4}){0,2}");
+      default = hw.packages.cuda.passthru.variant.requirements.nvidiaDriver or null;
+      defaultText = literalExpression
+        "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.nvidiaDriver or null";
+      example = "580";
+      description = ''
+        Oldest NVIDIA driver the installed CUDA variant of EXO runs on. When the loaded driver
+        is older, the node starts on the CPU and says why, instead of failing in CUDA's start-up.
+        The default comes from the CUDA package (`exo-cuda`, built with CUDA 13: 580); set it
+        for a CUDA build of your own.
+      '';
+    };
+
+    cudaMinimumComputeCapability = mkOption {
+      type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]");
+      default = hw.packages.cuda.passthru.variant.requirements.computeCapability or null;
+      defaultText = literalExpression
+        "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.computeCapability or null";
+      example = "7.5";
+      description = ''
+        Oldest GPU generation (CUDA compute capability) the installed CUDA variant runs on;
+        older GPUs are left out, and a node with only such GPUs runs on the CPU. The default
+        comes from the CUDA package (MLX's CUDA builds: 7.5, Turing).
+      '';
+    };
+
     rocmGfxOverride = mkOption {
       type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}");
       default = null;
@@ -153,6 +184,8 @@ in
         services.exo.hardware: CUDA is wanted (preferredAccelerator or packages.cuda) but no NVIDIA driver is configured, so EXO will run on the CPU. Add "nvidia" to services.xserver.videoDrivers (desktops) or set hardware.nvidia.datacenter.enable = true (servers).''
       ++ lib.optional (uses "cuda" && nvidiaDriver && !config.hardware.graphics.enable) ''
         services.exo.hardware: CUDA programs on NixOS load libcuda from /run/opengl-driver, which only hardware.graphics.enable = true provides; set it, or EXO will run on the CPU.''
+      ++ lib.optional driverTooOld ''
+        services.exo.hardware: the NVIDIA driver configured (hardware.nvidia.package, ${toString nvidiaVersion}) is older than ${toString hw.cudaMinimumDriver}, the oldest the CUDA variant of EXO runs on, so EXO will run on the CPU. Use a newer driver, e.g. hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.latest.''
       ++ lib.optional (hw.preferredAccelerator != null && hw.preferredAccelerator != "cpu" && !(hw.packages ? ${hw.preferredAccelerator})) ''
         services.exo.hardware.preferredAccelerator is "${hw.preferredAccelerator}" but services.exo.hardware.packages has no ${hw.preferredAccelerator} variant, so it can never be chosen; add services.exo.hardware.packages.${hw.preferredAccelerator}.''
       ++ lib.optional (uses "rocm") ''
@@ -167,7 +200,8 @@ in
     services.exo.hardware.packages.cpu = mkDefault cfg.package;
 
     services.exo.configDocument.hardware = {
-      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride;
+      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride
+        cudaMinimumDriver cudaMinimumComputeCapability;
       packages = lib.mapAttrs (_: toString) hw.packages;
     };
 

@@ -77,12 +77,16 @@ lib.mapAttrs guard {
         "EXO with dashboard, resources and exo-nixos; runs inference on the CPU (MLX CPU backend)";
   };
 
-  # NVIDIA GPUs through MLX's CUDA 13 backend (upstream's exo-cuda-13: driver 580 or newer,
-  # Turing or newer GPUs).
+  # NVIDIA GPUs through MLX's CUDA 13 backend (upstream's exo-cuda-13). MLX's CUDA builds
+  # need compute capability 7.5 (Turing) or newer; CUDA 13 needs driver 580 or newer.
   exo-cuda = complete {
     pname = "exo-cuda";
     exo = build "exo-cuda-13";
     accelerator = "cuda";
+    requirements = {
+      nvidiaDriver = "580";
+      computeCapability = "7.5";
+    };
     description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 13 backend";
   };
 
@@ -93,6 +97,10 @@ lib.mapAttrs guard {
     pname = "exo-cuda-12";
     exo = build "exo-cuda-12";
     accelerator = "cuda";
+    requirements = {
+      nvidiaDriver = "550.54.14";
+      computeCapability = "7.5";
+    };
     description = "EXO with dashboard, resources and exo-nixos; NVIDIA GPUs through MLX's CUDA 12 backend";
   };
 

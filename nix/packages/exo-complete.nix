@@ -18,6 +18,9 @@
   accelerator,
   # the accelerator this package is named after, when it differs (exo-rocm)
   requestedAccelerator ? accelerator,
+  # what the host needs for this build: { nvidiaDriver = "580"; computeCapability = "7.5"; }
+  # (services.exo.hardware.cudaMinimum* take their defaults from here)
+  requirements ? { },
   # one line printed on stderr at every start, for builds that differ from their name
   note ? null,
   pname ? "exo-complete",
@@ -25,7 +28,7 @@
 }:
 let
   variantData = {
-    inherit accelerator version;
+    inherit accelerator version requirements;
     requested = requestedAccelerator;
     note = if note == null then "" else note;
   };

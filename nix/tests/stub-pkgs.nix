@@ -13,7 +13,6 @@ let
 in
 lib.genAttrs [
   "exo-complete"
-  "exo-cuda"
   "exo-rocm"
   "exo-mlx"
   "exo-nixos"
@@ -24,6 +23,16 @@ lib.genAttrs [
 ] fakePackage
 // {
   inherit lib;
+  # what nix/packages gives exo-cuda in passthru.variant, the module's source of defaults
+  exo-cuda = fakePackage "exo-cuda" // {
+    passthru.variant = {
+      accelerator = "cuda";
+      requirements = {
+        nvidiaDriver = "580";
+        computeCapability = "7.5";
+      };
+    };
+  };
   stdenv.hostPlatform.system = "x86_64-linux";
   formats.json = _: {
     type = (lib.types.attrsOf lib.types.anything) // { name = "json value"; };

@@ -41,6 +41,7 @@ let
         pname = value.pname or "exo-complete";
         requestedAccelerator = value.requestedAccelerator or value.accelerator;
         note = value.note or null;
+        requirements = value.requirements or { };
         wraps = value.exo.name;
         dashboard = value.dashboard.name;
         inherit (value) resources version;

@@ -90,6 +90,18 @@ def _gfx_version(value: str) -> str:
     return value
 
 
+def _driver_version(value: str) -> str:
+    if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,2}", value):
+        raise ValueError("must be an NVIDIA driver version such as '580' or '550.54.14'")
+    return value
+
+
+def _compute_capability(value: str) -> str:
+    if not re.fullmatch(r"\d{1,2}\.\d", value):
+        raise ValueError("must be a CUDA compute capability such as '7.5'")
+    return value
+
+
 def _ip_address(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -116,6 +128,8 @@ InterfaceName = Annotated[str, AfterValidator(_interface_name)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 GfxVersion = Annotated[str, AfterValidator(_gfx_version)]
+DriverVersion = Annotated[str, AfterValidator(_driver_version)]
+ComputeCapability = Annotated[str, AfterValidator(_compute_capability)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 K8sName = Annotated[str, AfterValidator(_k8s_name)]
 Url = Annotated[str, AfterValidator(_url)]
@@ -186,6 +200,14 @@ class Hardware(_Section):
     )
     rocm_gfx_override: GfxVersion | None = Field(
         None, description="HSA_OVERRIDE_GFX_VERSION for ROCm cards not recognised as-is."
+    )
+    cuda_minimum_driver: DriverVersion | None = Field(
+        None,
+        description="Oldest NVIDIA driver the installed CUDA variant runs on; older: CPU.",
+    )
+    cuda_minimum_compute_capability: ComputeCapability | None = Field(
+        None,
+        description="Oldest GPU generation the installed CUDA variant runs on; older GPUs: unused.",
     )
 
     def executable(self, accelerator: Accelerator) -> Path | None:

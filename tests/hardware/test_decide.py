@@ -330,3 +330,92 @@ def test_amd_without_kfd_is_not_usable(tree_copy):
     decision = decide(ALL, inventory, frozenset({Accelerator.ROCM, CPU}))
     assert decision.accelerator is CPU
     assert decision.reasons[-1].startswith("no working ROCm device")
+
+
+# --- what the installed CUDA variant needs: a driver and a GPU generation -----------------
+
+CUDA13 = HardwareSettings(cuda_minimum_driver="580", cuda_minimum_compute_capability="7.5")
+
+
+def test_driver_older_than_the_cuda_variant_needs_means_cpu():
+    inventory = detect(fixture("nvidia-dgx-h100"))  # driver 550.90.07
+    decision = decide(CUDA13, inventory)
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "8x NVIDIA H100 80GB HBM3 (637 GiB) found, but the NVIDIA driver 550.90.07 is older "
+        "than 580, the oldest EXO's CUDA variant runs on: install a newer driver "
+        "(hardware.nvidia.package): using cpu"
+    )
+    cuda12 = HardwareSettings(cuda_minimum_driver="550.54.14")
+    assert decide(cuda12, inventory).accelerator is CUDA
+
+
+def test_driver_version_unknown_is_not_held_against_the_gpus(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    (root / "sys/module/nvidia/version").unlink()
+    recorded = json.loads((root / "nvml.json").read_text())
+    recorded["driver"] = "unknown"
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    assert inventory.nvidia_driver is None
+    assert decide(CUDA13, inventory).accelerator is CUDA
+
+
+def test_gpus_older_than_the_cuda_variant_needs_are_left_out(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    (root / "sys/module/nvidia/version").write_text("580.95.05\n")
+    recorded = json.loads((root / "nvml.json").read_text())
+    for device in recorded["devices"][:2]:
+        device["computeCapability"] = [7, 0]
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    decision = decide(CUDA13, inventory)
+    assert decision.accelerator is CUDA
+    assert decision.devices == [g.address for g in inventory.gpus_for(CUDA)][2:]
+    assert len(decision.env["CUDA_VISIBLE_DEVICES"].split(",")) == 6
+    assert (
+        "NVIDIA H100 80GB HBM3 at 0000:1b:00.0 left out: compute capability 7.0 is below 7.5, "
+        "the oldest EXO's CUDA variant runs on"
+    ) in decision.reasons
+    # the inventory itself is unchanged: the GPU works, just not for this variant
+    assert inventory.gpus_for(CUDA)[0].usable
+
+
+def test_only_too_old_gpus_means_cpu(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")  # with a Volta card in the slot, as NVML says
+    (root / "sys/module/nvidia/version").write_text("580.95.05\n")
+    recorded = {
+        "driver": "580.95.05",
+        "devices": [
+            {
+                "busId": "00000000:01:00.0",
+                "name": "Tesla V100-PCIE-32GB",
+                "uuid": "GPU-1f0e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
+                "memoryTotal": 34359738368,
+                "memoryFree": 34000000000,
+                "computeCapability": [7, 0],
+            }
+        ],
+    }
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    decision = decide(CUDA13, detect(root))
+    assert decision.accelerator is CPU
+    assert decision.reasons[-1] == (
+        "no working CUDA device (Tesla V100-PCIE-32GB at 0000:01:00.0: compute capability 7.0 "
+        "is below 7.5, the oldest EXO's CUDA variant runs on): using cpu"
+    )
+
+
+def test_choose_takes_the_requirements_from_the_config():
+    document = {
+        "schemaVersion": 1,
+        "hardware": {
+            "packages": {"cpu": "/nix/store/x-exo-complete", "cuda": "/nix/store/x-exo-cuda"},
+            "cudaMinimumDriver": "580",
+            "cudaMinimumComputeCapability": "7.5",
+        },
+    }
+    decision = choose(parse_config(document), detect(fixture("nvidia-dgx-h100")))
+    assert decision.accelerator is CPU
+    assert decision.executable == Path("/nix/store/x-exo-complete/bin/exo")
+    assert "older than 580" in decision.reasons[-1]

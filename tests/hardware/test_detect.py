@@ -42,7 +42,7 @@ def test_dgx_h100_gpus_from_sysfs_proc_and_recorded_nvml():
     assert first.numa_node == 0 and nvidia[-1].numa_node == 1
     assert "/dev/nvidia-uvm" in first.device_nodes and "/dev/nvidia0" in first.device_nodes
     assert inv.nvml.startswith("ok (driver 550.90.07, 8 device(s))")
-    assert inv.nvidia_module == "550.90.07"
+    assert inv.nvidia_driver == "550.90.07"
     # NVSwitches are nvidia-bound but not display-class: not GPUs
     assert all(g.device_id != "22a3" for g in inv.gpus)
     (bmc,) = [g for g in inv.gpus if g.vendor is GpuVendor.OTHER]

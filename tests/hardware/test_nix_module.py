@@ -68,6 +68,49 @@ def test_cuda_variant_gets_nvidia_devices_and_module_ordering():
     assert set(packages) == {"cpu", "cuda"}
 
 
+def test_cuda_requirements_come_from_the_cuda_package():
+    result = evaluate(CUDA_PACKAGES)
+    hardware = parse_config(result["etc"]["exo/config.json"]).hardware
+    assert hardware.cuda_minimum_driver == "580"
+    assert hardware.cuda_minimum_compute_capability == "7.5"
+    own = CUDA_PACKAGES.replace(
+        "hardware.graphics.enable = true;",
+        'hardware.graphics.enable = true; services.exo.hardware.cudaMinimumDriver = "550.54.14";',
+    )
+    hardware = parse_config(evaluate(own)["etc"]["exo/config.json"]).hardware
+    assert hardware.cuda_minimum_driver == "550.54.14"
+    assert hardware.cuda_minimum_compute_capability == "7.5"
+
+
+def test_cpu_only_node_has_no_cuda_requirements():
+    hardware = parse_config(_eval()["etc"]["exo/config.json"]).hardware
+    assert hardware.cuda_minimum_driver is None
+    assert hardware.cuda_minimum_compute_capability is None
+
+
+def _with_driver(version):
+    return CUDA_PACKAGES.replace(
+        "hardware.graphics.enable = true;",
+        "hardware.graphics.enable = true; hardware.nvidia.package = pkgs.exo-nixos // "
+        f'{{ version = "{version}"; }};',
+    )
+
+
+def test_configured_driver_older_than_the_cuda_variant_needs_warns():
+    (warning,) = evaluate(_with_driver("550.144.03"))["warnings"]
+    assert warning.startswith(
+        "services.exo.hardware: the NVIDIA driver configured (hardware.nvidia.package, "
+        "550.144.03) is older than 580, the oldest the CUDA variant of EXO runs on"
+    )
+    assert "nvidiaPackages.latest" in warning
+    assert evaluate(_with_driver("580.95.05"))["warnings"] == []
+
+
+def test_bad_cuda_minimum_is_a_type_error():
+    with pytest.raises(NixEvalError, match="cudaMinimumComputeCapability"):
+        _eval({"cudaMinimumComputeCapability": "sm_75"})
+
+
 def test_rendered_unit_lists_each_device_rule():
     text = render_unit(evaluate(CUDA_PACKAGES)["services"]["exo-worker"])
     for rule in NVIDIA_CHARS:

@@ -278,7 +278,7 @@ def test_mismatch_without_a_readable_module_version(tree_copy):
     recorded = {"initError": "Driver/library version mismatch", "initErrorCode": 18, "devices": []}
     (root / "nvml.json").write_text(json.dumps(recorded))
     inventory = detect(root)
-    assert inventory.nvidia_module is None
+    assert inventory.nvidia_driver is None
     assert any(
         w.endswith("/sys/module/nvidia/version: not text (garbled); ignored")
         for w in inventory.warnings
@@ -290,11 +290,11 @@ def test_mismatch_without_a_readable_module_version(tree_copy):
     )
 
 
-def test_module_version_that_is_not_a_version_is_ignored(tree_copy):
+def test_module_version_that_is_not_a_version_gives_way_to_nvmls(tree_copy):
     root = tree_copy("nvidia-dgx-h100")
     (root / "sys/module/nvidia/version").write_text("latest and greatest\n")
     inventory = detect(root)
-    assert inventory.nvidia_module is None
+    assert inventory.nvidia_driver == "550.90.07"  # what NVML reports
     assert f"{root}/sys/module/nvidia/version: 'latest and greatest' is not a version; ignored" in (
         inventory.warnings
     )

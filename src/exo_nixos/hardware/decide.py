@@ -37,6 +37,9 @@ class HardwareSettings:
     packages: Mapping[Accelerator, str] | None = None
     visible_devices: Sequence[str] | None = None
     rocm_gfx_override: str | None = None
+    # what the installed CUDA variant needs: the oldest driver and GPU generation it runs on
+    cuda_minimum_driver: str | None = None
+    cuda_minimum_compute_capability: str | None = None
 
     @classmethod
     def from_config(cls, hardware: Hardware) -> HardwareSettings:
@@ -47,6 +50,8 @@ class HardwareSettings:
             packages=dict(hardware.packages),
             visible_devices=hardware.visible_devices,
             rocm_gfx_override=hardware.rocm_gfx_override,
+            cuda_minimum_driver=hardware.cuda_minimum_driver,
+            cuda_minimum_compute_capability=hardware.cuda_minimum_compute_capability,
         )
 
     def executable(self, accelerator: Accelerator) -> Path | None:
@@ -98,6 +103,16 @@ def _preferring_discrete(gpus: list[Gpu]) -> list[Gpu]:
     return discrete or gpus
 
 
+def _older(version: str, minimum: str) -> bool:
+    """``"550.90.07"`` older than ``"580"``, ``"7.0"`` older than ``"7.5"``; False if unparsable."""
+    try:
+        have = tuple(int(part) for part in version.split("."))
+        need = tuple(int(part) for part in minimum.split("."))
+    except ValueError:
+        return False
+    return have < need
+
+
 def _visible(gpus: list[Gpu], wanted: Sequence[str]) -> list[Gpu]:
     """GPUs named by index (nvidia-smi / PCI order) or UUID, in the order given."""
     chosen: list[Gpu] = []
@@ -128,6 +143,37 @@ class _Evaluation:
     def _block(self, accelerator: Accelerator, reason: str) -> None:
         self.blockers[accelerator] = reason
 
+    def problems(self, gpu: Gpu) -> list[str]:
+        """The GPU's own problems, and a GPU generation the installed variant cannot run on."""
+        minimum = self.settings.cuda_minimum_compute_capability
+        capability = gpu.compute_capability
+        too_old = (
+            gpu.accelerator is Accelerator.CUDA
+            and minimum is not None
+            and capability is not None
+            and _older(capability, minimum)
+        )
+        if not too_old:
+            return gpu.problems
+        return [
+            *gpu.problems,
+            f"compute capability {capability} is below {minimum}, the oldest EXO's CUDA "
+            "variant runs on",
+        ]
+
+    def usable(self, gpu: Gpu) -> bool:
+        return gpu.kind is not GpuKind.DISPLAY and not self.problems(gpu)
+
+    def _old_driver(self) -> str | None:
+        minimum = self.settings.cuda_minimum_driver
+        driver = self.inventory.nvidia_driver
+        if minimum is None or driver is None or not _older(driver, minimum):
+            return None
+        return (
+            f"the NVIDIA driver {driver} is older than {minimum}, the oldest EXO's CUDA "
+            "variant runs on: install a newer driver (hardware.nvidia.package)"
+        )
+
     def _evaluate(self, accelerator: Accelerator) -> None:
         backend = BACKEND_NAMES[accelerator]
         if accelerator is Accelerator.MLX:
@@ -153,14 +199,17 @@ class _Evaluation:
                     accelerator, f"{_describe(present)} found, but EXO has no {backend} backend"
                 )
                 return
-            working = _preferring_discrete([g for g in present if g.usable])
+            if accelerator is Accelerator.CUDA and (old_driver := self._old_driver()):
+                self._block(accelerator, f"{_describe(present)} found, but {old_driver}")
+                return
+            working = _preferring_discrete([g for g in present if self.usable(g)])
             if not working:
-                problems = "; ".join(f"{g.label}: {', '.join(g.problems)}" for g in present)
+                problems = "; ".join(f"{g.label}: {', '.join(self.problems(g))}" for g in present)
                 self._block(accelerator, f"no working {backend} device ({problems})")
                 return
             if self.settings.visible_devices is not None and accelerator is Accelerator.CUDA:
                 named = _visible(present, self.settings.visible_devices)
-                working = [g for g in named if g.usable]
+                working = [g for g in named if self.usable(g)]
                 if not working:
                     wanted = ", ".join(self.settings.visible_devices) or "none"
                     self._block(
@@ -201,9 +250,9 @@ class _Evaluation:
             broken = [
                 g
                 for g in self.inventory.gpus_for(accelerator)
-                if not g.usable and g not in option.devices
+                if not self.usable(g) and g not in option.devices
             ]
-            lines.extend(f"{g.label} left out: {', '.join(g.problems)}" for g in broken)
+            lines.extend(f"{g.label} left out: {', '.join(self.problems(g))}" for g in broken)
             status = self.inventory.nvml
             unverified = any(g.responding is None for g in option.devices)
             if (

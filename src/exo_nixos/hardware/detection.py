@@ -51,7 +51,7 @@ def detect(
     nvidia_bound = [g for g in gpus if g.driver == pci.NVIDIA_DRIVER]
     nvml_warnings: list[str] = []
     if nvidia_bound:
-        inventory.nvidia_module = _module_version(tree)
+        inventory.nvidia_driver = _module_version(tree)
     if not nvidia_bound:
         inventory.nvml = "not needed (no GPU bound to the nvidia driver)"
     elif not use_nvml:
@@ -61,8 +61,10 @@ def detect(
         if loader is None:
             inventory.nvml = "not asked (captured tree without nvml.json)"
         else:
-            report = _query(loader, inventory.nvidia_module)
+            report = _query(loader, inventory.nvidia_driver)
             inventory.nvml = report.status
+            if inventory.nvidia_driver is None and VERSION.fullmatch(report.driver or ""):
+                inventory.nvidia_driver = report.driver
             nvml_warnings = nvml.annotate(gpus, report)
     inventory.warnings = tree.warnings + nvml_warnings
     return inventory

@@ -133,7 +133,7 @@ class Inventory:
     apple: AppleSilicon | None = None
     disk: Disk | None = None
     nvml: str = "not needed"  # what happened with NVML, one line
-    nvidia_module: str | None = None  # version of the loaded nvidia kernel module
+    nvidia_driver: str | None = None  # the loaded nvidia kernel module's version, else NVML's
     warnings: list[str] = field(default_factory=list)
 
     def gpus_for(self, accelerator: Accelerator) -> list[Gpu]:

@@ -59,6 +59,7 @@ class NvmlReport:
     status: str
     devices: list[NvmlDevice]
     warnings: list[str]
+    driver: str | None = None  # the driver version NVML reports
     # Set when NVML's failure means no NVIDIA GPU can run CUDA here either: every GPU bound to
     # the nvidia driver gets this as a problem.
     blocking: str | None = None
@@ -113,7 +114,7 @@ def query(library: NvmlLibrary, module_version: str | None = None) -> NvmlReport
         reason = _reason(exc)
         blocking = _blocking(_code(exc), reason, module_version)
         if blocking is not None:
-            return NvmlReport(f"unavailable: {reason}", [], [], blocking)
+            return NvmlReport(f"unavailable: {reason}", [], [], blocking=blocking)
         return NvmlReport(
             f"unavailable: {reason}",
             [],
@@ -141,7 +142,8 @@ def query(library: NvmlLibrary, module_version: str | None = None) -> NvmlReport
             library.nvmlShutdown()
         except Exception as exc:
             warnings.append(f"NVML shutdown failed ({_reason(exc)})")
-    return NvmlReport(f"ok (driver {version}, {count} device(s))", devices, warnings)
+    driver = None if version == "unknown" else version
+    return NvmlReport(f"ok (driver {version}, {count} device(s))", devices, warnings, driver)
 
 
 def _device(library: NvmlLibrary, index: int) -> NvmlDevice:

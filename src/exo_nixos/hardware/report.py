@@ -88,8 +88,8 @@ def text_lines(inventory: Inventory, decision: Decision) -> list[str]:
         lines.append(f"GPU {gpu.address} {gpu.vendor_id}:{gpu.device_id} {gpu.name}")
         lines.append(f"  {', '.join(details)}")
         lines.extend(f"  problem: {p}" for p in gpu.problems)
-    if inventory.nvidia_module is not None:
-        lines.append(f"NVIDIA kernel module: {inventory.nvidia_module}")
+    if inventory.nvidia_driver is not None:
+        lines.append(f"NVIDIA driver: {inventory.nvidia_driver}")
     lines.append(f"NVML: {inventory.nvml}")
     lines.extend(f"warning: {w}" for w in inventory.warnings)
     lines.append(f"Accelerator: {decision.accelerator}")
