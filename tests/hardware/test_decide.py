@@ -419,3 +419,22 @@ def test_choose_takes_the_requirements_from_the_config():
     assert decision.accelerator is CPU
     assert decision.executable == Path("/nix/store/x-exo-complete/bin/exo")
     assert "older than 580" in decision.reasons[-1]
+
+
+def test_mig_mode_is_named_with_the_way_out(tree_copy):
+    root = tree_copy("nvidia-dgx-h100")
+    recorded = json.loads((root / "nvml.json").read_text())
+    recorded["devices"][0]["migMode"] = [1, 1]
+    recorded["devices"][1]["migMode"] = [0, 0]
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    inventory = detect(root)
+    first, second, third = inventory.gpus_for(CUDA)[:3]
+    assert (first.mig, second.mig, third.mig) == (True, False, None)
+    decision = decide(ALL, inventory)
+    assert decision.accelerator is CUDA and len(decision.devices) == 8
+    assert (
+        "NVIDIA H100 80GB HBM3 at 0000:1b:00.0 has MIG mode on: CUDA sees its MIG instances, "
+        "not the whole GPU, and EXO uses one of them; to give EXO the whole GPU turn MIG off "
+        "(nvidia-smi -i 0 -mig 0)"
+    ) in decision.reasons
+    assert sum("MIG" in r for r in decision.reasons) == 1

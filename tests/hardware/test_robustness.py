@@ -136,7 +136,16 @@ JSON = st.recursive(
     max_leaves=12,
 )
 NVML_KEYS = st.sampled_from(
-    ["busId", "name", "uuid", "memoryTotal", "memoryFree", "computeCapability", "error"]
+    [
+        "busId",
+        "name",
+        "uuid",
+        "memoryTotal",
+        "memoryFree",
+        "computeCapability",
+        "migMode",
+        "error",
+    ]
 )
 
 
@@ -148,8 +157,8 @@ NVML_KEYS = st.sampled_from(
 @given(
     document=JSON
     | st.fixed_dictionaries(
-        {"devices": st.lists(st.dictionaries(NVML_KEYS, JSON, max_size=7), max_size=3)},
-        optional={"driver": JSON, "initError": JSON},
+        {"devices": st.lists(st.dictionaries(NVML_KEYS, JSON, max_size=8), max_size=3)},
+        optional={"driver": JSON, "initError": JSON, "initErrorCode": JSON},
     )
 )
 def test_any_recorded_nvml_document_never_raises(trees, document):
@@ -158,6 +167,8 @@ def test_any_recorded_nvml_document_never_raises(trees, document):
     inventory = detect(root)
     decision = decide(HardwareSettings(), inventory)
     assert decision.accelerator in {Accelerator.CUDA, Accelerator.CPU}
+    requiring = HardwareSettings(cuda_minimum_driver="580", cuda_minimum_compute_capability="7.5")
+    assert decide(requiring, inventory).accelerator in {Accelerator.CUDA, Accelerator.CPU}
 
 
 def _nvml_loads() -> bool:

@@ -253,6 +253,13 @@ class _Evaluation:
                 if not self.usable(g) and g not in option.devices
             ]
             lines.extend(f"{g.label} left out: {', '.join(self.problems(g))}" for g in broken)
+            lines.extend(
+                f"{g.label} has MIG mode on: CUDA sees its MIG instances, not the whole GPU, "
+                "and EXO uses one of them; to give EXO the whole GPU turn MIG off "
+                f"(nvidia-smi -i {g.index} -mig 0)"
+                for g in option.devices
+                if g.mig
+            )
             status = self.inventory.nvml
             unverified = any(g.responding is None for g in option.devices)
             if (

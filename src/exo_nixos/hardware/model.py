@@ -54,6 +54,7 @@ class Gpu:
     uuid: str | None = None
     index: int | None = None  # NVML / nvidia-smi index; PCI bus order
     responding: bool | None = None  # None: not asked (no NVML)
+    mig: bool | None = None  # NVIDIA MIG mode on (CUDA then sees MIG instances, not the GPU)
     problems: list[str] = field(default_factory=list)  # why it cannot run EXO's backend
 
     @property

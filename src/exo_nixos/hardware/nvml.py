@@ -7,7 +7,7 @@ run with a fake and a machine without ``libnvidia-ml.so.1`` gets a warning, not 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ class NvmlLibrary(Protocol):
     def nvmlDeviceGetUUID(self, handle: Any) -> str | bytes: ...
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any: ...
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]: ...
+    def nvmlDeviceGetMigMode(self, handle: Any) -> Sequence[int]: ...
 
 
 NvmlLoader = Callable[[], NvmlLibrary]
@@ -51,6 +52,7 @@ class NvmlDevice:
     memory_total: int | None = None
     memory_free: int | None = None
     compute_capability: str | None = None
+    mig: bool | None = None  # MIG mode on; None: GPU without MIG or not asked
     error: str | None = None  # set when the device did not answer
 
 
@@ -70,6 +72,8 @@ class NvmlReport:
 # new driver without a reboot), or the driver is not running at all.
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_DEVICE_MIG_ENABLE = 1
 
 
 def _text(value: str | bytes) -> str:
@@ -168,6 +172,11 @@ def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
         device.compute_capability = f"{major}.{minor}"
     except Exception as exc:
         device.error = _reason(exc)
+        return device
+    try:
+        device.mig = int(library.nvmlDeviceGetMigMode(handle)[0]) == NVML_DEVICE_MIG_ENABLE
+    except Exception:  # Not Supported on GPUs without MIG
+        device.mig = None
     return device
 
 
@@ -201,6 +210,7 @@ def annotate(gpus: list[Gpu], report: NvmlReport) -> list[str]:
             gpu.memory_bytes = found.memory_total
             gpu.memory_source = "nvml"
         gpu.compute_capability = found.compute_capability or gpu.compute_capability
+        gpu.mig = found.mig
         gpu.responding = found.error is None
         if found.error is not None:
             gpu.problems.append(f"does not answer NVML ({found.error})")
@@ -211,7 +221,8 @@ class RecordedNvml:
     """NVML answers replayed from a JSON capture (``scripts/capture-hw-tree --nvml``).
 
     The document: ``{"driver": "550.54.15", "devices": [{"busId": ..., "name": ...,
-    "uuid": ..., "memoryTotal": ..., "memoryFree": ..., "computeCapability": [9, 0]}
+    "uuid": ..., "memoryTotal": ..., "memoryFree": ..., "computeCapability": [9, 0],
+    "migMode": [0, 0]}
     | {"error": "GPU is lost"}]}``, or ``{"initError": "...", "initErrorCode": 18,
     "devices": []}`` for an NVML that did not start.
     """
@@ -272,6 +283,13 @@ class RecordedNvml:
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:
         major, minor = self._entry(handle)["computeCapability"]
         return int(major), int(minor)
+
+    def nvmlDeviceGetMigMode(self, handle: Any) -> Sequence[int]:
+        entry = self._entry(handle)
+        if "migMode" not in entry:  # recorded from a GPU without MIG, or before it was asked
+            raise self.Error("Not Supported", NVML_ERROR_NOT_SUPPORTED)
+        current, pending = entry["migMode"]
+        return [int(current), int(pending)]
 
 
 class _Record:

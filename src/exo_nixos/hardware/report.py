@@ -85,6 +85,8 @@ def text_lines(inventory: Inventory, decision: Decision) -> list[str]:
             details.append(gpu.gfx_target)
         if gpu.responding is not None:
             details.append("answers NVML" if gpu.responding else "NOT answering")
+        if gpu.mig:
+            details.append("MIG on")
         lines.append(f"GPU {gpu.address} {gpu.vendor_id}:{gpu.device_id} {gpu.name}")
         lines.append(f"  {', '.join(details)}")
         lines.extend(f"  problem: {p}" for p in gpu.problems)
