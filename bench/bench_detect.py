@@ -2,7 +2,9 @@
 
 Each run is a fresh process, timed from spawn to exit, so interpreter start-up and imports
 count. Cases: this machine without NVML, this machine with NVML (only where a GPU is bound to
-the nvidia driver), and captured fixture trees. Usage: python bench/bench_detect.py [-n 30]
+the nvidia driver), captured fixture trees, and the DGX tree through the real pynvml (its
+import and nvmlInit: a failing one without libnvidia-ml.so.1, a real one on an NVIDIA host).
+Usage: python bench/bench_detect.py [-n 30]
 """
 
 from __future__ import annotations
@@ -102,6 +104,25 @@ def main() -> None:
             [*base, "detect", "--env", "--root", str(FIXTURES / "nvidia-dgx-h100")],
         )
     )
+    # The library call without the CLI, with and without the real pynvml: the difference is
+    # what NVML costs on this machine (import and nvmlInit; a failing nvmlInit without a GPU).
+    dgx = str(FIXTURES / "nvidia-dgx-h100")
+    snippet = (
+        "from pathlib import Path\n"
+        "from exo_nixos.hardware import detect\n"
+        "from exo_nixos.hardware.nvml import load_pynvml\n"
+        f"detect(Path({dgx!r}), {{}})\n"
+    )
+    for label, arguments in (
+        ("use_nvml=False", "use_nvml=False"),
+        ("through the real pynvml", "nvml_loader=load_pynvml"),
+    ):
+        cases.append(
+            (
+                f"detect() on nvidia-dgx-h100, {label}",
+                [sys.executable, "-c", snippet.replace("{}", arguments)],
+            )
+        )
     cases.append(
         (
             "detect --json --root nvidia-dgx-h100 --no-nvml",
