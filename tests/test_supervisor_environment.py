@@ -163,6 +163,21 @@ def test_gpu_gone_falls_back_to_cpu_and_says_why(tmp_path) -> None:
     assert sel.env["CUDA_VISIBLE_DEVICES"] == ""
 
 
+def test_driver_older_than_the_cuda_variant_needs_is_a_fallback_with_the_fix(tmp_path) -> None:
+    # the RTX 4090 desktop runs driver 550.78; the CUDA 13 build needs 580
+    packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
+    hardware = {"packages": packages, "cudaMinimumDriver": "580"}
+    sel = select_executable(cfg(hardware=hardware), FIXTURES / "nvidia-rtx4090-desktop")
+    assert sel.accelerator is Accelerator.CPU
+    assert sel.executable == f"{packages['cpu']}/bin/exo"
+    assert sel.fallback == (
+        "cuda unusable (NVIDIA GeForce RTX 4090 (24 GiB) found, but the NVIDIA driver 550.78 "
+        "is older than 580, the oldest EXO's CUDA variant runs on: install a newer driver "
+        "(hardware.nvidia.package)); running on CPU"
+    )
+    assert sel.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
 def test_installed_gpu_variant_on_a_gpu_less_host_is_a_fallback(tmp_path) -> None:
     packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
     sel = select_executable(cfg(hardware={"packages": packages}), fake_host(tmp_path / "h"))
