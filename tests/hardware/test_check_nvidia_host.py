@@ -274,3 +274,23 @@ def test_host_report_needs_an_outdir():
     )
     assert done.returncode == 2
     assert done.stderr.startswith("usage: scripts/nvidia-host-report OUTDIR")
+
+
+def test_unified_memory_gpu_agrees_with_nvidia_smi_and_cuda(tmp_path, libcuda, monkeypatch):
+    # DGX Spark: nvidia-smi prints [N/A] for memory, CUDA's total is the system's memory
+    sysfs, nvml, accelerator, _ = check.sysfs_and_nvml(fixture("nvidia-dgx-spark-gb10"))
+    uuid = "GPU-5b8e2f41-0c7d-4a93-b6e1-d29f3a70c846"
+    line = f"0000000F:01:00.0, NVIDIA GB10, {uuid}, [N/A], 12.1"
+    system = 127598748 * 1024
+    monkeypatch.setenv(
+        "FAKE_CUDA_DEVICES", f"000F:01:00.0|NVIDIA GB10|{uuid[4:].replace('-', '')}|{system}|12|1"
+    )
+    views = {
+        "sysfs": sysfs,
+        "nvml": nvml,
+        "smi": check.smi_view(fake_smi(tmp_path, [line])),
+        "cuda": check.cuda_view(libcuda),
+    }
+    assert views["smi"]["000f:01:00.0"].memory_bytes is None
+    assert views["cuda"]["000f:01:00.0"].memory_bytes == nvml["000f:01:00.0"].memory_bytes
+    assert check.compare(views, accelerator) == []

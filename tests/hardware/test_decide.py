@@ -438,3 +438,51 @@ def test_mig_mode_is_named_with_the_way_out(tree_copy):
         "(nvidia-smi -i 0 -mig 0)"
     ) in decision.reasons
     assert sum("MIG" in r for r in decision.reasons) == 1
+
+
+def test_dgx_spark_runs_cuda_13_on_its_unified_memory():
+    decision = decide(CUDA13, detect(fixture("nvidia-dgx-spark-gb10")))
+    assert decision.accelerator is CUDA
+    assert decision.devices == ["000f:01:00.0"]
+    assert decision.reasons[-1] == "chose cuda: NVIDIA GB10 (122 GiB)"
+
+
+def _memory_error(root, code, message):
+    recorded = {
+        "driver": "580.95.05",
+        "devices": [
+            {
+                "busId": "00000000:01:00.0",
+                "name": "NVIDIA GeForce RTX 4090",
+                "uuid": "GPU-7f3a1c2e-94b8-6d05-e2f1-3c8a9b0d4e57",
+                "memoryError": {"message": message, "code": code},
+                "computeCapability": [8, 9],
+            }
+        ],
+    }
+    (root / "nvml.json").write_text(json.dumps(recorded))
+    (rtx,) = detect(root).gpus_for(CUDA)
+    return rtx
+
+
+def test_a_board_with_its_own_memory_keeps_it_when_nvml_cannot_say(tree_copy):
+    rtx = _memory_error(tree_copy("nvidia-rtx4090-desktop"), 3, "Not Supported")
+    assert rtx.usable and rtx.responding is True
+    assert (rtx.kind, rtx.memory_source, rtx.memory_bytes) == (
+        GpuKind.DISCRETE,
+        "pci id",
+        24 * GiB,
+    )
+
+
+def test_an_unknown_gpu_without_memory_of_its_own_uses_the_systems(tree_copy):
+    root = tree_copy("nvidia-rtx4090-desktop")
+    (root / "sys/bus/pci/devices/0000:01:00.0/device").write_text("0x2f00\n")  # not in the table
+    gpu = _memory_error(root, 3, "Not Supported")
+    assert gpu.usable and gpu.kind is GpuKind.INTEGRATED
+    assert gpu.memory_source == "unified" and gpu.memory_bytes == 65695436 * 1024
+
+
+def test_other_memory_query_failures_mean_the_gpu_does_not_answer(tree_copy):
+    rtx = _memory_error(tree_copy("nvidia-rtx4090-desktop"), 15, "GPU is lost")
+    assert not rtx.usable and rtx.problems == ["does not answer NVML (GPU is lost)"]

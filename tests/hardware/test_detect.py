@@ -211,3 +211,31 @@ def test_nvml_and_sysfs_addresses_compare_equal():
 def test_fixture_driver_links_are_symlinks():
     link = fixture("nvidia-dgx-h100") / "sys/bus/pci/devices/0000:1b:00.0/driver"
     assert os.path.islink(link)
+
+
+def test_dgx_spark_gb10_unified_memory_gpu():
+    inv = detect(fixture("nvidia-dgx-spark-gb10"))
+    assert inv.cpu.architecture == "aarch64"
+    assert inv.cpu.model == "Arm Cortex-X925 + Arm Cortex-A725"
+    assert inv.cpu.threads == 20 and "sve2" in inv.cpu.flags
+    (gb10,) = inv.gpus_for(Accelerator.CUDA)
+    assert gb10.address == "000f:01:00.0"  # PCI domain 15: NVML's 0000000F:01:00.0
+    assert (gb10.name, gb10.kind, gb10.compute_capability) == (
+        "NVIDIA GB10",
+        GpuKind.INTEGRATED,
+        "12.1",
+    )
+    # NVML answers every query but the memory one: "Not Supported", the system's memory counts
+    assert gb10.responding is True and gb10.usable
+    assert gb10.memory_source == "unified"
+    assert gb10.memory_bytes == inv.memory.total_bytes == 127598748 * 1024
+    assert inv.nvidia_driver == "580.126.09"
+    assert inv.warnings == []
+    # ConnectX-7 ports bound to mlx5_core are not display-class: not GPUs
+    assert [g.address for g in inv.gpus] == ["000f:01:00.0"]
+
+
+def test_gb10_without_nvml_is_known_by_its_pci_id():
+    (gb10,) = detect(fixture("nvidia-dgx-spark-gb10"), use_nvml=False).gpus
+    assert gb10.memory_source == "unified" and gb10.memory_bytes == 127598748 * 1024
+    assert gb10.responding is None and gb10.usable

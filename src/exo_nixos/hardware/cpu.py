@@ -33,6 +33,8 @@ ARM_PARTS: dict[tuple[int, int], str] = {
     (0x41, 0xD49): "Arm Neoverse-N2",
     (0x41, 0xD4F): "Arm Neoverse-V2",
     (0x41, 0xD8E): "Arm Neoverse-N3",
+    (0x41, 0xD85): "Arm Cortex-X925",
+    (0x41, 0xD87): "Arm Cortex-A725",
     (0x61, 0x022): "Apple M1 Icestorm",
     (0x61, 0x023): "Apple M1 Firestorm",
     (0x61, 0x024): "Apple M1 Pro Icestorm",

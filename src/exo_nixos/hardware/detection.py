@@ -66,6 +66,9 @@ def detect(
             if inventory.nvidia_driver is None and VERSION.fullmatch(report.driver or ""):
                 inventory.nvidia_driver = report.driver
             nvml_warnings = nvml.annotate(gpus, report)
+    for gpu in gpus:
+        if gpu.memory_source == "unified":  # the GPU's memory is the system's
+            gpu.memory_bytes = inventory.memory.total_bytes
     inventory.warnings = tree.warnings + nvml_warnings
     return inventory
 

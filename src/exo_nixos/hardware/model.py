@@ -48,7 +48,7 @@ class Gpu:
     device_nodes: list[str] = field(default_factory=list)  # present /dev nodes it needs
     missing_nodes: list[str] = field(default_factory=list)  # needed /dev nodes not present
     memory_bytes: int | None = None
-    memory_source: str | None = None  # nvml, kfd, sysfs or "pci id" (nominal)
+    memory_source: str | None = None  # nvml, kfd, sysfs, "pci id" (nominal) or unified
     compute_capability: str | None = None  # CUDA, e.g. 9.0
     gfx_target: str | None = None  # ROCm, e.g. gfx90a
     uuid: str | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from exo_nixos.hardware.model import Gpu, GpuVendor
+from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor
 from exo_nixos.hardware.pci import NVIDIA_DRIVER, normalize_address
 
 
@@ -52,6 +52,7 @@ class NvmlDevice:
     memory_total: int | None = None
     memory_free: int | None = None
     compute_capability: str | None = None
+    unified_memory: bool = False  # NVML has no memory figure: the GPU shares system memory
     mig: bool | None = None  # MIG mode on; None: GPU without MIG or not asked
     error: str | None = None  # set when the device did not answer
 
@@ -165,9 +166,15 @@ def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
     try:
         device.name = _text(library.nvmlDeviceGetName(handle))
         device.uuid = _text(library.nvmlDeviceGetUUID(handle))
-        memory = library.nvmlDeviceGetMemoryInfo(handle)
-        device.memory_total = int(memory.total)
-        device.memory_free = int(memory.free)
+        try:
+            memory = library.nvmlDeviceGetMemoryInfo(handle)
+            device.memory_total = int(memory.total)
+            device.memory_free = int(memory.free)
+        except Exception as exc:
+            # GB10 (DGX Spark) and other unified-memory GPUs answer every query but this one
+            if _code(exc) != NVML_ERROR_NOT_SUPPORTED:
+                raise
+            device.unified_memory = True
         major, minor = library.nvmlDeviceGetCudaComputeCapability(handle)
         device.compute_capability = f"{major}.{minor}"
     except Exception as exc:
@@ -209,6 +216,12 @@ def annotate(gpus: list[Gpu], report: NvmlReport) -> list[str]:
         if found.memory_total is not None:
             gpu.memory_bytes = found.memory_total
             gpu.memory_source = "nvml"
+        elif found.unified_memory and gpu.memory_source != "pci id":
+            # no memory of its own (GB10 and its kin): integrated, using the system's memory,
+            # which detection fills in; a board known to have its own keeps the nominal size
+            gpu.kind = GpuKind.INTEGRATED
+            gpu.memory_bytes = None
+            gpu.memory_source = "unified"
         gpu.compute_capability = found.compute_capability or gpu.compute_capability
         gpu.mig = found.mig
         gpu.responding = found.error is None
@@ -220,11 +233,12 @@ def annotate(gpus: list[Gpu], report: NvmlReport) -> list[str]:
 class RecordedNvml:
     """NVML answers replayed from a JSON capture (``scripts/capture-hw-tree --nvml``).
 
-    The document: ``{"driver": "550.54.15", "devices": [{"busId": ..., "name": ...,
-    "uuid": ..., "memoryTotal": ..., "memoryFree": ..., "computeCapability": [9, 0],
-    "migMode": [0, 0]}
-    | {"error": "GPU is lost"}]}``, or ``{"initError": "...", "initErrorCode": 18,
-    "devices": []}`` for an NVML that did not start.
+    The document: ``{"driver": "550.54.15", "devices": [DEVICE, ...]}``, each DEVICE either
+    ``{"busId": ..., "name": ..., "uuid": ..., "memoryTotal": ..., "memoryFree": ...,
+    "computeCapability": [9, 0], "migMode": [0, 0]}`` or ``{"error": "GPU is lost"}``. A
+    unified-memory GPU has ``"memoryError": {"message": "Not Supported", "code": 3}`` in place
+    of the memory; a GPU without MIG has no ``migMode``. An NVML that did not start:
+    ``{"initError": "...", "initErrorCode": 18, "devices": []}``.
     """
 
     class Error(Exception):
@@ -278,6 +292,9 @@ class RecordedNvml:
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
         entry = self._entry(handle)
+        if "memoryError" in entry:
+            failed = entry["memoryError"]
+            raise self.Error(str(failed.get("message")), failed.get("code"))
         return _Record(total=entry["memoryTotal"], free=entry["memoryFree"])
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:

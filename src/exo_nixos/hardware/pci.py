@@ -34,6 +34,7 @@ class KnownDevice:
     kind: GpuKind = GpuKind.DISCRETE
     memory_gib: int | None = None  # nominal, when every board with this id has the same
     compute: str | None = None  # CUDA compute capability or ROCm gfx target
+    unified: bool = False  # no memory of its own: it uses the system's
 
 
 # A few well-known ids for readable names without NVML or pci.ids; unknown ids still work.
@@ -48,6 +49,8 @@ KNOWN: dict[str, KnownDevice] = {
     "10de:26b9": KnownDevice("NVIDIA L40S", memory_gib=48, compute="8.9"),
     "10de:27b8": KnownDevice("NVIDIA L4", memory_gib=24, compute="8.9"),
     "10de:1eb8": KnownDevice("Tesla T4", memory_gib=16, compute="7.5"),
+    # NVIDIA Grace Blackwell SoC (DGX Spark): shares the system's memory
+    "10de:2e12": KnownDevice("NVIDIA GB10", GpuKind.INTEGRATED, compute="12.1", unified=True),
     # NVIDIA consumer
     "10de:2684": KnownDevice("NVIDIA GeForce RTX 4090", memory_gib=24, compute="8.9"),
     "10de:2204": KnownDevice("NVIDIA GeForce RTX 3090", memory_gib=24, compute="8.6"),
@@ -201,6 +204,8 @@ def scan(tree: Tree) -> list[Gpu]:
         if known and known.memory_gib:
             gpu.memory_bytes = known.memory_gib * GiB
             gpu.memory_source = "pci id"
+        elif known and known.unified:
+            gpu.memory_source = "unified"  # detection fills in the system's memory
         if known and known.compute:
             if vendor is GpuVendor.NVIDIA:
                 gpu.compute_capability = known.compute
