@@ -92,7 +92,7 @@ def test_unreadable_directory_is_a_warning(tree_copy):
     assert any("cannot list" in w for w in inventory.warnings)
 
 
-TREES = ("cpu-vm-cgroup", "amd-radeon-7900xtx", "nvidia-rtx4090-desktop")
+TREES = ("cpu-vm-cgroup", "amd-radeon-7900xtx", "nvidia-rtx4090-desktop", "nvidia-dgx-spark-gb10")
 FILES = sorted(
     (name, str(p.relative_to(fixture(name))))
     for name in TREES
