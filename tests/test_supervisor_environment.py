@@ -172,7 +172,7 @@ def test_driver_older_than_the_cuda_variant_needs_is_a_fallback_with_the_fix(tmp
     assert sel.executable == f"{packages['cpu']}/bin/exo"
     assert sel.fallback == (
         "cuda unusable (NVIDIA GeForce RTX 4090 (24 GiB) found, but the NVIDIA driver 550.78 "
-        "is older than 580, the oldest EXO's CUDA variant runs on: install a newer driver "
+        "is older than 580, the oldest that EXO's CUDA variant runs on: install a newer driver "
         "(hardware.nvidia.package)); running on CPU"
     )
     assert sel.env["CUDA_VISIBLE_DEVICES"] == ""

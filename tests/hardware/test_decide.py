@@ -343,7 +343,7 @@ def test_driver_older_than_the_cuda_variant_needs_means_cpu():
     assert decision.accelerator is CPU
     assert decision.reasons[-1] == (
         "8x NVIDIA H100 80GB HBM3 (637 GiB) found, but the NVIDIA driver 550.90.07 is older "
-        "than 580, the oldest EXO's CUDA variant runs on: install a newer driver "
+        "than 580, the oldest that EXO's CUDA variant runs on: install a newer driver "
         "(hardware.nvidia.package): using cpu"
     )
     cuda12 = HardwareSettings(cuda_minimum_driver="550.54.14")
@@ -375,7 +375,7 @@ def test_gpus_older_than_the_cuda_variant_needs_are_left_out(tree_copy):
     assert len(decision.env["CUDA_VISIBLE_DEVICES"].split(",")) == 6
     assert (
         "NVIDIA H100 80GB HBM3 at 0000:1b:00.0 left out: compute capability 7.0 is below 7.5, "
-        "the oldest EXO's CUDA variant runs on"
+        "the oldest that EXO's CUDA variant runs on"
     ) in decision.reasons
     # the inventory itself is unchanged: the GPU works, just not for this variant
     assert inventory.gpus_for(CUDA)[0].usable
@@ -402,7 +402,7 @@ def test_only_too_old_gpus_means_cpu(tree_copy):
     assert decision.accelerator is CPU
     assert decision.reasons[-1] == (
         "no working CUDA device (Tesla V100-PCIE-32GB at 0000:01:00.0: compute capability 7.0 "
-        "is below 7.5, the oldest EXO's CUDA variant runs on): using cpu"
+        "is below 7.5, the oldest that EXO's CUDA variant runs on): using cpu"
     )
 
 

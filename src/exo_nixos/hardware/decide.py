@@ -157,7 +157,7 @@ class _Evaluation:
             return gpu.problems
         return [
             *gpu.problems,
-            f"compute capability {capability} is below {minimum}, the oldest EXO's CUDA "
+            f"compute capability {capability} is below {minimum}, the oldest that EXO's CUDA "
             "variant runs on",
         ]
 
@@ -170,7 +170,7 @@ class _Evaluation:
         if minimum is None or driver is None or not _older(driver, minimum):
             return None
         return (
-            f"the NVIDIA driver {driver} is older than {minimum}, the oldest EXO's CUDA "
+            f"the NVIDIA driver {driver} is older than {minimum}, the oldest that EXO's CUDA "
             "variant runs on: install a newer driver (hardware.nvidia.package)"
         )
 

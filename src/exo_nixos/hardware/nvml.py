@@ -73,6 +73,7 @@ class NvmlReport:
 # new driver without a reboot), or the driver is not running at all.
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+# What a unified-memory GPU (GB10) answers to the memory query; values of nvml.h as well.
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_DEVICE_MIG_ENABLE = 1
 
