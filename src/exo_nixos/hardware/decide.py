@@ -162,7 +162,8 @@ class _Evaluation:
         ]
 
     def usable(self, gpu: Gpu) -> bool:
-        return gpu.kind is not GpuKind.DISPLAY and not self.problems(gpu)
+        """:attr:`Gpu.usable` for the installed variant (display controllers never get here)."""
+        return not self.problems(gpu)
 
     def _old_driver(self) -> str | None:
         minimum = self.settings.cuda_minimum_driver

@@ -50,15 +50,13 @@ def detect(
     )
     nvidia_bound = [g for g in gpus if g.driver == pci.NVIDIA_DRIVER]
     nvml_warnings: list[str] = []
-    if nvidia_bound:
-        inventory.nvidia_driver = _module_version(tree)
     if not nvidia_bound:
         inventory.nvml = "not needed (no GPU bound to the nvidia driver)"
-    elif not use_nvml:
-        inventory.nvml = "not asked (disabled)"
     else:
-        loader = nvml_loader or _default_loader(tree)
-        if loader is None:
+        inventory.nvidia_driver = _module_version(tree)
+        if not use_nvml:
+            inventory.nvml = "not asked (disabled)"
+        elif (loader := nvml_loader or _default_loader(tree)) is None:
             inventory.nvml = "not asked (captured tree without nvml.json)"
         else:
             report = _query(loader, inventory.nvidia_driver)

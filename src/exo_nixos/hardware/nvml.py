@@ -119,23 +119,24 @@ def query(library: NvmlLibrary, module_version: str | None = None) -> NvmlReport
     except Exception as exc:
         reason = _reason(exc)
         blocking = _blocking(_code(exc), reason, module_version)
-        if blocking is not None:
-            return NvmlReport(f"unavailable: {reason}", [], [], blocking=blocking)
-        return NvmlReport(
-            f"unavailable: {reason}",
-            [],
-            [
+        # a blocking failure is said once, as every GPU's problem; any other is a warning
+        said = (
+            []
+            if blocking is not None
+            else [
                 f"NVML could not start ({reason}): NVIDIA GPU memory, compute capability "
                 "and health were not verified"
-            ],
+            ]
         )
+        return NvmlReport(f"unavailable: {reason}", [], said, blocking=blocking)
     devices: list[NvmlDevice] = []
     warnings: list[str] = []
     try:
+        driver: str | None
         try:
-            version = _text(library.nvmlSystemGetDriverVersion())
+            driver = _text(library.nvmlSystemGetDriverVersion())
         except Exception:
-            version = "unknown"
+            driver = None
         try:
             count = int(library.nvmlDeviceGetCount())
         except Exception as exc:
@@ -148,8 +149,8 @@ def query(library: NvmlLibrary, module_version: str | None = None) -> NvmlReport
             library.nvmlShutdown()
         except Exception as exc:
             warnings.append(f"NVML shutdown failed ({_reason(exc)})")
-    driver = None if version == "unknown" else version
-    return NvmlReport(f"ok (driver {version}, {count} device(s))", devices, warnings, driver)
+    status = f"ok (driver {driver or 'unknown'}, {count} device(s))"
+    return NvmlReport(status, devices, warnings, driver)
 
 
 def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
