@@ -69,3 +69,17 @@ def test_capture_refuses_an_existing_directory(tmp_path):
     )
     assert result.returncode == 2
     assert "exists" in result.stderr
+
+
+def test_capture_into_a_directory_that_cannot_be_made(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(blocker / "tree")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"capture-hw-tree: cannot create {blocker / 'tree'}: ")
+    assert len(result.stderr.splitlines()) == 1

@@ -294,3 +294,10 @@ def test_unified_memory_gpu_agrees_with_nvidia_smi_and_cuda(tmp_path, libcuda, m
     assert views["smi"]["000f:01:00.0"].memory_bytes is None
     assert views["cuda"]["000f:01:00.0"].memory_bytes == nvml["000f:01:00.0"].memory_bytes
     assert check.compare(views, accelerator) == []
+
+
+def test_a_json_report_into_a_missing_directory(tmp_path):
+    target = tmp_path / "nowhere" / "check.json"
+    done = run("--root", str(fixture("nvidia-dgx-h100")), "--json", str(target))
+    assert done.returncode == 2
+    assert done.stderr == f"check-nvidia-host: {target.parent} is not a directory\n"
