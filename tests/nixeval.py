@@ -20,13 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EVAL_NIX = REPO / "nix" / "tests" / "eval.nix"
 LIB_ENV = "EXO_NIXOS_NIXPKGS_LIB"
+NIX_ENV = dict(os.environ, NIX_CONFIG="experimental-features = nix-command\nsubstituters =")
 
 
 def nixpkgs_lib() -> Path | None:
     value = os.environ.get(LIB_ENV)
     if not value:
         return None
-    path = Path(value)
+    path = Path(value).absolute()  # nix-instantiate runs in the repository root
     return path if (path / "lib" / "default.nix").is_file() else None
 
 
@@ -45,6 +46,18 @@ class NixEvalError(Exception):
     """nix-instantiate failed; the message is its stderr."""
 
 
+def instantiate(expr: str) -> subprocess.CompletedProcess[str]:
+    """``nix-instantiate --eval --strict --json`` of ``expr``; relative paths from the repo root."""
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True,
+        text=True,
+        env=NIX_ENV,
+        cwd=REPO,
+        check=False,
+    )
+
+
 def _nix_expr(value: Any) -> str:
     """A Nix expression for a JSON-like Python value."""
     return f"(builtins.fromJSON {json.dumps(json.dumps(value))})"
@@ -59,14 +72,8 @@ def evaluate(module: str | dict[str, Any]) -> dict[str, Any]:
         source = module if isinstance(module, str) else _nix_expr(module)
         module_file = Path(tmp) / "module.nix"
         module_file.write_text(source)
-        expr = f"import {EVAL_NIX} {{ lib = import {lib}/lib; modules = [ {module_file} ]; }}"
-        env = dict(os.environ, NIX_CONFIG="experimental-features = nix-command\nsubstituters =")
-        result = subprocess.run(
-            ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
+        result = instantiate(
+            f"import {EVAL_NIX} {{ lib = import {lib}/lib; modules = [ {module_file} ]; }}"
         )
     if result.returncode != 0:
         raise NixEvalError(result.stderr.strip())

@@ -27,11 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.nixeval import nixpkgs_lib, requires_nix, skip_reason
+from tests.nixeval import NIX_ENV, REPO, instantiate, nixpkgs_lib, requires_nix, skip_reason
 
-REPO = Path(__file__).resolve().parent.parent
 LOCK = json.loads((REPO / "flake.lock").read_text())
-NIX_ENV = dict(os.environ, NIX_CONFIG="experimental-features = nix-command\nsubstituters =")
 UPSTREAM_GIT_ENV = "EXO_NIXOS_UPSTREAM_GIT"
 
 SYSTEMS = {"x86_64-linux", "aarch64-linux", "aarch64-darwin"}
@@ -64,25 +62,14 @@ def nix_files() -> list[Path]:
     )
 
 
-def nix_instantiate(expr: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        env=NIX_ENV,
-        cwd=REPO,
-        check=False,
-    )
-
-
 def nix_eval(expr: str) -> Any:
-    result = nix_instantiate(expr)
+    result = instantiate(expr)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def nix_eval_error(expr: str) -> str:
-    result = nix_instantiate(expr)
+    result = instantiate(expr)
     assert result.returncode != 0, f"expected an evaluation error, got {result.stdout}"
     return result.stderr
 

@@ -7,7 +7,7 @@ let
   gw = cfg.gateway;
   absolutePath = types.strMatching "/.*";
   exe = lib.getExe' cfg.toolPackage "exo-nixos";
-  loopback = lib.hasPrefix "127." gw.listenAddress || gw.listenAddress == "::1";
+  loopback = import ./lib/loopback.nix gw.listenAddress;
   tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
   netns = cfg.networking.networkNamespace;

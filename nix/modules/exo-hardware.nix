@@ -41,6 +41,8 @@ let
   driverTooOld = uses "cuda" && nvidiaVersion != null && hw.cudaMinimumDriver != null
     && lib.versionOlder nvidiaVersion hw.cudaMinimumDriver;
   persistenced = nvidiaDriver && config.hardware.nvidia.nvidiaPersistenced;
+  # what the installed CUDA variant says it needs (nix/packages: passthru.variant)
+  cudaRequirements = hw.packages.cuda.passthru.variant.requirements or { };
 
   # The syntax exo-nixos' config model accepts: a percentage or a size in binary units.
   memoryLimitPattern = "([0-9]+(\\.[0-9]+)?) *(%|[KMGTkmgt]?)([iI]?[bB])?";
@@ -130,7 +132,7 @@ in
 
     cudaMinimumDriver = mkOption {
       type = types.nullOr (types.strMatching "[0-9]{1,4}(\\.[0-9]{1,4}){0,2}");
-      default = hw.packages.cuda.passthru.variant.requirements.nvidiaDriver or null;
+      default = cudaRequirements.nvidiaDriver or null;
       defaultText = literalExpression
         "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.nvidiaDriver or null";
       example = "580";
@@ -144,7 +146,7 @@ in
 
     cudaMinimumComputeCapability = mkOption {
       type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]");
-      default = hw.packages.cuda.passthru.variant.requirements.computeCapability or null;
+      default = cudaRequirements.computeCapability or null;
       defaultText = literalExpression
         "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.computeCapability or null";
       example = "7.5";

@@ -19,8 +19,7 @@ let
 
   # The gateway is reachable from pods only when it listens beyond loopback; otherwise the
   # Python tool points the Service at EXO's own (unauthenticated) API port.
-  gatewayReachable = cfg.gateway.enable
-    && !(lib.hasPrefix "127." cfg.gateway.listenAddress || cfg.gateway.listenAddress == "::1");
+  gatewayReachable = cfg.gateway.enable && !(import ./lib/loopback.nix cfg.gateway.listenAddress);
 
   manifests = pkgs.runCommand "exo-k3s-manifests.yaml" { }
     "${tool} k3s render --config ${cfg.configFile} --output $out";

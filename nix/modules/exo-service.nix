@@ -7,8 +7,8 @@ let
   json = pkgs.formats.json { };
   absolutePath = types.strMatching "/.*";
   configFile = json.generate "exo-config.json" cfg.configDocument;
-  nodeUnit = if cfg.mode == "master" then "exo-master" else "exo-worker";
   role = if cfg.mode == "master" then "master" else "worker";
+  nodeUnit = "exo-${role}";
   exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
   sec = cfg.security;
   hardening = import ./lib/hardening.nix;
@@ -298,15 +298,15 @@ in
     environment.etc."${relative "/etc" sec.configDir}/config.json".source = configFile;
     environment.systemPackages = [ cfg.toolPackage ];
 
-    users.users = mkIf (cfg.security.user == "exo") {
+    users.users = mkIf (sec.user == "exo") {
       exo = {
         isSystemUser = true;
-        group = cfg.security.group;
-        home = cfg.security.dataDir;
+        group = sec.group;
+        home = sec.dataDir;
         description = "EXO distributed inference";
       };
     };
-    users.groups = mkIf (cfg.security.group == "exo") { exo = { }; };
+    users.groups = mkIf (sec.group == "exo") { exo = { }; };
 
     systemd.targets.exo = {
       description = "EXO distributed AI inference";
@@ -315,7 +315,7 @@ in
     };
 
     systemd.services.${nodeUnit} = {
-      description = if cfg.mode == "master" then "EXO master node" else "EXO worker node";
+      description = "EXO ${role} node";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       partOf = [ "exo.target" ];

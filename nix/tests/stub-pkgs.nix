@@ -2,13 +2,7 @@
 # attribute sets that look like derivations, `formats.json` keeps the value it would write.
 { lib }:
 let
-  fakePackage = name: {
-    type = "derivation";
-    inherit name;
-    pname = name;
-    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
-    meta.mainProgram = name;
-  };
+  fakePackage = import ./fake-package.nix;
   generated = name: value: fakePackage name // { passthru.generatedValue = value; generatedValue = value; };
 in
 lib.genAttrs [

@@ -4,12 +4,7 @@
 # others throw with their reason (tested through nix-instantiate's error output).
 { lib, system }:
 let
-  upstreamPackage = name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
-    meta.mainProgram = name;
-  };
+  upstreamPackage = import ./fake-package.nix;
   exo = {
     outPath = "/nix/store/00000000000000000000000000000000-source";
     # what upstream's flake exports at the pinned commit (the names used here)

@@ -1,5 +1,5 @@
 # systemd-networkd options the networking module reads (to check, never to write, the host's
-# own bond and link configuration).
+# own link configuration).
 { lib, ... }:
 let
   inherit (lib) mkOption types;
@@ -7,24 +7,13 @@ let
   section = mkOption { type = types.attrsOf (types.either unitValue (types.listOf unitValue)); default = { }; };
 in
 {
-  options.systemd.network = {
-    networks = mkOption {
-      type = types.attrsOf (types.submodule {
-        options = {
-          matchConfig = section;
-          networkConfig = section;
-        };
-      });
-      default = { };
-    };
-    netdevs = mkOption {
-      type = types.attrsOf (types.submodule {
-        options = {
-          netdevConfig = section;
-          bondConfig = section;
-        };
-      });
-      default = { };
-    };
+  options.systemd.network.networks = mkOption {
+    type = types.attrsOf (types.submodule {
+      options = {
+        matchConfig = section;
+        networkConfig = section;
+      };
+    });
+    default = { };
   };
 }
