@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import ssl
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from exo_nixos.config import Config
+from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
@@ -21,19 +21,10 @@ from exo_nixos.supervisor.notify import Notifier
 
 log = logging.getLogger(__name__)
 
-# systemd credential names the module passes with LoadCredential= (read from
-# $CREDENTIALS_DIRECTORY in preference to the configured paths, which the unit cannot read).
+# systemd credential names the module passes with LoadCredential= (read in preference to the
+# configured paths, which the unit cannot read).
 CREDENTIAL_TLS_CERTIFICATE = "tls-certificate"
 CREDENTIAL_TLS_KEY = "tls-key"
-
-
-def credential_path(configured: str, credential: str) -> Path:
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        candidate = Path(directory) / credential
-        if candidate.exists():
-            return candidate
-    return Path(configured)
 
 
 def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -61,8 +52,8 @@ def _tls(config: Config) -> ssl.SSLContext | None:
     if not (gw.tls_certificate_file and gw.tls_key_file):
         return None
     return tls_context(
-        credential_path(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
-        credential_path(gw.tls_key_file, CREDENTIAL_TLS_KEY),
+        systemd_credential(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
+        systemd_credential(gw.tls_key_file, CREDENTIAL_TLS_KEY),
     )
 
 
