@@ -33,6 +33,16 @@ GROUP = "discovery.k8s.io"
 PREFIX = f"/apis/{GROUP}/v1/namespaces/{{namespace}}/endpointslices"
 
 
+async def until(check: Callable[[], bool], what: str, limit: float = 20.0) -> None:
+    """Wait for ``check`` to hold; the limit only guards against hanging forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
 @dataclass
 class Fault:
     status: int
@@ -151,6 +161,11 @@ class KubeApiDouble:
     # -- inspection and writes by others ---------------------------------------------------
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.objects.get((namespace, name)))
+
+    def ready(self, namespace: str, name: str) -> bool | None:
+        """The slice's endpoint condition ``ready``; None while there is no such slice."""
+        obj = self.objects.get((namespace, name))
+        return None if obj is None else bool(obj["endpoints"][0]["conditions"]["ready"])
 
     def modify(self, namespace: str, name: str, change: Callable[[dict[str, Any]], None]) -> None:
         """Another client writes the object: its resourceVersion moves on."""

@@ -9,24 +9,10 @@ import sys
 from pathlib import Path
 
 from tests.exo_double.fixture import double_env, http_json, run_double
-from tests.kube_double import KubeApiDouble
+from tests.kube_double import KubeApiDouble, until
 
 NS = "exo-system"
 NAME = "exo-api-node-e2e"
-
-
-def ready(api: KubeApiDouble) -> bool | None:
-    obj = api.get(NS, NAME)
-    return None if obj is None else bool(obj["endpoints"][0]["conditions"]["ready"])
-
-
-async def until(check, what: str, limit: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_register_follows_node_health_and_removes_itself_on_sigterm(tmp_path: Path) -> None:
@@ -73,7 +59,7 @@ def test_register_follows_node_health_and_removes_itself_on_sigterm(tmp_path: Pa
                 env=double_env(),
             )
             try:
-                await until(lambda: ready(api) is True, "ready while the node is healthy")
+                await until(lambda: api.ready(NS, NAME) is True, "ready while the node is healthy")
                 obj = api.get(NS, NAME)
                 assert obj is not None
                 assert obj["endpoints"][0]["addresses"] == ["192.168.7.20"]
@@ -82,9 +68,9 @@ def test_register_follows_node_health_and_removes_itself_on_sigterm(tmp_path: Pa
                     "POST", f"{exo.url}/__double__/fault", {"mode": "error500", "paths": []}
                 )
                 assert status == 200
-                await until(lambda: ready(api) is False, "not ready while the node fails")
+                await until(lambda: api.ready(NS, NAME) is False, "not ready while the node fails")
                 await http_json("POST", f"{exo.url}/__double__/fault", {"mode": "ok"})
-                await until(lambda: ready(api) is True, "ready again")
+                await until(lambda: api.ready(NS, NAME) is True, "ready again")
                 process.send_signal(signal.SIGTERM)
                 code = await asyncio.wait_for(process.wait(), 20)
                 assert process.stdout is not None

@@ -17,7 +17,7 @@ from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
 from exo_nixos.k3s.registrar import Backoff, Registrar, slice_name
 from exo_nixos.k3s.service import build_registrar
-from tests.kube_double import Fault, KubeApiDouble
+from tests.kube_double import Fault, KubeApiDouble, until
 
 NS = "exo-system"
 NODE = "node-a"
@@ -69,23 +69,6 @@ def registrar_for(tmp_path: Path, api: KubeApiDouble, health: Health, **k3s: Any
     )
 
 
-async def until(check: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    """Wait for ``check`` to hold; the limit only guards against hanging forever."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
-
-
-def ready_of(api: KubeApiDouble) -> bool | None:
-    obj = api.get(NS, NAME)
-    if obj is None:
-        return None
-    return bool(obj["endpoints"][0]["conditions"]["ready"])
-
-
 Scenario = Callable[[KubeApiDouble, Registrar, Health, asyncio.Event], Awaitable[None]]
 
 
@@ -126,7 +109,7 @@ def test_first_registration_creates_this_nodes_slice(tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "the slice is ready")
+        await until(lambda: api.ready(NS, NAME) is True, "the slice is ready")
         seen.update(api.get(NS, NAME) or {})
 
     api = run_scenario(tmp_path, scenario)
@@ -155,18 +138,18 @@ def test_first_registration_creates_this_nodes_slice(tmp_path: Path) -> None:
 
 def test_unhealthy_node_registers_not_ready_then_turns_ready(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is False, "registered not ready")
+        await until(lambda: api.ready(NS, NAME) is False, "registered not ready")
         health.healthy = True
-        await until(lambda: ready_of(api) is True, "ready after a good probe")
+        await until(lambda: api.ready(NS, NAME) is True, "ready after a good probe")
 
     run_scenario(tmp_path, scenario, healthy=False)
 
 
 def test_health_flips_to_not_ready_and_back(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         health.healthy = False
-        await until(lambda: ready_of(api) is False, "not ready after failed probes")
+        await until(lambda: api.ready(NS, NAME) is False, "not ready after failed probes")
         obj = api.get(NS, NAME)
         assert obj is not None
         assert obj["endpoints"][0]["conditions"] == {
@@ -175,7 +158,7 @@ def test_health_flips_to_not_ready_and_back(tmp_path: Path) -> None:
             "terminating": False,
         }
         health.healthy = True
-        await until(lambda: ready_of(api) is True, "ready again")
+        await until(lambda: api.ready(NS, NAME) is True, "ready again")
 
     api = run_scenario(tmp_path, scenario)
     # Updates went through PUT with the server's resourceVersion, never a second create.
@@ -210,14 +193,14 @@ def test_one_failed_probe_is_not_enough_to_go_not_ready() -> None:
 
 def test_stale_resource_version_conflict_is_resolved_by_rereading(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
 
         def annotate(obj: dict[str, Any]) -> None:
             obj["metadata"]["annotations"] = {"touched-by": "kubectl"}
 
         api.modify(NS, NAME, annotate)  # the registrar's resourceVersion is now stale
         health.healthy = False
-        await until(lambda: ready_of(api) is False, "not ready despite the conflict")
+        await until(lambda: api.ready(NS, NAME) is False, "not ready despite the conflict")
 
     api = run_scenario(tmp_path, scenario)
     assert 409 in api.statuses("PUT")
@@ -230,16 +213,16 @@ def test_api_down_then_up_publishes_the_current_state(
     caplog.set_level(logging.INFO, "exo_nixos.k3s.registrar")
 
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         await api.pause()
         health.healthy = False
         await until(lambda: reg.last_error is not None, "a failed write while down")
         assert "unreachable" in (reg.last_error or "")
-        assert ready_of(api) is True  # nobody could change it meanwhile
+        assert api.ready(NS, NAME) is True  # nobody could change it meanwhile
         failed_attempts = reg.backoff.attempt
         await until(lambda: reg.backoff.attempt > failed_attempts + 1, "retries continue")
         await api.resume()
-        await until(lambda: ready_of(api) is False, "state caught up after the outage")
+        await until(lambda: api.ready(NS, NAME) is False, "state caught up after the outage")
         await until(lambda: reg.last_error is None, "error cleared")
 
     run_scenario(tmp_path, scenario)
@@ -249,7 +232,7 @@ def test_api_down_then_up_publishes_the_current_state(
 
 def test_server_errors_and_plain_text_gateway_errors_are_retried(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         api.fail_next = [
             Fault(500),
             Fault(503),
@@ -257,7 +240,7 @@ def test_server_errors_and_plain_text_gateway_errors_are_retried(tmp_path: Path)
             Fault(503, bare=True),
         ]
         health.healthy = False
-        await until(lambda: ready_of(api) is False, "written after three failures")
+        await until(lambda: api.ready(NS, NAME) is False, "written after three failures")
         assert not api.fail_next
 
     run_scenario(tmp_path, scenario)
@@ -265,23 +248,23 @@ def test_server_errors_and_plain_text_gateway_errors_are_retried(tmp_path: Path)
 
 def test_garbage_answers_are_retried(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         api.garbage = 2
         health.healthy = False
         await until(lambda: "unexpected answer" in (reg.last_error or ""), "reported")
-        await until(lambda: ready_of(api) is False, "written once the API answers properly")
+        await until(lambda: api.ready(NS, NAME) is False, "written once the API answers properly")
 
     run_scenario(tmp_path, scenario)
 
 
 def test_hanging_api_times_out_and_recovers(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         api.hang = True
         health.healthy = False
         await until(lambda: "timed out" in (reg.last_error or ""), "a timeout reported")
         api.release()
-        await until(lambda: ready_of(api) is False, "written once the API answers")
+        await until(lambda: api.ready(NS, NAME) is False, "written once the API answers")
 
     run_scenario(tmp_path, scenario)
 
@@ -294,7 +277,7 @@ def test_bad_token_gets_401_until_the_token_file_is_fixed(tmp_path: Path) -> Non
         await until(lambda: "401" in (reg.last_error or ""), "401 reported")
         assert api.get(NS, NAME) is None
         token.write_text(TOKEN + "\n")  # rotated: the client re-reads the file on 401
-        await until(lambda: ready_of(api) is True, "registered with the new token")
+        await until(lambda: api.ready(NS, NAME) is True, "registered with the new token")
 
     api = run_scenario(tmp_path, scenario)
     assert 401 in [s.status for s in api.requests]
@@ -306,16 +289,16 @@ def test_missing_namespace_is_reported_and_retried(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
         await until(lambda: "not found" in (reg.last_error or ""), "404 namespace reported")
         api.namespaces.add(NS)  # the manifests got applied
-        await until(lambda: ready_of(api) is True, "registered")
+        await until(lambda: api.ready(NS, NAME) is True, "registered")
 
     run_scenario(tmp_path, scenario, api=api)
 
 
 def test_slice_deleted_by_someone_else_is_recreated(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         api.remove(NS, NAME)
-        await until(lambda: ready_of(api) is True, "recreated on resync")
+        await until(lambda: api.ready(NS, NAME) is True, "recreated on resync")
 
     api = run_scenario(tmp_path, scenario)
     assert api.statuses("POST") == [201, 201]
@@ -323,7 +306,7 @@ def test_slice_deleted_by_someone_else_is_recreated(tmp_path: Path) -> None:
 
 def test_existing_slice_from_an_earlier_run_is_taken_over(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
 
     api = KubeApiDouble(token=TOKEN)
     api.objects[(NS, NAME)] = {
@@ -348,7 +331,7 @@ def test_existing_slice_from_an_earlier_run_is_taken_over(tmp_path: Path) -> Non
 
 def test_address_family_change_replaces_the_slice(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         reg.address = lambda: "fd00::5"
         await until(lambda: (api.get(NS, NAME) or {}).get("addressType") == "IPv6", "an IPv6 slice")
 
@@ -358,7 +341,7 @@ def test_address_family_change_replaces_the_slice(tmp_path: Path) -> None:
 
 def test_stop_while_api_is_down_reports_failure(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         await api.pause()
 
     api = run_scenario(tmp_path, scenario, expect_removed=False)
@@ -374,7 +357,7 @@ def test_https_with_ca_file(tmp_path: Path) -> None:
     api = KubeApiDouble(token=TOKEN, ssl_context=server_context)
 
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready over HTTPS")
+        await until(lambda: api.ready(NS, NAME) is True, "ready over HTTPS")
 
     run_scenario(tmp_path, scenario, api=api, caFile=str(ca_file))
 
@@ -423,7 +406,7 @@ def test_kubeconfig_file_credentials(tmp_path: Path) -> None:
         try:
             await reg._probe()
             await reg.sync()
-            assert ready_of(api) is True
+            assert api.ready(NS, NAME) is True
         finally:
             await reg.client.close()
             await api.stop()
@@ -489,7 +472,7 @@ def test_backoff_is_capped_and_grows() -> None:
 
 def test_steady_state_only_reads(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         await until(lambda: len(api.statuses("GET")) >= 3, "a few resyncs")
 
     api = run_scenario(tmp_path, scenario)
@@ -499,7 +482,7 @@ def test_steady_state_only_reads(tmp_path: Path) -> None:
 
 def test_stop_abandons_a_hanging_request_and_removes_the_endpoint(tmp_path: Path) -> None:
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
-        await until(lambda: ready_of(api) is True, "ready")
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
         api.hang = True
         health.healthy = False
         await until(lambda: reg.ready is False, "a write to a hanging API in flight")

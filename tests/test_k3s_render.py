@@ -20,6 +20,23 @@ VALIDATOR = Path(sys.executable).with_name("kubernetes-validate")
 KUBERNETES_VERSIONS = ["1.29.0", "1.32.0", "1.35.0"]
 
 
+needs_validator = pytest.mark.skipif(
+    not VALIDATOR.exists() and shutil.which("kubernetes-validate") is None,
+    reason="kubernetes-validate not installed (pip install kubernetes-validate)",
+)
+
+
+def validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
+    """kubernetes-validate --strict on ``path`` for Kubernetes ``version``."""
+    validator = str(VALIDATOR) if VALIDATOR.exists() else "kubernetes-validate"
+    return subprocess.run(
+        [validator, "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def config_with(**document: Any) -> Any:
     return parse_config({"schemaVersion": 1, **document})
 
@@ -142,31 +159,19 @@ def test_cli_render_bad_config_is_one_line(tmp_path: Path, capsys: pytest.Captur
     assert "k3s.namespace" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(
-    not VALIDATOR.exists() and shutil.which("kubernetes-validate") is None,
-    reason="kubernetes-validate not installed (pip install kubernetes-validate)",
-)
+@needs_validator
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("case", ["default", "full"])
 def test_manifests_pass_strict_validation(tmp_path: Path, version: str, case: str) -> None:
     config = default_config() if case == "default" else config_with(**FULL)
     path = tmp_path / "exo.yaml"
     path.write_text(render_yaml(config))
-    validator = str(VALIDATOR) if VALIDATOR.exists() else "kubernetes-validate"
-    result = subprocess.run(
-        [validator, "--strict", "-k", version, str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = validate(path, version)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" passed for resource ") == len(manifests(config))
 
 
-@pytest.mark.skipif(
-    not VALIDATOR.exists() and shutil.which("kubernetes-validate") is None,
-    reason="kubernetes-validate not installed (pip install kubernetes-validate)",
-)
+@needs_validator
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_registrar_endpoint_slices_pass_strict_validation(tmp_path: Path, version: str) -> None:
     from exo_nixos.k3s.registrar import SliceSpec, build_slice
@@ -178,30 +183,17 @@ def test_registrar_endpoint_slices_pass_strict_validation(tmp_path: Path, versio
     ]
     path = tmp_path / "slices.yaml"
     path.write_text(yaml.safe_dump_all(slices))
-    validator = str(VALIDATOR) if VALIDATOR.exists() else "kubernetes-validate"
-    result = subprocess.run(
-        [validator, "--strict", "-k", version, str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = validate(path, version)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" passed for resource ") == 2
 
 
+@needs_validator
 def test_validator_rejects_a_broken_object(tmp_path: Path) -> None:
     """The validation test can fail: an unknown field is caught in strict mode."""
-    if not VALIDATOR.exists() and shutil.which("kubernetes-validate") is None:
-        pytest.skip("kubernetes-validate not installed")
     objects = manifests(default_config())
     by_kind(objects, "Service")[0]["spec"]["selectorr"] = {"a": "b"}
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump_all(objects))
-    validator = str(VALIDATOR) if VALIDATOR.exists() else "kubernetes-validate"
-    result = subprocess.run(
-        [validator, "--strict", "-k", KUBERNETES_VERSIONS[-1], str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = validate(path, KUBERNETES_VERSIONS[-1])
     assert result.returncode != 0

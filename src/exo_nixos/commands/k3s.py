@@ -68,9 +68,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    from exo_nixos.k3s.service import run_registrar
+    from exo_nixos.k3s.service import build_registrar, run_registrar
 
-    return run_registrar(
+    registrar = build_registrar(
         config,
         resync=args.resync_sec,
         backoff_initial=args.backoff_initial_sec,
@@ -78,3 +78,4 @@ def main(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout_sec,
         stop_timeout=args.stop_timeout_sec,
     )
+    return run_registrar(config, registrar)

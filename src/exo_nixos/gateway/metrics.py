@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -14,6 +16,16 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def _child(children: dict[tuple[str, ...], M], metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, kept in ``children``: labels() costs more than an update."""
+    child = children.get(values)
+    if child is None:
+        child = children[values] = metric.labels(*values)
+    return child
 
 
 class GatewayMetrics:
@@ -95,56 +107,35 @@ class GatewayMetrics:
             registry=r,
         )
 
-        # Labelled children by label values: labels() costs more than the update itself.
-        self._answered: dict[tuple[str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
-        self._duration: dict[str, Histogram] = {}
-        self._by_key: dict[str, Counter] = {}
-        self._forwarded: dict[tuple[str, str], Counter] = {}
-        self._inflight: dict[str, Gauge] = {}
+        # Labelled children by label values (see _child).
+        self._answered: dict[tuple[str, ...], Counter] = {}
+        self._latency: dict[tuple[str, ...], Histogram] = {}
+        self._duration: dict[tuple[str, ...], Histogram] = {}
+        self._by_key: dict[tuple[str, ...], Counter] = {}
+        self._forwarded: dict[tuple[str, ...], Counter] = {}
+        self._inflight: dict[tuple[str, ...], Gauge] = {}
 
     def inflight(self, backend: str, value: int) -> None:
-        gauge = self._inflight.get(backend)
-        if gauge is None:
-            gauge = self._inflight[backend] = self.backend_inflight.labels(backend)
-        gauge.set(value)
+        _child(self._inflight, self.backend_inflight, backend).set(value)
 
     def answered(self, method: str, status: int, seconds: float) -> None:
         """A request got its complete response ``seconds`` after it arrived."""
-        key = (method, str(status))
-        counter = self._answered.get(key)
-        if counter is None:
-            counter = self._answered[key] = self.requests.labels(*key)
-        counter.inc()
-        histogram = self._duration.get(method)
-        if histogram is None:
-            histogram = self._duration[method] = self.duration.labels(method)
-        histogram.observe(seconds)
+        _child(self._answered, self.requests, method, str(status)).inc()
+        _child(self._duration, self.duration, method).observe(seconds)
 
     def responding(self, method: str, seconds: float) -> None:
         """A response started (its headers are about to go out) ``seconds`` after arrival."""
-        histogram = self._latency.get(method)
-        if histogram is None:
-            histogram = self._latency[method] = self.latency.labels(method)
-        histogram.observe(seconds)
+        _child(self._latency, self.latency, method).observe(seconds)
 
     def authenticated(self, key: str) -> None:
-        counter = self._by_key.get(key)
-        if counter is None:
-            counter = self._by_key[key] = self.requests_by_key.labels(key)
-        counter.inc()
+        _child(self._by_key, self.requests_by_key, key).inc()
 
     def forwarded(self, backend: str, outcome: str) -> None:
-        counter = self._forwarded.get((backend, outcome))
-        if counter is None:
-            counter = self._forwarded[(backend, outcome)] = self.backend_requests.labels(
-                backend, outcome
-            )
-        counter.inc()
+        _child(self._forwarded, self.backend_requests, backend, outcome).inc()
 
     def forget_backend(self, backend: str) -> None:
         """Drop the labelled series of a backend that left the pool."""
-        self._inflight.pop(backend, None)
+        self._inflight.pop((backend,), None)
         for metric in (self.backend_up, self.backend_inflight):
             with contextlib.suppress(KeyError):
                 metric.remove(backend)

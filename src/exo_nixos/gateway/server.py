@@ -4,36 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import ssl
 from pathlib import Path
 
 from aiohttp import web
 
 from exo_nixos.config import Config
+from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
+from exo_nixos.supervisor.notify import Notifier
 
 log = logging.getLogger(__name__)
 
-# systemd credential names the module passes with LoadCredential= (read from
-# $CREDENTIALS_DIRECTORY in preference to the configured paths, which the unit cannot read).
+# systemd credential names the module passes with LoadCredential= (read in preference to the
+# configured paths, which the unit cannot read).
 CREDENTIAL_TLS_CERTIFICATE = "tls-certificate"
 CREDENTIAL_TLS_KEY = "tls-key"
-
-
-def credential_path(configured: str, credential: str) -> Path:
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        candidate = Path(directory) / credential
-        if candidate.exists():
-            return candidate
-    return Path(configured)
 
 
 def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -61,8 +52,8 @@ def _tls(config: Config) -> ssl.SSLContext | None:
     if not (gw.tls_certificate_file and gw.tls_key_file):
         return None
     return tls_context(
-        credential_path(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
-        credential_path(gw.tls_key_file, CREDENTIAL_TLS_KEY),
+        systemd_credential(gw.tls_certificate_file, CREDENTIAL_TLS_CERTIFICATE),
+        systemd_credential(gw.tls_key_file, CREDENTIAL_TLS_KEY),
     )
 
 
@@ -99,21 +90,6 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     return Gateway(keys, pool, metrics, settings)
 
 
-def _notify(message: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        except OSError as exc:
-            log.warning("cannot notify systemd: %s", exc)
-
-
 async def serve(config: Config, probe: Probe = default_probe) -> None:
     gw = config.gateway
     gateway = build_gateway(config, probe)
@@ -145,20 +121,22 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    notifier = Notifier.from_environ()
 
     def reload() -> None:
-        _notify("RELOADING=1")
+        notifier.send("RELOADING=1")
         gateway.reload_keys()
-        _notify("READY=1")
+        notifier.ready()
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    _notify("READY=1")
+    notifier.ready()
     try:
         await stop.wait()
     finally:
-        _notify("STOPPING=1")
+        notifier.stopping()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+        notifier.close()

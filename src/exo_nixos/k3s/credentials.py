@@ -8,11 +8,11 @@ no read access to the original, root-only file).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.config import K3s
+from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,12 +23,7 @@ CREDENTIAL_NAMES = {"kubeconfig": "k3s-kubeconfig", "token": "k3s-token", "ca": 
 
 def credential_path(configured: str, kind: str) -> Path:
     """The file to read for ``configured``: systemd's credential copy when there is one."""
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        candidate = Path(directory) / CREDENTIAL_NAMES[kind]
-        if candidate.is_file():
-            return candidate
-    return Path(configured)
+    return systemd_credential(configured, CREDENTIAL_NAMES[kind])
 
 
 def _readable(path: Path, option: str) -> Path:

@@ -13,8 +13,6 @@ from exo_nixos.k3s.registrar import Backoff, HealthCheck, Registrar, SliceSpec
 
 log = logging.getLogger("exo_nixos.k3s")
 
-_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
-
 
 def _loopback_for(listen: str) -> str:
     address = ipaddress.ip_address(listen)
@@ -132,29 +130,14 @@ async def _serve(registrar: Registrar) -> bool:
         await registrar.client.close()
 
 
-def run_registrar(
-    config: Config,
-    *,
-    resync: float = 60.0,
-    backoff_initial: float = 1.0,
-    backoff_max: float = 60.0,
-    request_timeout: float = 10.0,
-    stop_timeout: float = 10.0,
-) -> int:
-    """``exo-nixos k3s register``: 0 when stopped and the endpoint removed, 1 otherwise."""
+def run_registrar(config: Config, registrar: Registrar) -> int:
+    """``exo-nixos k3s register``: run ``registrar`` (from :func:`build_registrar`) until
+    SIGTERM or SIGINT; 0 when stopped and the endpoint removed, 1 otherwise."""
     from exo_nixos.k3s.render import exposure
 
     logging.basicConfig(
-        level=_LEVELS.get(config.log_level, logging.DEBUG),
+        level=config.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s",
-    )
-    registrar = build_registrar(
-        config,
-        resync=resync,
-        backoff_initial=backoff_initial,
-        backoff_max=backoff_max,
-        request_timeout=request_timeout,
-        stop_timeout=stop_timeout,
     )
     spec = registrar.spec
     log.info(
