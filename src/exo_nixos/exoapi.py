@@ -159,6 +159,11 @@ class StateSummary:
     synced: bool
 
 
+def short_id(node_id: str) -> str:
+    """A node id cut to its first 12 characters, for one-line displays."""
+    return node_id if len(node_id) <= 12 else node_id[:12] + "…"
+
+
 def normalize_url(base_url: str) -> str:
     """``HOST:PORT`` or ``http://HOST:PORT/`` -> ``http://HOST:PORT``; reject other schemes."""
     text = base_url.strip()
