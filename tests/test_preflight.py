@@ -26,6 +26,7 @@ from exo_nixos.preflight import (
     check_ports,
     directory_specs,
 )
+from tests.exo_double.fixture import free_port
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 MY_GROUP = grp.getgrgid(os.getgid()).gr_name
@@ -67,13 +68,6 @@ def host(tmp_path: Path) -> Host:
     (tmp_path / "proc/net").mkdir()
     (tmp_path / "proc/net/if_inet6").write_text("")
     return h
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_ports_free(host: Host) -> None:

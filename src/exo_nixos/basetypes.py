@@ -11,12 +11,12 @@ from enum import StrEnum
 from pathlib import Path
 
 DEFAULT_CONFIG_PATH = Path("/etc/exo/config.json")
+"""Where the NixOS module writes the config document."""
 
 # upstream EXO's default ports
 EXO_API_PORT = 52415
 EXO_ZENOH_PORT = 52414
 EXO_DISCOVERY_PORT = 52413
-"""Where the NixOS module writes the config document."""
 
 
 class Accelerator(StrEnum):

@@ -33,7 +33,7 @@ from exo_nixos.basetypes import (
     Accelerator,
     MemoryLimit,
 )
-from exo_nixos.errors import ConfigError
+from exo_nixos.errors import ConfigError, describe_value
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -359,11 +359,6 @@ class Config(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _describe(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _path_part(part: int | str) -> str:
     text = str(part)
     if text and text.isprintable() and "." not in text and text.strip() == text:
@@ -409,8 +404,8 @@ def _format_error(error: Any) -> str:
     if isinstance(error.get("input"), dict) and kind == "value_error":
         return f"{path}: {message}"
     if kind in {"enum", "literal_error"}:
-        return f"{path}: {_describe(error['input'])} is not allowed; {message.lower()}"
-    return f"{path}: {_describe(error['input'])}: {message}"
+        return f"{path}: {describe_value(error['input'])} is not allowed; {message.lower()}"
+    return f"{path}: {describe_value(error['input'])}: {message}"
 
 
 def parse_config(document: Any) -> Config:
@@ -422,7 +417,7 @@ def parse_config(document: Any) -> Config:
         raise ConfigError("schemaVersion: required but missing; this tool reads schemaVersion 1")
     if version != SCHEMA_VERSION:
         raise ConfigError(
-            f"schemaVersion: {_describe(version)} is not supported; this tool reads "
+            f"schemaVersion: {describe_value(version)} is not supported; this tool reads "
             f"schemaVersion {SCHEMA_VERSION} (upgrade exo-nixos or the module so they match)"
         )
     try:

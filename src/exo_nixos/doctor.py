@@ -141,10 +141,10 @@ def _checks_section(results: list[CheckResult], installed: bool) -> Section:
 
 
 def _node_section(config: Config) -> Section:
-    from exo_nixos.nodehealth import Verdict, assess, resolve_target
+    from exo_nixos.nodehealth import Target, Verdict, assess
 
     url = f"http://127.0.0.1:{config.api_port}"
-    report = assess(resolve_target(url, None, NODE_PROBE_TIMEOUT_S))
+    report = assess(Target(url, NODE_PROBE_TIMEOUT_S))
     section = Section("EXO node", f"{report.verdict.value} at {url}")
     if report.view is not None:
         view = report.view
@@ -165,10 +165,9 @@ def diagnose(config_path: Path, root: Path = Path("/"), use_nvml: bool = True) -
     inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)
     accelerator, decision = _accelerator_section(config, installed, inventory)
     network = _network_section(config, root)
-    results = run_checks(config, host, inventory, decision.accelerator)
+    # the network section already judges the cluster interface
+    results = run_checks(config, host, inventory, decision.accelerator, interface=False)
     if not installed:
         results = [r for r in results if not r.check.startswith("directory ")]
-    # the network section already judges the cluster interface
-    results = [r for r in results if not r.check.startswith("interface")]
     sections = [accelerator, network, _checks_section(results, installed), _node_section(config)]
     return Report(socket.gethostname(), source, installed, sections)

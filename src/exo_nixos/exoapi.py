@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from exo_nixos.basetypes import EXO_API_PORT
-from exo_nixos.errors import UserError
+from exo_nixos.errors import UserError, describe_value
 from exo_nixos.fsutil import atomic_write
 
 DEFAULT_URL = f"http://127.0.0.1:{EXO_API_PORT}"
@@ -159,6 +159,11 @@ class StateSummary:
     synced: bool
 
 
+def short_id(node_id: str) -> str:
+    """A node id cut to its first 12 characters, for one-line displays."""
+    return node_id if len(node_id) <= 12 else node_id[:12] + "…"
+
+
 def normalize_url(base_url: str) -> str:
     """``HOST:PORT`` or ``http://HOST:PORT/`` -> ``http://HOST:PORT``; reject other schemes."""
     text = base_url.strip()
@@ -233,13 +238,8 @@ def _parse_node_id(body: Any) -> str:
     if isinstance(body, str) and body.strip().strip('"'):
         return body.strip().strip('"')
     raise ExoApiError(
-        f"unexpected /node_id answer: {_describe(body)} (expected a JSON string)", kind="shape"
+        f"unexpected /node_id answer: {describe_value(body)} (expected a JSON string)", kind="shape"
     )
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _shape(message: str) -> ExoApiError:
@@ -398,7 +398,7 @@ def _model_ids(doc: Any) -> tuple[str, ...]:
     data = doc.get("data") if isinstance(doc, Mapping) else None
     if not isinstance(data, list):
         raise ExoApiError(
-            f"unexpected /models shape: {_describe(doc)} (expected {{'data': [...]}})",
+            f"unexpected /models shape: {describe_value(doc)} (expected {{'data': [...]}})",
             kind="shape",
         )
     return tuple(str(m["id"]) for m in data if isinstance(m, Mapping) and "id" in m)

@@ -21,6 +21,7 @@ from exo_nixos.exoapi import (
     normalize_url,
     probe_sync,
     read_master_hint,
+    short_id,
 )
 
 DEFAULT_TIMEOUT_S = 3.0
@@ -106,10 +107,6 @@ def assess(target: Target) -> HealthReport:
     return HealthReport(verdict=verdict, url=view.url, view=view)
 
 
-def _short(node_id: str) -> str:
-    return node_id if len(node_id) <= 12 else node_id[:12] + "…"
-
-
 def render_status(report: HealthReport) -> str:
     """The human text of ``exo-nixos status``: one fact per line, problems last."""
     lines = [f"status     {report.verdict.value} ({report.url})"]
@@ -137,7 +134,7 @@ def render_status(report: HealthReport) -> str:
     if view.state_ok:
         lines.append(f"instances  {len(view.instances) or 'none'}")
         for instance in view.instances:
-            nodes = ", ".join(_short(n) for n in instance.node_ids) or "no nodes"
+            nodes = ", ".join(short_id(n) for n in instance.node_ids) or "no nodes"
             states = sorted({s for _, s in instance.runner_status})
             state = f" [{', '.join(states)}]" if states else ""
             lines.append(f"  {instance.model_id or '(unknown model)'} on {nodes}{state}")

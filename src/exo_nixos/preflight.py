@@ -370,11 +370,21 @@ def check_kube_credentials(config: Config, host: Host) -> CheckResult:
 
 
 def run_checks(
-    config: Config, host: Host, inventory: Inventory, accelerator: Accelerator
+    config: Config,
+    host: Host,
+    inventory: Inventory,
+    accelerator: Accelerator,
+    *,
+    interface: bool = True,
 ) -> list[CheckResult]:
-    """Every check; ``inventory`` is the hardware detection the caller already made."""
+    """Every check; ``inventory`` is the hardware detection the caller already made.
+
+    ``interface=False`` leaves out the cluster interface check, for a caller that judges the
+    interface itself (``doctor``).
+    """
     results = [check_ports(config)]
-    results += check_interface(config, host)
+    if interface:
+        results += check_interface(config, host)
     results += [check_directory(spec, host, config) for spec in directory_specs(config)]
     results += [
         check_disk(config, inventory.disk),

@@ -31,9 +31,9 @@ from tests.exo_double.cluster import random_node_id
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A TCP (or, with ``kind=socket.SOCK_DGRAM``, UDP) port free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port

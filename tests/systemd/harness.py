@@ -68,6 +68,10 @@ def booted_guest(module: str, name: str) -> Iterator[Guest]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+AS_EXO = ("setpriv", "--reuid", "exo", "--regid", "exo", "--clear-groups")
+"""Prefix of a guest command run as the exo user outside any unit (the control of a refusal)."""
+
+
 def unit_props(guest: Guest, unit: str, *props: str) -> dict[str, str]:
     out = guest.run(["systemctl", "show", unit, *(f"-p{p}" for p in props)]).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)

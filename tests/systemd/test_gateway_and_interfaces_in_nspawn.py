@@ -24,13 +24,14 @@ import pytest
 
 from tests.systemd.guest import Guest
 from tests.systemd.harness import (
+    AS_EXO,
     booted_guest,
     http,
     sandbox_report,
     unit_journal,
-    unit_props,
     wait_until,
 )
+from tests.systemd.harness import unit_props as props
 
 pytestmark = pytest.mark.systemd
 
@@ -133,10 +134,6 @@ def gateway(guest: Guest, path: str, key: str | None = None, via: str = "bond0")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     address = LINKS[via][0]
     return http(guest, f"http://{address}:{PORT}{path}", headers=headers, prefix=PEER)
-
-
-def props(guest: Guest, unit: str, *names: str) -> dict[str, str]:
-    return unit_props(guest, unit, *names)
 
 
 def _active(guest: Guest, unit: str) -> bool:
@@ -271,12 +268,7 @@ def test_node_may_use_only_the_bond_and_loopback(guest: Guest) -> None:
     # control: the same datagrams from the same user outside the unit all leave
     outside = guest.run(
         [
-            "setpriv",
-            "--reuid",
-            "exo",
-            "--regid",
-            "exo",
-            "--clear-groups",
+            *AS_EXO,
             "env",
             f"EXO_NET_PROBES={PROBES}",
             "PYTHONPATH=/opt/exo-nixos",

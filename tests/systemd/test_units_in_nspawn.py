@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from tests.systemd.guest import Guest
-from tests.systemd.harness import booted_guest, http, sandbox_report, unit_journal, unit_props
+from tests.systemd.harness import (
+    AS_EXO,
+    booted_guest,
+    http,
+    sandbox_report,
+    unit_journal,
+    unit_props,
+)
 from tests.systemd.harness import wait_until as _wait_until
 
 pytestmark = pytest.mark.systemd
@@ -141,12 +148,7 @@ def test_runs_as_exo_with_the_hardening_enforced(guest: Guest) -> None:
     # control: the same user outside the unit opens it, so the refusal is the unit's doing
     opened = guest.run(
         [
-            "setpriv",
-            "--reuid",
-            "exo",
-            "--regid",
-            "exo",
-            "--clear-groups",
+            *AS_EXO,
             "python3",
             "-c",
             "import os; os.close(os.open('/dev/net/tun', os.O_RDWR))",

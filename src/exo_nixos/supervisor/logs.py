@@ -6,8 +6,6 @@ import logging
 import os
 import sys
 
-LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
-LEVELS["debug"] = logging.DEBUG
 # syslog priorities journald reads from a "<N>" line prefix (SyslogLevelPrefix=yes)
 _SYSLOG = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
 
@@ -27,4 +25,5 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logging.basicConfig(level=LEVELS[level], handlers=[handler], force=True)
+    # the config's levels (error, warning, info, debug) are logging's names in lower case
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

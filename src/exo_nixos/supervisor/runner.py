@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -97,7 +97,7 @@ def describe(role: str, topo: Topology | None, accelerator: str, fallback: str |
         if topo.is_master:
             parts.append("this node is master")
         elif topo.master_id:
-            parts.append(f"master {_short(topo.master_id)}")
+            parts.append(f"master {exoapi.short_id(topo.master_id)}")
         else:
             parts.append("master unknown")
         n = len(topo.peers)
@@ -108,10 +108,6 @@ def describe(role: str, topo: Topology | None, accelerator: str, fallback: str |
     if fallback:
         text += f" (FALLBACK: {fallback})"
     return text
-
-
-def _short(node_id: str) -> str:
-    return node_id if len(node_id) <= 12 else node_id[:12] + "…"
 
 
 def exit_status(returncode: int) -> int:
@@ -378,18 +374,10 @@ class Supervisor:
     def _record(self, topo: Topology) -> None:
         if self.state.master_id is not None and topo.node_id == self.state.node_id:
             master = self.state.master_id
-            topo = Topology(
-                topo.node_id, master, master == topo.node_id, topo.peers, topo.instances
-            )
+            topo = replace(topo, master_id=master, is_master=master == topo.node_id)
         previous = self.state.last
         self.state.last = topo
-        changed = previous is None or (
-            previous.node_id,
-            previous.master_id,
-            sorted(previous.peers.items()),
-            previous.instances,
-        ) != (topo.node_id, topo.master_id, sorted(topo.peers.items()), topo.instances)
-        if changed and self.snapshots is not None:
+        if topo != previous and self.snapshots is not None:
             try:
                 self.snapshots.save(self.settings.role, topo)
             except OSError as exc:
