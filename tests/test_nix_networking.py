@@ -126,6 +126,18 @@ def test_networkd_link_local_off_on_the_bond_is_refused() -> None:
     assert any("40-bond0" in m for m in with_network("ipv4", "eth9 bond0"))
     assert with_network("ipv6") == []
     assert with_network("no", "eth9") == []
+    # every spelling systemd accepts for "off", and IPv4-only addressing
+    for off in ["false", "0", "off", "OFF", False, "fallback", "ipv4-fallback"]:
+        assert any("40-bond0" in m for m in with_network(off)), off
+    for on in ["yes", "true", "1", True, "ipv6"]:
+        assert with_network(on) == [], on
+    # [Match] Name= globs and an inverted list
+    assert any("40-bond0" in m for m in with_network("no", "bond*"))
+    assert any("40-bond0" in m for m in with_network("no", "eth? bon[dx]0"))
+    assert any("40-bond0" in m for m in with_network("no", "!eth*"))
+    assert with_network("no", "!bond*") == []
+    assert with_network("no", "bond1*") == []
+    assert with_network("no", ["eth0", "bond0.1"]) == []
 
 
 def test_thunderbolt_and_rdma_userspace() -> None:
@@ -175,8 +187,14 @@ def test_network_namespace() -> None:
     assert unit["serviceConfig"]["NetworkNamespacePath"] == "/run/netns/exo"
     assert "exo-netns.service" in unit["requires"] and "exo-netns.service" in unit["after"]
     netns = result["services"]["exo-netns"]
-    assert netns["serviceConfig"]["ExecStart"].endswith("/bin/ip netns add exo")
-    assert netns["unitConfig"]["ConditionPathExists"] == "!/run/netns/exo"
+    add, lo_up = netns["serviceConfig"]["ExecStart"]
+    # tolerates a namespace that exists, and brings its loopback up in every case
+    assert add.startswith("-") and add.endswith("/bin/ip netns add exo")
+    assert lo_up.endswith("/bin/ip -n exo link set lo up")
+    assert "ConditionPathExists" not in netns.get("unitConfig", {})
+    # a switch that changes the unit neither restarts it nor deletes the namespace
+    assert netns["restartIfChanged"] is False
+    assert "ExecStop" not in netns["serviceConfig"]
     assert any('the network namespace "exo"' in w for w in result["warnings"])
     assert "exo-netns" not in exo()["services"]
     inside = node(exo({"networkNamespace": "exo", "bondInterface": "macvlan0"}))
@@ -213,3 +231,23 @@ def test_bad_interface_names_are_type_errors() -> None:
         exo({"bondInterface": "a/b"})
     with pytest.raises(NixEvalError, match="networkNamespace"):
         exo({"networkNamespace": "../etc"})
+
+
+def test_network_namespace_unit_exposure(tmp_path) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = tmp_path / "exo-netns.service"
+    unit.write_text(render_unit(exo({"networkNamespace": "exo"})["services"]["exo-netns"]))
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=100", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout)
+    assert match, done.stdout + done.stderr
+    assert float(match.group(1)) <= 4.0, done.stdout

@@ -34,17 +34,15 @@ let
 
   # systemd-networkd .network files of the host that match a cluster interface by name and
   # turn IPv6 link-local addressing off: EXO's discovery could not work there.
-  linkLocalOff = lib.filterAttrs
-    (_: n:
-      let
-        names = lib.concatMap (lib.splitString " ") (lib.toList (n.matchConfig.Name or [ ]));
-        setting = n.networkConfig.LinkLocalAddressing or null;
-      in
-      lib.any (i: builtins.elem i names) allowedInterfaces
-      && builtins.elem setting [ "no" "ipv4" false ])
-    config.systemd.network.networks;
+  linkLocalOff = lib.filterAttrs (
+    _: n:
+    lib.any (networkd.matchesName (n.matchConfig.Name or [ ])) allowedInterfaces
+    && networkd.ipv6LinkLocalOff (n.networkConfig.LinkLocalAddressing or null)
+  ) config.systemd.network.networks;
 
   netnsPath = "/run/netns/${net.networkNamespace}";
+  ip = lib.getExe' pkgs.iproute2 "ip";
+  networkd = import ./lib/networkd.nix { inherit lib; };
 in
 {
   imports = [ ./exo-service.nix ];
@@ -248,12 +246,52 @@ in
       systemd.services.exo-netns = {
         description = "Network namespace ${net.networkNamespace} for EXO";
         before = [ "${nodeUnit}.service" ];
-        unitConfig.ConditionPathExists = "!${netnsPath}";
+        # A switch that only changes this unit must not touch the namespace: EXO runs in it and
+        # an admin may have moved links into it. Nothing here deletes it (`ip netns delete`).
+        restartIfChanged = false;
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
-          ExecStart = "${lib.getExe' pkgs.iproute2 "ip"} netns add ${net.networkNamespace}";
-          ExecStop = "${lib.getExe' pkgs.iproute2 "ip"} netns delete ${net.networkNamespace}";
+          ExecStart = [
+            # "-": the namespace may exist already (made by an admin, or by an earlier boot's
+            # unit); the next line then brings its loopback up all the same, and fails if the
+            # namespace is really not there.
+            "-${ip} netns add ${net.networkNamespace}"
+            # A new namespace has lo DOWN: EXO's API and the supervisor's probe use 127.0.0.1.
+            "${ip} -n ${net.networkNamespace} link set lo up"
+          ];
+          # `ip netns add` bind-mounts the namespace under /run/netns on the host's mount table,
+          # so nothing that gives the unit a mount namespace of its own (ProtectSystem,
+          # PrivateTmp, ProtectKernelModules, ...) can be used; the rest is locked down.
+          CapabilityBoundingSet = [
+            "CAP_SYS_ADMIN"
+            "CAP_NET_ADMIN"
+          ];
+          NoNewPrivileges = true;
+          # `ip -n NAME` enters the namespace and unshares a mount namespace of its own for /sys
+          RestrictNamespaces = "net mnt";
+          RestrictAddressFamilies = [
+            "AF_NETLINK"
+            "AF_UNIX"
+          ];
+          IPAddressDeny = "any";
+          DevicePolicy = "closed";
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [
+            "@system-service"
+            "@mount"
+            "setns"
+            "unshare"
+          ];
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          ProtectClock = true;
+          ProtectHostname = true;
+          PrivateUsers = false;
+          RemoveIPC = true;
+          UMask = "0077";
         };
       };
       systemd.services.${nodeUnit} = {

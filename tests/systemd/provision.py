@@ -59,8 +59,9 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         f"{node}.service": render_unit(result["services"][node]),
         "exo.target": render_unit(result["targets"]["exo"], "target"),
     }
-    if "exo-api" in result["services"]:  # the gateway (exo-api.nix), when enabled
-        units["exo-api.service"] = render_unit(result["services"]["exo-api"])
+    for extra in ("exo-api", "exo-netns"):  # the gateway; the network namespace's unit
+        if extra in result["services"]:
+            units[f"{extra}.service"] = render_unit(result["services"][extra])
     document = result["etc"]["exo/config.json"]
     config_text = json.dumps(document, indent=2, sort_keys=True)
     install_code(root)
@@ -75,6 +76,8 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         elif path.endswith(".json"):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(config_text)
+        elif path.endswith("-iproute2"):
+            _script(target / "bin" / "ip", 'exec /usr/bin/ip "$@"\n')
         elif path.endswith("-coreutils"):
             # ExecReload's `kill -HUP $MAINPID`: the shell's kill does the same
             _script(target / "bin" / "kill", 'kill "$@"\n')

@@ -2,7 +2,7 @@
 # offline (a test VM has no network: EXO must not try to download models), and the memory
 # EXO's Python stack needs to start.
 { self }:
-{ pkgs, ... }:
+{ lib, pkgs, ... }:
 {
   imports = [ self.nixosModules.default ];
 
@@ -19,8 +19,9 @@
   ];
 
   virtualisation = {
-    memorySize = 4096;
+    # defaults: a test that needs more (k3s.nix) sets its own
+    memorySize = lib.mkDefault 4096;
     cores = 2;
-    diskSize = 4096;
+    diskSize = lib.mkDefault 4096;
   };
 }
