@@ -141,3 +141,23 @@ def render_unit(unit: dict[str, Any], kind: str = "service") -> str:
     if install:
         text += ["", "[Install]", *install]
     return "\n".join(text) + "\n"
+
+
+def exposure(unit: dict[str, Any], name: str, directory: Path) -> float:
+    """The overall exposure `systemd-analyze security --offline=true` gives the rendered
+    ``unit`` (written to ``directory/name``); skips the test where systemd-analyze is absent."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    import re
+
+    path = directory / name
+    path.write_text(render_unit(unit))
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=100", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout)
+    assert match, done.stdout + done.stderr
+    return float(match.group(1))

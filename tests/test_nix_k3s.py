@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 import yaml
 
 from exo_nixos.config import parse_config
-from tests.nixeval import evaluate, render_unit, requires_nix
+from tests.nixeval import evaluate, exposure, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -164,16 +162,6 @@ def test_config_document_carries_the_k3s_section() -> None:
     assert config.k3s.node_address == "10.0.0.21"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_registrar_unit_security_exposure_is_low(tmp_path: Path) -> None:
-    unit = tmp_path / "exo-k3s-registrar.service"
-    unit.write_text(render_unit(registrar(evaluate(module(TOKEN)))))
-    result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
-    assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= 2.0, result.stdout
+    unit = registrar(evaluate(module(TOKEN)))
+    assert exposure(unit, "exo-k3s-registrar.service", tmp_path) <= 2.0

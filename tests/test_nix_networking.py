@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from exo_nixos.config import parse_config
-from tests.nixeval import evaluate, render_unit, requires_nix
+from tests.nixeval import evaluate, exposure, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -234,20 +234,5 @@ def test_bad_interface_names_are_type_errors() -> None:
 
 
 def test_network_namespace_unit_exposure(tmp_path) -> None:
-    import re
-    import shutil
-    import subprocess
-
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
-    unit = tmp_path / "exo-netns.service"
-    unit.write_text(render_unit(exo({"networkNamespace": "exo"})["services"]["exo-netns"]))
-    done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--threshold=100", str(unit)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout)
-    assert match, done.stdout + done.stderr
-    assert float(match.group(1)) <= 4.0, done.stdout
+    unit = exo({"networkNamespace": "exo"})["services"]["exo-netns"]
+    assert exposure(unit, "exo-netns.service", tmp_path) <= 4.0
