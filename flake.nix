@@ -108,6 +108,7 @@
           vm-single-node = vmTest ./nix/tests/vm/single-node.nix;
           vm-two-node = vmTest ./nix/tests/vm/two-node.nix;
           vm-k3s = vmTest ./nix/tests/vm/k3s.nix;
+          vm-netns = vmTest ./nix/tests/vm/netns.nix;
         }
       );
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import functools
 import json
 import os
 import re
@@ -358,7 +359,7 @@ def test_overlay_first_argument_is_named_final(name: str):
 @pytest.mark.nix
 @requires_nix
 def test_checks_include_module_eval_and_vm_tests_on_linux(outputs):
-    vm_tests = {"vm-single-node", "vm-two-node", "vm-k3s"}
+    vm_tests = {f"vm-{test}" for test in VM_TESTS}
     for system, names in outputs["checks"].items():
         assert {"module-eval", "exo-nixos"} <= set(names)
         assert (vm_tests <= set(names)) == (system in LINUX), system
@@ -557,18 +558,74 @@ def test_exo_nixos_package_names_a_missing_dependency():
     assert "nix/overlays/python-overrides.nix" in error
 
 
-# --- the VM tests' scripts ------------------------------------------------------------------
+# --- the VM tests: their nodes evaluate, their scripts are valid ---------------------------
+
+VM_TESTS = ["single-node", "two-node", "k3s", "netns"]
+# Warnings a VM test's node knowingly gets (prefixes); any other warning fails the test.
+VM_WARNINGS = {
+    ("k3s", "server"): ["services.exo.k3s: the exo-api Service points at EXO's own API port"],
+}
+
+
+@functools.cache
+def vm_test(test: str) -> dict[str, Any]:
+    """nix/tests/vm-nodes.nix's evaluation of one VM test: its nodes and rendered script."""
+    data: dict[str, Any] = nix_eval(
+        f'(import ./nix/tests/vm-nodes.nix {{ lib = {lib_expr()}; }})."{test}"'
+    )
+    return data
 
 
 @pytest.fixture(scope="module")
 def vm_scripts() -> dict[str, Any]:
-    data: dict[str, Any] = nix_eval(f"import ./nix/tests/vm-scripts.nix {{ lib = {lib_expr()}; }}")
-    return data
+    return {test: vm_test(test) for test in VM_TESTS}
 
 
 @pytest.mark.nix
 @requires_nix
-@pytest.mark.parametrize("test", ["single-node", "two-node", "k3s"])
+@pytest.mark.parametrize("test", VM_TESTS)
+def test_vm_test_nodes_evaluate_as_run_nixos_test_merges_them(test: str):
+    nodes = vm_test(test)["nodes"]
+    assert nodes
+    for name, node in nodes.items():
+        assert node["assertions"] == [], (name, node["assertions"])
+        expected = VM_WARNINGS.get((test, name), [])
+        assert len(node["warnings"]) == len(expected), (name, node["warnings"])
+        for warning, prefix in zip(node["warnings"], expected, strict=True):
+            assert warning.startswith(prefix), (name, warning)
+        assert node["hostName"] == name
+        assert node["virtualisation"]["memorySize"] >= 4096  # EXO's Python stack
+        assert "exo" in node["targets"]  # exo.target
+
+
+@pytest.mark.nix
+@requires_nix
+def test_vm_test_node_sizes_are_defaults_a_test_can_raise():
+    """common.nix's sizes are defaults: k3s.nix raises them without a conflict."""
+    assert vm_test("k3s")["nodes"]["server"]["virtualisation"]["memorySize"] == 6144
+    assert vm_test("single-node")["nodes"]["machine"]["virtualisation"]["memorySize"] == 4096
+    two = vm_test("two-node")["nodes"]
+    assert [two[n]["primaryIPAddress"] for n in ("alpha", "beta")] == [
+        "192.168.1.1",
+        "192.168.1.2",
+    ]
+
+
+@pytest.mark.nix
+@requires_nix
+def test_vm_node_with_conflicting_sizes_fails_to_evaluate():
+    """The driver stub is as strict as qemu-vm.nix: two sizes at one priority conflict."""
+    error = nix_eval_error(
+        f"(import ./nix/tests/evaluate.nix {{ lib = {lib_expr()}; modules = [ "
+        "./nix/tests/vm-driver.nix { virtualisation.memorySize = 4096; } "
+        "{ virtualisation.memorySize = 6144; } ]; }).config.virtualisation.memorySize"
+    )
+    assert "conflicting definition values" in error
+
+
+@pytest.mark.nix
+@requires_nix
+@pytest.mark.parametrize("test", VM_TESTS)
 def test_vm_test_script_is_valid_python(vm_scripts, test: str):
     rendered = vm_scripts[test]
     compile(rendered["script"], f"{test}.py", "exec")
@@ -605,7 +662,7 @@ def test_vm_tests_check_what_the_issue_asks(vm_scripts):
     assert 'wait_for_unit("exo-worker.service"' in single
     assert "/node_id" in single
     two = vm_scripts["two-node"]
-    assert two["nodes"] == ["alpha", "beta"]
+    assert sorted(two["nodes"]) == ["alpha", "beta"]
     assert ".topology.nodes | any(. == $id)" in two["script"]
     k3s = vm_scripts["k3s"]["script"]
     assert "endpointslices" in k3s

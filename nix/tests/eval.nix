@@ -1,14 +1,12 @@
-# Evaluates the exo NixOS modules against stub NixOS options and returns, as plain data, what
-# the module tests assert on. Used by tests/nixeval.py; no nixpkgs checkout needed, only `lib`.
-{ lib, modules ? [ ] }:
+# What the module tests assert on, as plain data, from an evaluated configuration: by default
+# the exo modules plus `modules` (./evaluate.nix). Used by tests/nixeval.py and ./vm-nodes.nix.
+{
+  lib,
+  modules ? [ ],
+  config ? (import ./evaluate.nix { inherit lib modules; }).config,
+}:
 let
-  stubDir = ./stubs;
-  stubs = map (file: stubDir + "/${file}") (builtins.attrNames (builtins.readDir stubDir));
-  pkgs = import ./stub-pkgs.nix { inherit lib; };
-  evaluated = lib.evalModules {
-    modules = stubs ++ [ ../modules/default.nix { _module.args.pkgs = pkgs; } ] ++ modules;
-  };
-  cfg = evaluated.config;
+  cfg = config;
   fileContent = entry:
     if entry.text != null then entry.text
     else if entry.source ? generatedValue then entry.source.generatedValue

@@ -14,6 +14,8 @@ lib.genAttrs [
   "kmod"
   "coreutils"
   "iproute2"
+  "curl" # the VM tests' nodes
+  "jq"
 ] fakePackage
 // {
   inherit lib;
