@@ -10,8 +10,8 @@ github.com/exo-explore/exo to also re-derive flake.lock's EXO pins from upstream
 from __future__ import annotations
 
 import base64
-import io
 import functools
+import io
 import json
 import os
 import re
