@@ -142,6 +142,7 @@ def pinned_parser() -> argparse.ArgumentParser:
     return upstream_parser(PINNED_REV)
 
 
+@pytest.mark.upstream
 @requires_upstream
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_pinned_exo_accepts_the_supervisors_command_line(
@@ -162,6 +163,7 @@ def test_pinned_exo_accepts_the_supervisors_command_line(
     assert args.legacy_daemon is False
 
 
+@pytest.mark.upstream
 @requires_upstream
 def test_every_flag_the_supervisor_uses_is_covered(pinned_parser: argparse.ArgumentParser):
     # The configurations above reach every flag the argv builder can emit.
@@ -180,6 +182,7 @@ def test_every_flag_the_supervisor_uses_is_covered(pinned_parser: argparse.Argum
     assert used <= known
 
 
+@pytest.mark.upstream
 @requires_upstream
 def test_exo_v1_0_71_would_reject_it():
     # The check can fail: the v1.0.71 release still had libp2p and --libp2p-port.

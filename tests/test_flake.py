@@ -265,6 +265,7 @@ requires_upstream = pytest.mark.skipif(
 )
 
 
+@pytest.mark.upstream
 @requires_upstream
 def test_exo_pin_rederived_from_upstream():
     exo = LOCK["nodes"]["exo"]["locked"]
@@ -291,6 +292,7 @@ def test_exo_pin_rederived_from_upstream():
     assert result.stdout.strip() == exo["narHash"]
 
 
+@pytest.mark.upstream
 @requires_upstream
 def test_exo_dependencies_are_upstreams_own_pins():
     upstream = json.loads(git("show", f"{LOCK['nodes']['exo']['locked']['rev']}:flake.lock"))
