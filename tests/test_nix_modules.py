@@ -119,7 +119,7 @@ def test_config_dir_decides_where_config_json_goes():
     assert any("must lie below /etc" in m for m in result["assertions"])
 
 
-@pytest.mark.parametrize("limit", ["0", "0%", "150%", "0.0G"])
+@pytest.mark.parametrize("limit", ["0M", "0%", "150%", "0.0G"])
 def test_memory_limit_out_of_range_is_refused(limit):
     result = evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
     assert any("hardware.memoryLimit" in m for m in result["assertions"])
@@ -130,6 +130,22 @@ def test_memory_limit_syntax_agrees_with_the_config_model(limit):
     result = evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
     assert result["assertions"] == []
     assert parse_config(result["etc"]["exo/config.json"]).hardware.memory_limit == limit
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"hardware": {"memoryLimit": "80"}}, "memoryLimit"),  # 80 bytes: an OOM restart loop
+        ({"modelsDir": "/srv/my models"}, "modelsDir"),  # split in two by ReadWritePaths=
+        ({"readOnlyModelDirs": ["/nfs/models\n"]}, "readOnlyModelDirs"),
+        ({"security": {"dataDir": "/var/lib/exo\t2"}}, "dataDir"),
+        ({"gateway": {"listenAddress": "999.1.1.1"}}, "listenAddress"),
+        ({"gateway": {"listenAddress": "fe80::1%eth0"}}, "listenAddress"),
+    ],
+)
+def test_values_the_config_model_refuses_fail_evaluation(options, name):
+    with pytest.raises(NixEvalError, match=name):
+        evaluate({"services": {"exo": {"enable": True, **options}}})
 
 
 def test_gateway_listen_address_must_be_an_address():

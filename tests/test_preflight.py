@@ -207,11 +207,27 @@ def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     ("limit", "status"),
-    [(None, Status.OK), ("80%", Status.OK), ("48G", Status.OK), ("128G", Status.FAIL)],
+    [
+        (None, Status.OK),
+        ("80%", Status.OK),
+        ("48G", Status.OK),
+        ("128G", Status.FAIL),
+        ("80K", Status.FAIL),  # absurdly small: killed for memory at every start
+        ("512M", Status.FAIL),
+        ("1G", Status.OK),
+        ("0.001%", Status.FAIL),
+    ],
 )
 def test_memory_limit_against_physical(host: Host, limit, status) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": limit})
     assert check_memory(cfg, detected(host, cfg).memory.total_bytes).status is status
+
+
+def test_memory_limit_too_small_says_the_floor(host: Host) -> None:
+    cfg = make_config(host.root, hardware={"memoryLimit": "80K"})
+    result = check_memory(cfg, detected(host, cfg).memory.total_bytes)
+    assert "80K" in result.reason
+    assert "at least 1 GiB" in result.fix
 
 
 def test_memory_unreadable_warns(host: Host) -> None:

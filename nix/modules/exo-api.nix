@@ -5,7 +5,8 @@ let
   inherit (lib) mkOption mkIf types optional;
   cfg = config.services.exo;
   gw = cfg.gateway;
-  absolutePath = types.strMatching "/.*";
+  exoTypes = import ./lib/types.nix { inherit lib; };
+  inherit (exoTypes) absolutePath;
   exe = lib.getExe' cfg.toolPackage "exo-nixos";
   loopback = import ./lib/loopback.nix gw.listenAddress;
   tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
@@ -24,7 +25,7 @@ in
     };
     listenAddress = mkOption {
       # an IPv4 or IPv6 address, as the gateway binds it (host names are not resolved)
-      type = types.strMatching "([0-9]{1,3}(\\.[0-9]{1,3}){3})|([0-9a-fA-F.]*:[0-9a-fA-F:.]*)";
+      type = exoTypes.ipAddress;
       default = "127.0.0.1";
       example = "0.0.0.0";
       description = "Address the gateway listens on; anything but loopback needs `apiKeysFile`.";
@@ -59,13 +60,13 @@ in
       description = "PEM private key of `tlsCertificateFile`; passed with `LoadCredential=`.";
     };
     publicPaths = mkOption {
-      type = types.listOf (types.strMatching "/.*");
+      type = types.listOf absolutePath;
       default = [ "/health" ];
       example = [ "/health" "/metrics" ];
       description = "Exact request paths served without an API key.";
     };
     staticBackends = mkOption {
-      type = types.listOf (types.strMatching "https?://[^[:space:]/]+(/[^[:space:]]*)?");
+      type = types.listOf exoTypes.url;
       default = [ ];
       example = [ "http://10.0.0.12:52415" ];
       description = "EXO node APIs to use besides the local node and the peers in its cluster state.";

@@ -44,13 +44,17 @@ let
   # what the installed CUDA variant says it needs (nix/packages: passthru.variant)
   cudaRequirements = hw.packages.cuda.passthru.variant.requirements or { };
 
-  # The syntax exo-nixos' config model accepts: a percentage or a size in binary units.
-  memoryLimitPattern = "([0-9]+(\\.[0-9]+)?) *(%|[KMGTkmgt]?)([iI]?[bB])?";
-  memoryLimitParts = text: builtins.match memoryLimitPattern text;
+  exoTypes = import ./lib/types.nix { inherit lib; };
+  # The syntax exo-nixos' config model accepts (patterns.json): a percentage or a size in
+  # binary units; groups: number, fraction, "%" or unit with suffix, unit, suffix.
+  memoryLimitParts = text: builtins.match exoTypes.patterns.memoryLimit.pattern text;
   # "80 %" -> "80%", "64GiB" -> "64G", "1.5t" -> "1.5T": the forms systemd's MemoryMax= takes.
   memoryMax = text:
-    let parts = memoryLimitParts text;
-    in "${builtins.elemAt parts 0}${lib.toUpper (builtins.elemAt parts 2)}";
+    let
+      parts = memoryLimitParts text;
+      unit = if builtins.elemAt parts 2 == "%" then "%" else lib.toUpper (builtins.elemAt parts 3);
+    in
+    "${builtins.elemAt parts 0}${unit}";
   # above zero, and a percentage at most 100 (leading zeros dropped: JSON numbers have none)
   memoryLimitInRange = text:
     let
@@ -88,7 +92,7 @@ in
     };
 
     memoryLimit = mkOption {
-      type = types.nullOr (types.strMatching memoryLimitPattern);
+      type = types.nullOr exoTypes.memoryLimit;
       default = null;
       example = "80%";
       description = ''
@@ -131,7 +135,7 @@ in
     };
 
     cudaMinimumDriver = mkOption {
-      type = types.nullOr (types.strMatching "[0-9]{1,4}(\\.[0-9]{1,4}){0,2}");
+      type = types.nullOr exoTypes.driverVersion;
       default = cudaRequirements.nvidiaDriver or null;
       defaultText = literalExpression
         "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.nvidiaDriver or null";
@@ -145,7 +149,7 @@ in
     };
 
     cudaMinimumComputeCapability = mkOption {
-      type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]");
+      type = types.nullOr exoTypes.computeCapability;
       default = cudaRequirements.computeCapability or null;
       defaultText = literalExpression
         "config.services.exo.hardware.packages.cuda.passthru.variant.requirements.computeCapability or null";
@@ -158,7 +162,7 @@ in
     };
 
     rocmGfxOverride = mkOption {
-      type = types.nullOr (types.strMatching "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}");
+      type = types.nullOr exoTypes.gfxVersion;
       default = null;
       example = "10.3.0";
       description = "`HSA_OVERRIDE_GFX_VERSION` for AMD cards ROCm does not recognise as-is.";

@@ -7,8 +7,9 @@ let
   cfg = config.services.exo;
   k3s = cfg.k3s;
   kube = config.services.k3s;
-  label = types.strMatching "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?";
-  absolutePath = types.strMatching "/.*";
+  exoTypes = import ./lib/types.nix { inherit lib; };
+  inherit (exoTypes) absolutePath;
+  label = exoTypes.k8sName;
   tool = lib.getExe' cfg.toolPackage "exo-nixos";
   hardening = import ./lib/hardening.nix;
 
@@ -80,7 +81,7 @@ in
       description = "CA bundle the API server's certificate is checked against (with `tokenFile`).";
     };
     apiServer = mkOption {
-      type = types.nullOr (types.strMatching "https?://[^[:space:]/]+(/.*)?");
+      type = types.nullOr exoTypes.url;
       default = null;
       example = "https://10.0.0.1:6443";
       description = "API server URL, for `tokenFile`.";

@@ -7,7 +7,8 @@ let
   inherit (lib) mkOption mkIf mkMerge mkDefault types optional optionals;
   cfg = config.services.exo;
   net = cfg.networking;
-  interfaceName = types.strMatching "[^[:space:]/:]{1,15}";
+  exoTypes = import ./lib/types.nix { inherit lib; };
+  inherit (exoTypes) interfaceName;
   nodeUnit = cfg.nodeUnit;
 
   # The interfaces EXO's traffic may use: the cluster interface(s) and, for failover, the
@@ -110,7 +111,7 @@ in
     };
 
     networkNamespace = mkOption {
-      type = types.nullOr (types.strMatching "[A-Za-z0-9_.-]{1,64}");
+      type = types.nullOr exoTypes.netnsName;
       default = null;
       example = "exo";
       description = ''

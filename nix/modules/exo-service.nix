@@ -5,7 +5,7 @@ let
   inherit (lib) mkEnableOption mkPackageOption mkOption mkIf types literalExpression;
   cfg = config.services.exo;
   json = pkgs.formats.json { };
-  absolutePath = types.strMatching "/.*";
+  inherit (import ./lib/types.nix { inherit lib; }) absolutePath;
   configFile = json.generate "exo-config.json" cfg.configDocument;
   role = if cfg.mode == "master" then "master" else "worker";
   nodeUnit = "exo-${role}";

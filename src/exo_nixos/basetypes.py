@@ -6,9 +6,12 @@ such as ``exo-nixos detect``, can use them without importing pydantic.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CONFIG_PATH = Path("/etc/exo/config.json")
 """Where the NixOS module writes the config document."""
@@ -26,9 +29,26 @@ class Accelerator(StrEnum):
     CPU = "cpu"
 
 
-_SIZE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
-_PERCENT = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*%$")
-_UNIT_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_PATTERNS: dict[str, dict[str, Any]] = json.loads(
+    Path(__file__).with_name("patterns.json").read_text(encoding="utf-8")
+)
+
+
+@functools.cache
+def _pattern(kind: str) -> re.Pattern[str]:
+    return re.compile(_PATTERNS[kind]["pattern"])
+
+
+def check(kind: str, value: str) -> str:
+    """``value`` if it has the syntax ``kind`` of patterns.json (which the NixOS option types
+    read too), else ValueError saying what it must be."""
+    spec = _PATTERNS[kind]
+    if "\0" in value or not _pattern(kind).fullmatch(value) or value in spec.get("reserved", ()):
+        raise ValueError(f"must be {spec['description']}")
+    return value
+
+
+_UNIT_SHIFT = {"K": 10, "M": 20, "G": 30, "T": 40}
 
 
 class MemoryLimit:
@@ -40,21 +60,17 @@ class MemoryLimit:
 
     @classmethod
     def parse(cls, text: str) -> MemoryLimit:
-        text = text.strip()
-        if match := _PERCENT.match(text):
-            percent = float(match["num"])
-            if not 0 < percent <= 100:
+        match = _pattern("memoryLimit").fullmatch(check("memoryLimit", text))
+        assert match is not None
+        number = float(match[1])
+        if match[3] == "%":
+            if not 0 < number <= 100:
                 raise ValueError("a percentage must be above 0% and at most 100%")
-            return cls(percent, None)
-        if match := _SIZE.match(text):
-            size = int(float(match["num"]) * (1 << _UNIT_SHIFT[match["unit"].upper()]))
-            if size <= 0:
-                raise ValueError("a size must be above zero")
-            return cls(None, size)
-        raise ValueError(
-            "must be a percentage of physical memory such as '80%' or a size such as "
-            "'48G', '512M' or '64GiB' (binary units K, M, G, T)"
-        )
+            return cls(number, None)
+        size = int(number * (1 << _UNIT_SHIFT[match[4].upper()]))
+        if size <= 0:
+            raise ValueError("a size must be above zero")
+        return cls(None, size)
 
     def resolve(self, total_bytes: int) -> int:
         """The limit in bytes on a machine with ``total_bytes`` of memory."""

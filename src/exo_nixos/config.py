@@ -8,9 +8,9 @@ the option names, nested and spelled the same (camelCase). ``schemaVersion`` gua
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +32,7 @@ from exo_nixos.basetypes import (
     EXO_ZENOH_PORT,
     Accelerator,
     MemoryLimit,
+    check,
 )
 from exo_nixos.errors import ConfigError, describe_value
 
@@ -62,20 +63,14 @@ LogLevel = Literal["error", "warning", "info", "debug"]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
-_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
-
-def _interface_name(value: str) -> str:
-    if not _IFNAME.match(value) or value in {".", ".."}:
-        raise ValueError(
-            "must be a Linux interface name: 1 to 15 characters, no whitespace, '/' or ':'"
-        )
-    return value
-
-
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError("must be an absolute path (starting with '/')")
+def _ip_address(value: str) -> str:
+    try:
+        if "%" in value:  # a zone index: the option types refuse it too
+            raise ValueError
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address such as 0.0.0.0 or ::1") from None
     return value
 
 
@@ -84,54 +79,24 @@ def _memory_limit(value: str) -> str:
     return value
 
 
-def _gfx_version(value: str) -> str:
-    if not re.fullmatch(r"\d{1,2}\.\d{1,2}\.\d{1,2}", value):
-        raise ValueError("must look like '10.3.0' (HSA_OVERRIDE_GFX_VERSION)")
-    return value
-
-
-def _driver_version(value: str) -> str:
-    if not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,2}", value):
-        raise ValueError("must be an NVIDIA driver version such as '580' or '550.54.14'")
-    return value
-
-
-def _compute_capability(value: str) -> str:
-    if not re.fullmatch(r"\d{1,2}\.\d", value):
-        raise ValueError("must be a CUDA compute capability such as '7.5'")
-    return value
-
-
-def _ip_address(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError("must be an IPv4 or IPv6 address such as 0.0.0.0 or ::1") from None
-    return value
-
-
-def _k8s_name(value: str) -> str:
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
-        raise ValueError(
-            "must be a Kubernetes DNS label: lowercase letters, digits and '-', at most 63"
-        )
-    return value
-
-
 def _url(value: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-        raise ValueError("must be an http:// or https:// URL")
-    return value.rstrip("/")
+    return check("url", value).rstrip("/")
 
 
-InterfaceName = Annotated[str, AfterValidator(_interface_name)]
-AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+def _syntax(kind: str) -> AfterValidator:
+    return AfterValidator(functools.partial(check, kind))
+
+
+# the syntaxes of patterns.json, which the NixOS option types (nix/modules/lib/types.nix) read
+InterfaceName = Annotated[str, _syntax("interfaceName")]
+AbsolutePath = Annotated[str, _syntax("absolutePath")]
+GfxVersion = Annotated[str, _syntax("gfxVersion")]
+DriverVersion = Annotated[str, _syntax("driverVersion")]
+ComputeCapability = Annotated[str, _syntax("computeCapability")]
+K8sName = Annotated[str, _syntax("k8sName")]
+NetnsName = Annotated[str, _syntax("netnsName")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
-GfxVersion = Annotated[str, AfterValidator(_gfx_version)]
-DriverVersion = Annotated[str, AfterValidator(_driver_version)]
-ComputeCapability = Annotated[str, AfterValidator(_compute_capability)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
-K8sName = Annotated[str, AfterValidator(_k8s_name)]
 Url = Annotated[str, AfterValidator(_url)]
 
 
@@ -173,7 +138,7 @@ class Networking(_Section):
         default_factory=lambda: PortRange.model_validate({}),
         description="TCP range EXO's MLX ring/JACCL backends use between nodes.",
     )
-    network_namespace: str | None = Field(
+    network_namespace: NetnsName | None = Field(
         None, description="Run the EXO units in this named network namespace."
     )
 

@@ -262,6 +262,10 @@ def check_disk(config: Config, disk: Disk | None) -> CheckResult:
     return _ok("disk", text)
 
 
+# Below this a memory limit cannot be meant: EXO's interpreter and ML stack need more to start.
+MEMORY_LIMIT_FLOOR_BYTES = 1 * GIB
+
+
 def check_memory(config: Config, total: int | None) -> CheckResult:
     """``hardware.memoryLimit`` against physical memory (``total``, from detection)."""
     if total is None:
@@ -270,6 +274,14 @@ def check_memory(config: Config, total: int | None) -> CheckResult:
     if text is None:
         return _ok("memory", f"no memoryLimit; EXO may use all {total / GIB:.1f} GiB")
     limit = MemoryLimit.parse(text).resolve(total)
+    if limit < MEMORY_LIMIT_FLOOR_BYTES:
+        return _fail(
+            "memory",
+            f"hardware.memoryLimit {text} is {limit / GIB:.3g} GiB: EXO's Python stack alone "
+            "needs more, so the node would be killed for memory at every start",
+            f"set hardware.memoryLimit to at least {MEMORY_LIMIT_FLOOR_BYTES // GIB} GiB "
+            "(e.g. '80%' or '48G') or remove it",
+        )
     if limit > total:
         return _fail(
             "memory",
