@@ -6,10 +6,12 @@ let
   hw = cfg.hardware;
   accelerators = [ "cuda" "rocm" "mlx" "cpu" ];
 
-  # Accelerators whose EXO variant may run here: the installed ones plus the preferred one.
-  # The runtime decision (exo-nixos detect) picks one of them at every start, so the node
-  # unit gets the device access of each, and nothing more.
-  wanted = lib.unique (lib.attrNames hw.packages
+  # Accelerators whose EXO variant is installed: the runtime decision (exo-nixos detect)
+  # picks one of them at every start, so the node unit gets the device access of each, and
+  # nothing more. A preferred accelerator without a variant can never run (a warning says
+  # so): it gets no devices, but its settings are still checked (`uses`).
+  installed = lib.attrNames hw.packages;
+  wanted = lib.unique (installed
     ++ lib.optional (hw.preferredAccelerator != null) hw.preferredAccelerator);
   uses = accelerator: lib.elem accelerator wanted;
 
@@ -29,7 +31,7 @@ let
     mlx = { devices = [ ]; groups = [ ]; };
     cpu = { devices = [ ]; groups = [ ]; };
   };
-  needed = field: lib.unique (lib.concatMap (a: (access.${a} or { }).${field} or [ ]) wanted);
+  needed = field: lib.unique (lib.concatMap (a: (access.${a} or { }).${field} or [ ]) installed);
   deviceAllow = needed "devices";
   groups = needed "groups";
   gpu = deviceAllow != [ ];

@@ -8,7 +8,7 @@ import pytest
 
 from exo_nixos.basetypes import Accelerator
 from exo_nixos.config import parse_config
-from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
+from tests.nixeval import NixEvalError, evaluate, exposure, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -131,12 +131,22 @@ def test_persistenced_and_udev_settle_ordering():
 
 
 def test_rocm_gets_kfd_drm_and_render_group_and_a_warning():
-    result = _eval({"preferredAccelerator": "rocm", "rocmGfxOverride": "10.3.0"}, mode="master")
+    result = evaluate("""
+    { pkgs, ... }: {
+      services.exo = {
+        enable = true;
+        mode = "master";
+        hardware.packages.rocm = pkgs.exo-rocm;
+        hardware.preferredAccelerator = "rocm";
+        hardware.rocmGfxOverride = "10.3.0";
+      };
+    }
+    """)
     config = result["services"]["exo-master"]["serviceConfig"]
     assert config["DeviceAllow"] == ["char-kfd rw", "char-drm rw"]
     assert config["SupplementaryGroups"] == ["render"]
     assert any("upstream EXO has no ROCm backend" in w for w in result["warnings"])
-    assert any("has no rocm variant" in w for w in result["warnings"])
+    assert not any("has no rocm variant" in w for w in result["warnings"])
     document = parse_config(result["etc"]["exo/config.json"])
     assert document.hardware.rocm_gfx_override == "10.3.0"
 
@@ -147,6 +157,21 @@ def test_cuda_preferred_without_nvidia_driver_warns_with_the_fix():
     assert 'Add "nvidia" to services.xserver.videoDrivers' in driver
     assert "hardware.nvidia.datacenter.enable = true" in driver
     assert any("has no cuda variant" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("accelerator", ["cuda", "rocm"])
+def test_preferred_accelerator_without_its_variant_gets_no_devices(accelerator, tmp_path):
+    """It can never be chosen (the warning says so), so the unit stays as closed as CPU-only."""
+    result = _eval({"preferredAccelerator": accelerator})
+    unit = result["services"]["exo-worker"]
+    config = unit["serviceConfig"]
+    assert "DeviceAllow" not in config and "SupplementaryGroups" not in config
+    assert config["PrivateDevices"] is True
+    assert "systemd-modules-load.service" not in unit["after"]
+    assert any(f"has no {accelerator} variant" in w for w in result["warnings"])
+    assert exposure(unit, "exo-worker.service", tmp_path) == exposure(
+        _eval()["services"]["exo-worker"], "cpu.service", tmp_path
+    )
 
 
 def test_datacenter_driver_counts_as_configured():
