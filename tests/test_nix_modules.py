@@ -166,3 +166,44 @@ def test_registrar_in_host_namespace_is_warned_about():
         }
     )
     assert any("network namespace exo" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"modelsDir": "/home/alice/models"}, "modelsDir"),
+        ({"extraModelDirs": ["/home/alice/more"]}, "extraModelDirs"),
+        ({"readOnlyModelDirs": ["/home/alice"]}, "readOnlyModelDirs"),
+        ({"modelsDir": "/root/models"}, "modelsDir"),
+    ],
+)
+def test_model_dir_in_a_closed_home_fails_evaluation_with_the_fix(options, option):
+    result = evaluate(
+        {
+            "services": {"exo": {"enable": True, **options}},
+            "users": {"users": {"alice": {"isNormalUser": True, "home": "/home/alice"}}},
+        }
+    )
+    (message,) = [m for m in result["assertions"] if "cannot enter" in m]
+    assert message.startswith(f"services.exo.{option}: ")
+    assert "(mode 700)" in message
+    assert '"/srv/models"' in message and 'options = [ "bind" ]' in message
+
+
+def test_model_dir_in_a_searchable_home_is_fine():
+    result = evaluate(
+        {
+            "services": {"exo": {"enable": True, "modelsDir": "/home/alice/models"}},
+            "users": {
+                "users": {"alice": {"isNormalUser": True, "home": "/home/alice", "homeMode": "711"}}
+            },
+        }
+    )
+    assert result["assertions"] == [] and result["warnings"] == []
+
+
+def test_model_dir_in_an_undeclared_home_warns():
+    result = evaluate({"services": {"exo": {"enable": True, "modelsDir": "/home/bob/models"}}})
+    assert result["assertions"] == []
+    (warning,) = result["warnings"]
+    assert "does not declare" in warning and "/home/bob/models" in warning

@@ -32,6 +32,23 @@ let
   homeRoots = [ "/home" "/root" "/run/user" ];
   underHome = dir: lib.any (root: inside root dir) homeRoots;
   modelsUnderHome = lib.any underHome (writableModelDirs ++ cfg.readOnlyModelDirs);
+  # Homes the service user cannot enter: /root, and those NixOS creates with a homeMode that
+  # gives others no search (x) bit ("700" by default, nixos/modules/config/users-groups.nix).
+  searchable = mode: builtins.match ".*[1357]" mode != null;
+  closedHomes = [ { name = "root"; home = "/root"; mode = "700"; } ] ++ lib.mapAttrsToList
+    (name: u: { inherit name; inherit (u) home; mode = u.homeMode or "700"; })
+    (lib.filterAttrs
+      (name: u: name != sec.user && (u.isNormalUser || u.createHome) && !searchable (u.homeMode or "700"))
+      config.users.users);
+  modelDirOptions =
+    lib.optional (cfg.modelsDir != null) { option = "modelsDir"; dir = cfg.modelsDir; }
+    ++ map (dir: { option = "extraModelDirs"; inherit dir; }) cfg.extraModelDirs
+    ++ map (dir: { option = "readOnlyModelDirs"; inherit dir; }) cfg.readOnlyModelDirs;
+  closedHomeOf = dir: lib.findFirst (h: h.home != "/" && inside h.home dir) null closedHomes;
+  unreachableModelDirs = lib.filter (d: closedHomeOf d.dir != null) modelDirOptions;
+  # under /home or /run/user but in no home NixOS declares: whether exo can enter is unknown here
+  declaredHome = dir: lib.any (u: u.home != "/" && inside u.home dir) (lib.attrValues config.users.users);
+  unknownHomeModelDirs = lib.filter (d: underHome d.dir && closedHomeOf d.dir == null && !declaredHome d.dir) modelDirOptions;
 
   hc = cfg.healthCheck;
   # pings follow passing probes; this many milliseconds without one means EXO is hung
@@ -282,11 +299,18 @@ in
         assertion = configManaged;
         message = ''services.exo.security.configDir = "${sec.configDir}": it must lie below /etc, where NixOS writes config.json; use for example "/etc/exo".'';
       }
+    ] ++ map (d:
+      let home = closedHomeOf d.dir; in {
+        assertion = false;
+        message = ''services.exo.${d.option}: "${d.dir}" lies in ${home.home}, the home of ${home.name} (mode ${home.mode}), which the ${sec.user} user cannot enter, so EXO could never ${if d.option == "readOnlyModelDirs" then "read" else "use"} it. Keep models outside home directories (e.g. "/srv/models"), or bind-mount them there: fileSystems."/srv/models" = { device = "${d.dir}"; options = [ "bind" ]; };'';
+      }) unreachableModelDirs ++ [
       {
         assertion = cfg.noWorker -> cfg.mode == "master";
         message = ''services.exo.noWorker only applies to mode "master"; set services.exo.mode = "master" or remove noWorker.'';
       }
     ];
+
+    warnings = map (d: ''services.exo.${d.option}: "${d.dir}" lies under a home directory that users.users does not declare; NixOS creates homes with mode 700, which the ${sec.user} user cannot enter. Keep models outside home directories (e.g. "/srv/models"); the pre-flight check fails at start if the directory cannot be reached.'') unknownHomeModelDirs;
 
     services.exo.configDocument = {
       schemaVersion = 1;

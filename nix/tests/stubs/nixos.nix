@@ -73,6 +73,7 @@ in
           group = mkOption { type = types.str; default = ""; };
           extraGroups = mkOption { type = types.listOf types.str; default = [ ]; };
           home = mkOption { type = types.str; default = "/var/empty"; };
+          homeMode = mkOption { type = types.strMatching "[0-7]{1,5}"; default = "700"; };
           createHome = mkOption { type = types.bool; default = false; };
           description = mkOption { type = types.str; default = ""; };
           uid = mkOption { type = types.nullOr types.int; default = null; };
