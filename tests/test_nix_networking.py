@@ -236,3 +236,53 @@ def test_bad_interface_names_are_type_errors() -> None:
 def test_network_namespace_unit_exposure(tmp_path) -> None:
     unit = exo({"networkNamespace": "exo"})["services"]["exo-netns"]
     assert exposure(unit, "exo-netns.service", tmp_path) <= 4.0
+
+
+def _uplink(**networking):
+    return {
+        "services": {
+            "exo": {"enable": True, "networking": {"bondInterface": "bond0", **networking}}
+        },
+        "networking": {"defaultGateway": {"address": "192.0.2.1", "interface": "eno1"}},
+    }
+
+
+def test_default_gateway_outside_the_allowed_interfaces_warns_with_the_option():
+    result = evaluate(_uplink())
+    (warning,) = [w for w in result["warnings"] if "model downloads" in w]
+    assert "default route is on eno1" in warning and "allows only lo, bond0" in warning
+    assert 'services.exo.networking.downloadInterfaces = [ "eno1" ]' in warning
+    assert "services.exo.offline = true" in warning
+
+
+def test_download_interfaces_widen_only_the_interface_restriction():
+    result = evaluate(_uplink(downloadInterfaces=["eno1"], openFirewall=True))
+    assert not any("model downloads" in w for w in result["warnings"])
+    unit = result["services"]["exo-worker"]
+    assert unit["serviceConfig"]["RestrictNetworkInterfaces"] == ["lo", "bond0", "eno1"]
+    assert set(result["firewall"]["interfaces"]) == {"bond0"}  # no port opened on the uplink
+    document = parse_config(result["etc"]["exo/config.json"])
+    assert document.networking.download_interfaces == ["eno1"]
+    assert document.networking.allowed_interfaces == ["lo", "bond0", "eno1"]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        {"services": {"exo": {"offline": True}}},
+        {"services": {"exo": {"networking": {"restrictInterfaces": False}}}},
+        {"networking": {"defaultGateway": {"address": "192.0.2.1", "interface": "bond0"}}},
+        {"networking": {"defaultGateway": "192.0.2.1"}},  # no interface: the module cannot know
+    ],
+)
+def test_no_download_warning_where_downloads_work_or_cannot_be_known(module):
+    def merged(base: Any, extra: Any) -> Any:
+        if not (isinstance(base, dict) and isinstance(extra, dict)):
+            return extra
+        return {k: merged(base[k], v) if k in base else v for k, v in extra.items()} | {
+            k: v for k, v in base.items() if k not in extra
+        }
+
+    config = merged(_uplink(), module)
+    assert config["services"]["exo"]["networking"]["bondInterface"] == "bond0"
+    assert not any("model downloads" in w for w in evaluate(config)["warnings"])

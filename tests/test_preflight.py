@@ -15,16 +15,19 @@ from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, Config, parse_config
 from exo_nixos.hardware import Inventory, detect
 from exo_nixos.preflight import (
+    CheckResult,
     Host,
     Status,
     check_devices,
     check_directory,
     check_disk,
+    check_downloads,
     check_interface,
     check_kube_credentials,
     check_memory,
     check_ports,
     directory_specs,
+    run_checks,
 )
 from tests.exo_double.fixture import free_port
 
@@ -292,3 +295,46 @@ def test_command_json_and_exit_code(host: Host, tmp_path: Path, capsys) -> None:
 def test_command_bad_config(tmp_path: Path, capsys) -> None:
     assert main(["preflight", "--config", str(tmp_path / "missing.json")]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+def _downloads(tree: str, tmp_path: Path, **overrides: object) -> list[CheckResult]:
+    networking = {"bondInterface": "bond1", "rdmaEnabled": False}
+    networking.update(overrides.pop("networking", {}))  # type: ignore[call-overload]
+    cfg = make_config(tmp_path, networking=networking, **overrides)
+    return check_downloads(cfg, Host(NETWORK_FIXTURES / tree))
+
+
+def test_default_route_outside_the_allowed_interfaces_warns_with_the_option(tmp_path) -> None:
+    # a cluster bond plus a separate uplink (the default route is on wlp2s0)
+    [result] = _downloads("bond-balance-alb", tmp_path)
+    assert result.status is Status.WARN and result.check == "downloads"
+    assert "default route is on wlp2s0" in result.reason
+    assert "allows only lo, bond1" in result.reason
+    assert 'downloadInterfaces = [ "wlp2s0" ]' in result.fix
+    assert "services.exo.offline = true" in result.fix
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"networking": {"downloadInterfaces": ["wlp2s0"]}},
+        {"networking": {"restrictInterfaces": False}},
+        {"networking": {"backupInterface": "wlp2s0"}},
+        {"offline": True},
+        {"networking": {"networkNamespace": "exo"}},
+    ],
+)
+def test_default_route_reachable_or_downloads_off_is_quiet(tmp_path, overrides) -> None:
+    assert _downloads("bond-balance-alb", tmp_path, **overrides) == []
+
+
+def test_default_route_on_the_cluster_bond_is_quiet(tmp_path) -> None:
+    assert _downloads("bond-active-backup", tmp_path, networking={"bondInterface": "bond0"}) == []
+
+
+def test_run_checks_includes_the_download_route(tmp_path) -> None:
+    host = Host(NETWORK_FIXTURES / "bond-balance-alb")
+    cfg = make_config(tmp_path, networking={"bondInterface": "bond1", "rdmaEnabled": False})
+    inventory = detected(host, cfg)
+    names = [r.check for r in run_checks(cfg, host, inventory, Accelerator.CPU, interface=False)]
+    assert "downloads" in names

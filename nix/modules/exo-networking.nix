@@ -19,6 +19,14 @@ let
   allowedInterfaces = lib.unique
     (clusterInterfaces ++ optional (net.backupInterface != null) net.backupInterface);
   restricted = allowedInterfaces != [ ];
+  # The default gateways' interfaces NixOS configures statically (where the module can know
+  # the route); with downloads on, the node unit must be allowed one of them.
+  gatewayInterfaces = lib.unique (lib.filter (i: i != null)
+    (map (g: if g == null then null else g.interface or null)
+      [ config.networking.defaultGateway config.networking.defaultGateway6 ]));
+  downloadsCutOff = !cfg.offline && restricted && net.restrictInterfaces
+    && net.networkNamespace == null && gatewayInterfaces != [ ]
+    && !lib.any (i: lib.elem i (allowedInterfaces ++ net.downloadInterfaces)) gatewayInterfaces;
 
   # A coordinator (mode master + noWorker) runs no inference, so no MLX ring traffic.
   runsInference = !(cfg.mode == "master" && cfg.noWorker);
@@ -71,6 +79,18 @@ in
       type = types.nullOr interfaceName;
       default = null;
       description = "Interface the supervisor reports failover to when the cluster link drops.";
+    };
+
+    downloadInterfaces = mkOption {
+      type = types.listOf interfaceName;
+      default = [ ];
+      example = [ "eno1" ];
+      description = ''
+        Interfaces besides the cluster ones that the EXO node unit may use, for model downloads:
+        the one holding the default route when that is not the cluster interface (a private
+        cluster bond plus an uplink). Only widens {option}`services.exo.networking.restrictInterfaces`;
+        no firewall port is opened on them, though EXO may announce itself there too.
+      '';
     };
 
     rdmaEnabled = mkOption {
@@ -159,8 +179,8 @@ in
     {
       services.exo.configDocument.networking = {
         inherit (net)
-          bondInterface extraInterfaces backupInterface rdmaEnabled discoveryPort zenohPort
-          ringPorts networkNamespace;
+          bondInterface extraInterfaces backupInterface downloadInterfaces restrictInterfaces
+          rdmaEnabled discoveryPort zenohPort ringPorts networkNamespace;
       };
 
       assertions = [
@@ -191,7 +211,9 @@ in
           not apply inside the network namespace "${net.networkNamespace}" the node runs in.''
         ++ optional (net.backupInterface != null && builtins.elem net.backupInterface clusterInterfaces) ''
           services.exo.networking.backupInterface ${net.backupInterface} is also a cluster
-          interface; failover to it changes nothing. Name a separate link.'';
+          interface; failover to it changes nothing. Name a separate link.''
+        ++ optional downloadsCutOff ''
+          services.exo: model downloads are on, but the default route is on ${lib.concatStringsSep ", " gatewayInterfaces}, which the node unit may not use (RestrictNetworkInterfaces allows only lo, ${lib.concatStringsSep ", " allowedInterfaces}), so EXO cannot reach the model hub. Set services.exo.networking.downloadInterfaces = [ "${builtins.head gatewayInterfaces}" ], or services.exo.offline = true to serve local models only.'';
 
       # IPv6 on the cluster links; applied when each interface appears (systemd-sysctl runs
       # from udev for new network devices), so bonds created later by networkd get it too.
@@ -222,7 +244,7 @@ in
         wants = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
         after = optionals (net.networkNamespace == null) (map deviceUnit allowedInterfaces);
         serviceConfig.RestrictNetworkInterfaces =
-          mkIf net.restrictInterfaces ([ "lo" ] ++ allowedInterfaces);
+          mkIf net.restrictInterfaces (lib.unique ([ "lo" ] ++ allowedInterfaces ++ net.downloadInterfaces));
       };
     })
 

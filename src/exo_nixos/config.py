@@ -131,6 +131,13 @@ class Networking(_Section):
     backup_interface: InterfaceName | None = Field(
         None, description="Interface to report failover to when the cluster interface is down."
     )
+    download_interfaces: list[InterfaceName] = Field(
+        default_factory=list,
+        description="Interfaces beside the cluster ones the node may use for model downloads.",
+    )
+    restrict_interfaces: bool = Field(
+        True, description="Limit the node unit to loopback and the interfaces named here."
+    )
     rdma_enabled: bool = Field(True, description="Use RDMA/Thunderbolt links where present.")
     discovery_port: Port = Field(EXO_DISCOVERY_PORT, description="EXO's UDP discovery port.")
     zenoh_port: Port = Field(EXO_ZENOH_PORT, description="EXO's TCP transport (zenoh) port.")
@@ -146,6 +153,15 @@ class Networking(_Section):
     def cluster_interfaces(self) -> list[str]:
         first = [self.bond_interface] if self.bond_interface else []
         return first + [i for i in self.extra_interfaces if i not in first]
+
+    @property
+    def allowed_interfaces(self) -> list[str] | None:
+        """What the node unit's RestrictNetworkInterfaces= allows (None: every interface)."""
+        backup = [self.backup_interface] if self.backup_interface else []
+        named = [*self.cluster_interfaces, *backup]
+        if not named or not self.restrict_interfaces:
+            return None
+        return list(dict.fromkeys(["lo", *named, *self.download_interfaces]))
 
 
 class Hardware(_Section):

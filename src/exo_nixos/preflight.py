@@ -140,6 +140,29 @@ def check_interface(config: Config, host: Host) -> list[CheckResult]:
     return results
 
 
+def check_downloads(config: Config, host: Host) -> list[CheckResult]:
+    """Model downloads on, but the default route on an interface the node unit may not use."""
+    net = config.networking
+    allowed = net.allowed_interfaces
+    if config.offline or allowed is None or net.network_namespace is not None:
+        return []  # no restriction, or routes inside a namespace this check cannot see
+    from exo_nixos.network import inspect
+
+    routes = inspect(host.root).default_route_interfaces
+    if not routes or any(name in allowed for name in routes):
+        return []
+    return [
+        _warn(
+            "downloads",
+            f"model downloads are on, but the default route is on {', '.join(routes)}, which "
+            f"the node unit may not use (RestrictNetworkInterfaces allows only "
+            f"{', '.join(allowed)}), so EXO cannot reach the model hub",
+            f'set services.exo.networking.downloadInterfaces = [ "{routes[0]}" ], or '
+            "services.exo.offline = true to serve local models only",
+        )
+    ]
+
+
 # ---------------------------------------------------------------- directories
 
 
@@ -397,6 +420,7 @@ def run_checks(
     results = [check_ports(config)]
     if interface:
         results += check_interface(config, host)
+    results += check_downloads(config, host)
     results += [check_directory(spec, host, config) for spec in directory_specs(config)]
     results += [
         check_disk(config, inventory.disk),
