@@ -674,6 +674,27 @@ def test_vm_tests_check_what_the_issue_asks(vm_scripts):
 # --- the forge workflow ---------------------------------------------------------------------
 
 
+@pytest.mark.nix
+@requires_nix
+def test_binary_caches_are_the_same_in_the_module_the_flake_and_ci():
+    caches = nix_eval("import ./nix/caches.nix")
+    config = nix_eval("(import ./flake.nix).nixConfig")
+    assert config["extra-substituters"].split() == caches["substituters"]
+    assert config["extra-trusted-public-keys"].split() == caches["trusted-public-keys"]
+    workflow = yaml.safe_load((REPO / ".github/workflows/nix.yml").read_text())
+    settings = dict(
+        line.split(" = ", 1) for line in workflow["env"]["NIX_CACHE_CONFIG"].strip().splitlines()
+    )
+    assert settings["extra-substituters"].split() == caches["substituters"]
+    assert settings["extra-trusted-public-keys"].split() == caches["trusted-public-keys"]
+    readme = (REPO / "README.md").read_text()
+    assert f'extra-substituters "{" ".join(caches["substituters"])}"' in readme
+    assert f'extra-trusted-public-keys "{" ".join(caches["trusted-public-keys"])}"' in readme
+    # each key names its cache's host
+    for url, key in zip(caches["substituters"], caches["trusted-public-keys"], strict=True):
+        assert key.split(":")[0].removesuffix("-1") == url.removeprefix("https://")
+
+
 def test_workflow_runs_flake_check_with_kvm():
     workflow = yaml.safe_load((REPO / ".github/workflows/nix.yml").read_text())
     check = next(

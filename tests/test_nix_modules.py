@@ -207,3 +207,25 @@ def test_model_dir_in_an_undeclared_home_warns():
     assert result["assertions"] == []
     (warning,) = result["warnings"]
     assert "does not declare" in warning and "/home/bob/models" in warning
+
+
+NIXOS_CACHE = "https://cache.nixos.org/"
+NIXOS_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+
+
+def test_binary_caches_are_off_by_default():
+    settings = evaluate({"services": {"exo": {"enable": True}}})["nixSettings"]
+    assert settings == {"substituters": [NIXOS_CACHE], "trusted-public-keys": [NIXOS_KEY]}
+
+
+def test_binary_caches_join_nixos_own_cache_in_nix_conf():
+    settings = evaluate({"services": {"exo": {"enable": True, "binaryCaches": {"enable": True}}}})[
+        "nixSettings"
+    ]
+    assert settings["substituters"] == [
+        "https://exo.cachix.org",
+        "https://cache.nixos-cuda.org",
+        NIXOS_CACHE,  # still there, and still last
+    ]
+    assert NIXOS_KEY in settings["trusted-public-keys"]
+    assert any(k.startswith("exo.cachix.org-1:") for k in settings["trusted-public-keys"])

@@ -56,6 +56,8 @@ let
   stopGraceSec = cfg.timeouts.stopSec - 5;
 in
 {
+  imports = [ ./exo-caches.nix ];
+
   options.services.exo = {
     enable = mkEnableOption "EXO distributed AI inference on this host";
 

@@ -24,6 +24,7 @@ in
   systemPackages = map (p: p.name) cfg.environment.systemPackages;
   kernelModules = cfg.boot.kernelModules;
   sysctl = cfg.boot.kernel.sysctl;
+  nixSettings = { inherit (cfg.nix.settings) substituters trusted-public-keys; };
   k3sManifests = lib.mapAttrs
     (_: m: { inherit (m) enable target content; source = if m.source == null then null else m.source.name; })
     cfg.services.k3s.manifests;
