@@ -75,6 +75,9 @@ CASES: dict[str, list[str]] = {
         "a:b",
         "bond*",
         "wlp\x01",
+        "ethé",
+        "é" * 8,  # 8 characters, 16 bytes
+        "e" * 14 + "é",
     ],
     "k8sName": ["exo", "exo-system", "a" * 63, "a" * 64, "-a", "a-", "Exo", "a.b", ""],
     "url": [
