@@ -29,7 +29,7 @@ def _eval(hardware=None, mode="auto", **host):
 def _cuda_host(**extra):
     return {
         "services": {"exo": {"enable": True, **extra}, "xserver": {"videoDrivers": ["nvidia"]}},
-        "hardware": {"graphics": {"enable": True}},
+        "hardware": {"graphics": {"enable": True}, "nvidia": {"open": True}},
     }
 
 
@@ -38,6 +38,7 @@ CUDA_PACKAGES = """
   services.exo.enable = true;
   services.exo.hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
   services.xserver.videoDrivers = [ "nvidia" ];
+  hardware.nvidia.open = true;
   hardware.graphics.enable = true;
 }
 """
@@ -63,7 +64,7 @@ def test_cuda_variant_gets_nvidia_devices_and_module_ordering():
     assert "systemd-modules-load.service" in unit["after"]
     assert "systemd-modules-load.service" in unit["wants"]
     assert "systemd-udev-settle.service" not in unit["after"]
-    assert result["warnings"] == []
+    assert result["warnings"] == [] and result["assertions"] == []
     packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
     assert set(packages) == {"cpu", "cuda"}
 
@@ -149,11 +150,19 @@ def test_cuda_preferred_without_nvidia_driver_warns_with_the_fix():
     assert any("has no cuda variant" in w for w in result["warnings"])
 
 
+DATACENTER = CUDA_PACKAGES.replace(
+    'services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;"
+)
+
+
 def test_datacenter_driver_counts_as_configured():
-    module = CUDA_PACKAGES.replace(
-        'services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;"
+    dc_580 = DATACENTER.replace(
+        "hardware.graphics.enable = true;",
+        "hardware.graphics.enable = true; hardware.nvidia.package = pkgs.exo-nixos // "
+        '{ version = "580.159.04"; };',
     )
-    assert evaluate(module)["warnings"] == []
+    result = evaluate(dc_580)
+    assert result["warnings"] == [] and result["assertions"] == []
 
 
 def test_cuda_without_graphics_driver_libraries_warns():
