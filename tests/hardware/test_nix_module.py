@@ -165,6 +165,15 @@ def test_datacenter_driver_counts_as_configured():
     assert result["warnings"] == [] and result["assertions"] == []
 
 
+def test_default_datacenter_driver_is_too_old_for_cuda_13():
+    # nixos-25.11's nvidiaPackages.dc is the 570 line; nvidiaPackages.latest is no DC driver
+    result = evaluate(DATACENTER)
+    (warning,) = result["warnings"]
+    assert "(hardware.nvidia.package, 570.172.08) is older than 580" in warning
+    assert "nvidiaPackages.dc_580" in warning and "nvidiaPackages.latest" not in warning
+    assert result["assertions"] == []
+
+
 def test_cuda_without_graphics_driver_libraries_warns():
     module = CUDA_PACKAGES.replace("hardware.graphics.enable = true;", "")
     (warning,) = evaluate(module)["warnings"]
