@@ -95,38 +95,18 @@ def _section(entries: dict[str, Any]) -> list[str]:
     return lines
 
 
-_DEPENDENCIES = {
-    "after": "After",
-    "before": "Before",
-    "wants": "Wants",
-    "requires": "Requires",
-    "bindsTo": "BindsTo",
-    "partOf": "PartOf",
-    "upholds": "Upholds",
-    "conflicts": "Conflicts",
-}
-
-
 def render_unit(unit: dict[str, Any], kind: str = "service") -> str:
     """Render an evaluated ``systemd.services.<name>`` (or target) as unit-file text.
 
-    Follows nixpkgs' rendering: dependency lists joined by spaces, list-valued settings as
-    repeated keys, booleans as true/false, ``environment`` as Environment= lines. The
-    [Install] section stands in for the .wants links NixOS creates.
+    Follows nixpkgs' rendering: the [Unit] section is ``unitConfig``, which (as in NixOS'
+    systemd-lib.nix) holds the dependency lists joined by spaces, Description= and
+    StartLimit*=; list-valued settings become repeated keys, booleans true/false,
+    ``environment`` Environment= lines. The [Install] section stands in for the .wants links
+    NixOS creates.
     """
     if unit.get("script") or unit.get("preStart") or unit.get("postStart"):
         raise ValueError("units must not embed shell scripts (script/preStart/postStart)")
-    unit_lines = []
-    if unit.get("description"):
-        unit_lines.append(f"Description={unit['description']}")
-    for attr, key in _DEPENDENCIES.items():
-        if unit.get(attr):
-            unit_lines.append(f"{key}={' '.join(unit[attr])}")
-    if unit.get("startLimitIntervalSec") is not None:
-        unit_lines.append(f"StartLimitIntervalSec={unit['startLimitIntervalSec']}")
-    if unit.get("startLimitBurst") is not None:
-        unit_lines.append(f"StartLimitBurst={unit['startLimitBurst']}")
-    unit_lines += _section(unit.get("unitConfig", {}))
+    unit_lines = _section(unit.get("unitConfig", {}))
     text = ["[Unit]", *unit_lines]
     if kind == "service":
         service_lines = [

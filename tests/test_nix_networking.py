@@ -87,6 +87,20 @@ def test_units_restricted_to_cluster_interfaces_and_loopback() -> None:
     assert f"After=network-online.target {device}" in text
 
 
+@pytest.mark.parametrize(
+    ("interface", "device"),
+    [
+        ("bond+0", "sys-subsystem-net-devices-bond\\x2b0.device"),
+        ("br@lan", "sys-subsystem-net-devices-br\\x40lan.device"),
+        ("eth0.100", "sys-subsystem-net-devices-eth0.100.device"),
+    ],
+)
+def test_device_units_are_named_as_systemd_escapes_them(interface, device) -> None:
+    # `systemd-escape --path --suffix=device /sys/subsystem/net/devices/<interface>`
+    unit = node(exo({"bondInterface": interface}))
+    assert device in unit["after"] and device in unit["wants"]
+
+
 def test_no_restriction_without_a_cluster_interface_or_when_disabled() -> None:
     assert "RestrictNetworkInterfaces" not in node(exo())["serviceConfig"]
     unit = node(exo({"bondInterface": "bond0", "restrictInterfaces": False}))

@@ -58,7 +58,7 @@ def test_restart_backoff_watchdog_and_timeouts_follow_the_options() -> None:
     assert sc["WatchdogSec"] == "11000ms"  # 2.5 s x 4 probes + 1 s timeout
     assert (sc["TimeoutStartSec"], sc["TimeoutStopSec"]) == (600, 45)
     assert sc["ExecStart"].endswith("--stop-timeout 40")
-    assert service["startLimitIntervalSec"] == 0
+    assert service["unitConfig"]["StartLimitIntervalSec"] == "0"
 
 
 def test_defaults_give_a_watchdog_of_three_missed_probes() -> None:

@@ -43,6 +43,13 @@ let
   driverTooOld = uses "cuda" && nvidiaVersion != null && hw.cudaMinimumDriver != null
     && lib.versionOlder nvidiaVersion hw.cudaMinimumDriver;
   persistenced = nvidiaDriver && config.hardware.nvidia.nvidiaPersistenced;
+  # the data-center driver line (fabric manager, persistenced) has packages of its own:
+  # nvidiaPackages.latest is a desktop driver
+  newerDriver =
+    if config.hardware.nvidia.datacenter.enable then
+      "Use a newer data-center driver, e.g. hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.dc_580 where nixpkgs has it, or one built with nvidiaPackages.mkDriver."
+    else
+      "Use a newer driver, e.g. hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.latest.";
   # what the installed CUDA variant says it needs (nix/packages: passthru.variant)
   cudaRequirements = hw.packages.cuda.passthru.variant.requirements or { };
 
@@ -193,7 +200,7 @@ in
       ++ lib.optional (uses "cuda" && nvidiaDriver && !config.hardware.graphics.enable) ''
         services.exo.hardware: CUDA programs on NixOS load libcuda from /run/opengl-driver, which only hardware.graphics.enable = true provides; set it, or EXO will run on the CPU.''
       ++ lib.optional driverTooOld ''
-        services.exo.hardware: the NVIDIA driver configured (hardware.nvidia.package, ${toString nvidiaVersion}) is older than ${toString hw.cudaMinimumDriver}, the oldest the CUDA variant of EXO runs on, so EXO will run on the CPU. Use a newer driver, e.g. hardware.nvidia.package = config.boot.kernelPackages.nvidiaPackages.latest.''
+        services.exo.hardware: the NVIDIA driver configured (hardware.nvidia.package, ${toString nvidiaVersion}) is older than ${toString hw.cudaMinimumDriver}, the oldest the CUDA variant of EXO runs on, so EXO will run on the CPU. ${newerDriver}''
       ++ lib.optional (hw.preferredAccelerator != null && hw.preferredAccelerator != "cpu" && !(hw.packages ? ${hw.preferredAccelerator})) ''
         services.exo.hardware.preferredAccelerator is "${hw.preferredAccelerator}" but services.exo.hardware.packages has no ${hw.preferredAccelerator} variant, so it can never be chosen; add services.exo.hardware.packages.${hw.preferredAccelerator}.''
       ++ lib.optional (uses "rocm") ''

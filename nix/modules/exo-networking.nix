@@ -38,8 +38,10 @@ let
 
   # sysctl.d keys: with a "/" first separator the dots in a name like eth0.100 stay intact.
   ipv6Key = iface: "net/ipv6/conf/${iface}/disable_ipv6";
+  # escaped as systemd names device units (and NixOS' utils.escapeSystemdPath does): an
+  # interface name may hold any character but "/", ":" and whitespace
   deviceUnit = iface:
-    "sys-subsystem-net-devices-${lib.replaceStrings [ "-" ] [ "\\x2d" ] iface}.device";
+    "sys-subsystem-net-devices-${lib.strings.escapeC (lib.stringToCharacters "!\"#$%&'()*+,;<=>=@[\\]^`{|}~-") iface}.device";
 
   # systemd-networkd .network files of the host that match a cluster interface by name and
   # turn IPv6 link-local addressing off: EXO's discovery could not work there.

@@ -11,22 +11,25 @@ let
     if entry.text != null then entry.text
     else if entry.source ? generatedValue then entry.source.generatedValue
     else toString entry.source;
-  unit = u: builtins.removeAttrs u [ "restartTriggers" "reloadTriggers" ];
+  # StartLimit*= are in unitConfig, as NixOS writes them; the options have no default
+  unit = u: builtins.removeAttrs u [ "restartTriggers" "reloadTriggers" "startLimitIntervalSec" "startLimitBurst" ];
 in
 {
   assertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
   inherit (cfg) warnings users;
   services = lib.mapAttrs (_: unit) (lib.filterAttrs (_: s: s.enable) cfg.systemd.services);
-  targets = lib.filterAttrs (_: t: t.enable) cfg.systemd.targets;
+  targets = lib.mapAttrs (_: unit) (lib.filterAttrs (_: t: t.enable) cfg.systemd.targets);
   tmpfiles = cfg.systemd.tmpfiles.rules;
   firewall = cfg.networking.firewall;
-  etc = lib.mapAttrs (_: fileContent) cfg.environment.etc;
+  etc = lib.mapAttrs' (_: e: lib.nameValuePair e.target (fileContent e))
+    (lib.filterAttrs (_: e: e.enable) cfg.environment.etc);
   systemPackages = map (p: p.name) cfg.environment.systemPackages;
   kernelModules = cfg.boot.kernelModules;
-  sysctl = cfg.boot.kernel.sysctl;
+  # as sysctl.d gets them: null means the key is not written
+  sysctl = lib.filterAttrs (_: v: v != null) cfg.boot.kernel.sysctl;
   nixSettings = { inherit (cfg.nix.settings) substituters trusted-public-keys; };
   k3sManifests = lib.mapAttrs
-    (_: m: { inherit (m) enable target content; source = if m.source == null then null else m.source.name; })
+    (_: m: { inherit (m) enable target content; source = m.source.name or (toString m.source); })
     cfg.services.k3s.manifests;
   exo = {
     inherit (cfg.services.exo) enable nodeUnit;

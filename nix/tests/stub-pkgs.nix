@@ -34,6 +34,26 @@ lib.genAttrs [
     type = (lib.types.attrsOf lib.types.anything) // { name = "json value"; };
     generate = generated;
   };
+  formats.yaml_1_2 = _: {
+    type = (lib.types.attrsOf lib.types.anything) // { name = "YAML 1.2 value"; };
+    generate = generated;
+  };
+  # what NixOS' hardware.nvidia.package defaults to (config.boot.kernelPackages.nvidiaPackages.
+  # stable, or .dc with hardware.nvidia.datacenter.enable): drivers with the versions
+  # pkgs/os-specific/linux/nvidia-x11/default.nix gives them on x86_64-linux in nixos-25.11
+  linuxPackages.nvidiaPackages =
+    let
+      driver = version: fakePackage "nvidia-x11-${version}" // { inherit version; };
+      production = driver "580.105.08";
+      dc_570 = driver "570.172.08";
+    in
+    {
+      inherit production dc_570;
+      stable = production;
+      dc = dc_570;
+      dc_535 = driver "535.154.05";
+      legacy_535 = driver "535.274.02";
+    };
   writeText = name: text: generated name text;
   runCommand = name: env: command: fakePackage name // { inherit env command; };
 }

@@ -29,7 +29,7 @@ def _eval(hardware=None, mode="auto", **host):
 def _cuda_host(**extra):
     return {
         "services": {"exo": {"enable": True, **extra}, "xserver": {"videoDrivers": ["nvidia"]}},
-        "hardware": {"graphics": {"enable": True}},
+        "hardware": {"graphics": {"enable": True}, "nvidia": {"open": True}},
     }
 
 
@@ -38,6 +38,7 @@ CUDA_PACKAGES = """
   services.exo.enable = true;
   services.exo.hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
   services.xserver.videoDrivers = [ "nvidia" ];
+  hardware.nvidia.open = true;
   hardware.graphics.enable = true;
 }
 """
@@ -63,7 +64,7 @@ def test_cuda_variant_gets_nvidia_devices_and_module_ordering():
     assert "systemd-modules-load.service" in unit["after"]
     assert "systemd-modules-load.service" in unit["wants"]
     assert "systemd-udev-settle.service" not in unit["after"]
-    assert result["warnings"] == []
+    assert result["warnings"] == [] and result["assertions"] == []
     packages = parse_config(result["etc"]["exo/config.json"]).hardware.packages
     assert set(packages) == {"cpu", "cuda"}
 
@@ -174,11 +175,28 @@ def test_preferred_accelerator_without_its_variant_gets_no_devices(accelerator, 
     )
 
 
+DATACENTER = CUDA_PACKAGES.replace(
+    'services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;"
+)
+
+
 def test_datacenter_driver_counts_as_configured():
-    module = CUDA_PACKAGES.replace(
-        'services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;"
+    dc_580 = DATACENTER.replace(
+        "hardware.graphics.enable = true;",
+        "hardware.graphics.enable = true; hardware.nvidia.package = pkgs.exo-nixos // "
+        '{ version = "580.159.04"; };',
     )
-    assert evaluate(module)["warnings"] == []
+    result = evaluate(dc_580)
+    assert result["warnings"] == [] and result["assertions"] == []
+
+
+def test_default_datacenter_driver_is_too_old_for_cuda_13():
+    # nixos-25.11's nvidiaPackages.dc is the 570 line; nvidiaPackages.latest is no DC driver
+    result = evaluate(DATACENTER)
+    (warning,) = result["warnings"]
+    assert "(hardware.nvidia.package, 570.172.08) is older than 580" in warning
+    assert "nvidiaPackages.dc_580" in warning and "nvidiaPackages.latest" not in warning
+    assert result["assertions"] == []
 
 
 def test_cuda_without_graphics_driver_libraries_warns():
