@@ -23,11 +23,11 @@ def run_doctor(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_runs_on_this_host_without_config(tmp_path):
-    result = run_doctor("--config", str(tmp_path / "none.json"))
-    assert result.returncode in (0, 1), result.stderr
-    assert "Traceback" not in result.stderr
-    out = result.stdout
+def test_runs_on_this_host_without_config(tmp_path, monkeypatch, capsys):
+    # no config at the default path: what services.exo.enable would do
+    monkeypatch.setattr("exo_nixos.commands.doctor.DEFAULT_CONFIG_PATH", tmp_path / "none.json")
+    assert main(["doctor"]) in (0, 1)
+    out = capsys.readouterr().out
     assert "not installed as a service here" in out
     assert "Accelerator: " in out
     assert "Cluster interface: " in out
@@ -36,9 +36,10 @@ def test_runs_on_this_host_without_config(tmp_path):
     assert "directory /var/lib/exo" not in out
 
 
-def test_gpu_tree_picks_cuda(tmp_path, capsys):
+def test_gpu_tree_picks_cuda(tmp_path, monkeypatch, capsys):
     root = FIXTURES / "hardware" / "nvidia-dgx-h100"
-    rc = main(["doctor", "--config", str(tmp_path / "none.json"), "--root", str(root), "--json"])
+    monkeypatch.setattr("exo_nixos.commands.doctor.DEFAULT_CONFIG_PATH", tmp_path / "none.json")
+    rc = main(["doctor", "--root", str(root), "--json"])
     report = json.loads(capsys.readouterr().out)
     accelerator = next(s for s in report["sections"] if s["title"] == "Accelerator")
     assert accelerator["summary"] == "cuda"
@@ -76,6 +77,44 @@ def test_reports_a_running_node(tmp_path, capsys):
     section = next(s for s in report["sections"] if s["title"] == "EXO node")
     assert section["summary"].startswith("healthy")
     assert any(node.node_id in line for line in section["details"])
+
+
+def test_a_named_config_that_is_missing_is_an_error(tmp_path):
+    result = run_doctor("--config", str(tmp_path / "missing.json"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"exo-nixos: error: {tmp_path / 'missing.json'}: no such config file; on NixOS set "
+        "services.exo.enable, elsewhere pass --config FILE"
+    ]
+    assert result.stdout == ""
+
+
+def test_a_running_node_holding_its_own_port_is_no_conflict(tmp_path, capsys):
+    """The pre-flight port check in doctor: the port EXO itself listens on is fine."""
+    with run_double() as node:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"schemaVersion": 1, "apiPort": node.port}))
+        code = main(["doctor", "--config", str(config), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    checks = next(s for s in report["sections"] if s["title"] == "Pre-flight")
+    assert not any("ports" in line for line in checks["problems"]), checks
+    assert not any(f"port {node.port}" in line for line in checks["problems"]), checks
+    assert code == (1 if report["problems"] else 0)
+
+
+def test_a_port_held_by_something_else_while_exo_is_down_is_a_conflict(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("0.0.0.0", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"schemaVersion": 1, "apiPort": port}))
+        main(["doctor", "--config", str(config), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    checks = next(s for s in report["sections"] if s["title"] == "Pre-flight")
+    assert any(f"TCP port {port} (apiPort) is in use" in line for line in checks["problems"])
 
 
 def test_bad_config_is_one_line(tmp_path):

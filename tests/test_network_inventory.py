@@ -153,6 +153,13 @@ def test_rdma_requested_but_absent_says_tcp() -> None:
     assert not any("RDMA" in w for w in quiet)
 
 
+def test_rdma_by_default_is_a_note_not_a_warning() -> None:
+    """The user never set rdmaEnabled (no config, or the module's default): nothing to warn."""
+    choice = choose_cluster_interface(default_config(), inspect(FIXTURES / "bond-active-backup"))
+    assert not any("RDMA" in w for w in choice.warnings)
+    assert any("rdmaEnabled is on (the default)" in n for n in choice.notes)
+
+
 def test_discovery_prerequisites_missing() -> None:
     inv = inspect(FIXTURES / "no-ipv6")
     eth0, eth1, eth2 = (inv.interface(n) for n in ("eth0", "eth1", "eth2"))

@@ -300,3 +300,12 @@ def test_no_download_warning_where_downloads_work_or_cannot_be_known(module):
     config = merged(_uplink(), module)
     assert config["services"]["exo"]["networking"]["bondInterface"] == "bond0"
     assert not any("model downloads" in w for w in evaluate(config)["warnings"])
+
+
+def test_rdma_enabled_reaches_the_document_only_when_set():
+    document = evaluate({"services": {"exo": {"enable": True}}})["etc"]["exo/config.json"]
+    assert "rdmaEnabled" not in document["networking"]
+    assert parse_config(document).networking.rdma_enabled is True  # same default as Nix
+    for value in (True, False):
+        module = {"services": {"exo": {"enable": True, "networking": {"rdmaEnabled": value}}}}
+        assert evaluate(module)["etc"]["exo/config.json"]["networking"]["rdmaEnabled"] is value

@@ -2,7 +2,7 @@
 # prerequisites of EXO's discovery (IPv6, link-local, multicast), Thunderbolt networking and
 # the RDMA userspace, socket buffers for fast links, and an optional network namespace.
 # Link state at run time is the supervisor's job (exo-nixos, netlink), not this module's.
-{ config, lib, pkgs, ... }:
+{ config, options, lib, pkgs, ... }:
 let
   inherit (lib) mkOption mkIf mkMerge mkDefault types optional optionals;
   cfg = config.services.exo;
@@ -182,7 +182,11 @@ in
       services.exo.configDocument.networking = {
         inherit (net)
           bondInterface extraInterfaces backupInterface downloadInterfaces restrictInterfaces
-          rdmaEnabled discoveryPort zenohPort ringPorts networkNamespace;
+          discoveryPort zenohPort ringPorts networkNamespace;
+      }
+      # only when set: the tool warns about RDMA hardware a host lacks only if it was asked for
+      // lib.optionalAttrs (options.services.exo.networking.rdmaEnabled.highestPrio < 1500) {
+        inherit (net) rdmaEnabled;
       };
 
       assertions = [

@@ -83,8 +83,8 @@ class Report:
         return "\n".join(out)
 
 
-def _load(config_path: Path) -> tuple[Config, str, bool]:
-    if config_path.exists():
+def _load(config_path: Path, *, required: bool) -> tuple[Config, str, bool]:
+    if required or config_path.exists():
         config = load_config(config_path)
         return config, f"{config_path} (valid, mode {config.mode})", True
     return (
@@ -140,7 +140,8 @@ def _checks_section(results: list[CheckResult], installed: bool) -> Section:
     return section
 
 
-def _node_section(config: Config) -> Section:
+def _node_section(config: Config) -> tuple[Section, bool]:
+    """The local node's section, and whether this node's EXO answers (holds its ports)."""
     from exo_nixos.nodehealth import Target, Verdict, assess
 
     url = f"http://127.0.0.1:{config.api_port}"
@@ -154,20 +155,26 @@ def _node_section(config: Config) -> Section:
     section.lines += [f"- {problem}" for problem in report.problems]
     if report.verdict is Verdict.DOWN:
         section.lines.append("- (expected when EXO is not running on this host)")
-    return section
+    return section, report.view is not None
 
 
-def diagnose(config_path: Path, root: Path = Path("/"), use_nvml: bool = True) -> Report:
-    config, source, installed = _load(config_path)
+def diagnose(
+    config_path: Path, root: Path = Path("/"), use_nvml: bool = True, *, required: bool = False
+) -> Report:
+    """``required``: the config was named explicitly, so a missing file is an error."""
+    config, source, installed = _load(config_path, required=required)
     host = Host(root)
     from exo_nixos.hardware import detect
 
     inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)
     accelerator, decision = _accelerator_section(config, installed, inventory)
     network = _network_section(config, root)
+    node, exo_running = _node_section(config)
     # the network section already judges the cluster interface
-    results = run_checks(config, host, inventory, decision.accelerator, interface=False)
+    results = run_checks(
+        config, host, inventory, decision.accelerator, interface=False, exo_running=exo_running
+    )
     if not installed:
         results = [r for r in results if not r.check.startswith("directory ")]
-    sections = [accelerator, network, _checks_section(results, installed), _node_section(config)]
+    sections = [accelerator, network, _checks_section(results, installed), node]
     return Report(socket.gethostname(), source, installed, sections)

@@ -70,6 +70,9 @@ class Host:
 # ---------------------------------------------------------------- ports
 
 
+IN_USE = "in use by another process"
+
+
 def _port_in_use(kind: int, port: int) -> str | None:
     """Why ``port`` cannot be bound the way EXO binds it (all addresses), or None when free."""
     for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
@@ -86,7 +89,7 @@ def _port_in_use(kind: int, port: int) -> str | None:
                 sock.bind((address, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    return "in use by another process"
+                    return IN_USE
                 if exc.errno == errno.EACCES:
                     return "not allowed for this user (privileged port)"
                 if exc.errno == errno.EADDRNOTAVAIL:
@@ -95,7 +98,9 @@ def _port_in_use(kind: int, port: int) -> str | None:
     return None
 
 
-def check_ports(config: Config) -> CheckResult:
+def check_ports(config: Config, *, exo_running: bool = False) -> CheckResult:
+    """EXO's ports can be bound; with ``exo_running`` (this node's EXO answers on its API
+    port, as ``doctor`` sees on a healthy node) a port in use is EXO's own."""
     wanted = [
         ("TCP", socket.SOCK_STREAM, config.api_port, "apiPort"),
         ("TCP", socket.SOCK_STREAM, config.networking.zenoh_port, "networking.zenohPort"),
@@ -103,6 +108,8 @@ def check_ports(config: Config) -> CheckResult:
     ]
     for proto, kind, port, option in wanted:
         problem = _port_in_use(kind, port)
+        if problem and exo_running and problem == IN_USE:
+            continue
         if problem:
             return _fail(
                 "ports",
@@ -110,6 +117,8 @@ def check_ports(config: Config) -> CheckResult:
                 f"stop what listens there (ss -lntup 'sport = :{port}') or change {option}",
             )
     listed = ", ".join(f"{p} {n}" for p, _, n, _ in wanted)
+    if exo_running:
+        return _ok("ports", f"{listed}: free or held by this node's running EXO")
     return _ok("ports", f"{listed} are free")
 
 
@@ -411,13 +420,15 @@ def run_checks(
     accelerator: Accelerator,
     *,
     interface: bool = True,
+    exo_running: bool = False,
 ) -> list[CheckResult]:
     """Every check; ``inventory`` is the hardware detection the caller already made.
 
     ``interface=False`` leaves out the cluster interface check, for a caller that judges the
-    interface itself (``doctor``).
+    interface itself (``doctor``); ``exo_running``: this node's EXO answers on its API port,
+    so the ports it holds are no conflict.
     """
-    results = [check_ports(config)]
+    results = [check_ports(config, exo_running=exo_running)]
     if interface:
         results += check_interface(config, host)
     results += check_downloads(config, host)

@@ -15,8 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG_PATH,
-        help="config file; when absent, the defaults of services.exo.enable (default: %(default)s)",
+        help=f"config file, which must exist (default: {DEFAULT_CONFIG_PATH}, or when that is "
+        "absent the defaults of services.exo.enable)",
     )
     add_root_argument(parser)
     parser.add_argument("--no-nvml", action="store_true", help="do not ask the NVIDIA driver")
@@ -26,7 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.doctor import diagnose
 
-    report = diagnose(args.config, checked_root(args.root), use_nvml=not args.no_nvml)
+    named = args.config is not None
+    report = diagnose(
+        args.config if named else DEFAULT_CONFIG_PATH,
+        checked_root(args.root),
+        use_nvml=not args.no_nvml,
+        required=named,
+    )
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

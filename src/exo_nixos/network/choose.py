@@ -156,9 +156,12 @@ def _rdma_findings(config: Config, inv: NetInventory) -> tuple[list[str], list[s
         return warnings, notes
     tb = inv.thunderbolt
     if not inv.rdma and not tb.interfaces:
-        warnings.append(
-            "networking.rdmaEnabled is set but this host has no RDMA device and no "
-            f"Thunderbolt network link: EXO falls back to TCP over Ethernet; {tcp}"
+        # a warning only when asked for: the default (on) is no reason to warn about hardware
+        explicit = "rdma_enabled" in config.networking.model_fields_set
+        (warnings if explicit else notes).append(
+            f"networking.rdmaEnabled is {'set' if explicit else 'on (the default)'} but this "
+            "host has no RDMA device and no Thunderbolt network link: EXO falls back to TCP "
+            f"over Ethernet; {tcp}"
         )
     if tb.bus_present and not tb.net_driver_loaded:
         warnings.append(
