@@ -3,7 +3,7 @@ import json
 import pytest
 
 from exo_nixos.cli import main
-from exo_nixos.config import MemoryLimit, default_config, parse_config
+from exo_nixos.config import Config, MemoryLimit, default_config, load_config, parse_config
 from exo_nixos.errors import ConfigError
 
 
@@ -45,3 +45,43 @@ def test_every_problem_reported():
     with pytest.raises(ConfigError) as info:
         parse_config({"schemaVersion": 1, "apiPort": 70000, "mode": "boss"})
     assert len(info.value.problems) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"schemaVersion": 1, "apiPort": 1, "apiPort": 2}', "key 'apiPort' appears twice"),
+        ('{"schemaVersion": 1, "gateway": {"port": 1, "port": 1}}', "key 'port' appears twice"),
+        ('{"schemaVersion": "1"}', "schemaVersion: '1' must be an integer"),
+        ('{"schemaVersion": true}', "must be an integer"),
+        ('{"schemaVersion": 1, "apiPort": "52415"}', "apiPort: '52415': Input should be a valid"),
+        ('{"schemaVersion": 1, "apiPort": true}', "apiPort: true: Input should be a valid integer"),
+        ('{"schemaVersion": 1, "offline": 1.0}', "offline: 1.0: Input should be a valid boolean"),
+        ('{"schemaVersion": 1, "offline": "yes"}', "Input should be a valid boolean"),
+        ('{"schemaVersion": 1, "healthCheck": {"failures": 3.5}}', "valid integer"),
+        ('{"schemaVersion": 1, "apiPort": 1' + "0" * 5000 + "}", "more digits than any value"),
+        ('{"schemaVersion": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "levels deep"),
+        ('{"schemaVersion": 1, "x": ' + "[" * 100 + "]" * 100 + "}", "levels deep"),
+        ("{" + '"a": {' * 70 + "}" * 70 + ', "schemaVersion": 1}', "levels deep"),
+    ],
+)
+def test_lenient_or_hostile_documents_are_one_line_errors(tmp_path, text, words):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_strict_values_still_accept_what_the_module_writes():
+    config = parse_config(
+        {"schemaVersion": 1, "apiPort": 52415, "offline": True, "healthCheck": {"intervalSec": 5}}
+    )
+    assert config.health_check.interval_sec == 5.0  # an integer is a fine float
+
+
+def test_schema_says_schema_version_is_required():
+    schema = Config.model_json_schema(by_alias=True)
+    assert "schemaVersion" in schema["required"]
+    assert "default" not in schema["properties"]["schemaVersion"]

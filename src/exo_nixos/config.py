@@ -20,11 +20,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from exo_nixos import jsonio
 from exo_nixos.basetypes import (
     DEFAULT_CONFIG_PATH,
     EXO_API_PORT,
@@ -61,7 +65,7 @@ class Mode(StrEnum):
 
 LogLevel = Literal["error", "warning", "info", "debug"]
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
 def _ip_address(value: str) -> str:
@@ -135,10 +139,10 @@ class Networking(_Section):
         default_factory=list,
         description="Interfaces beside the cluster ones the node may use for model downloads.",
     )
-    restrict_interfaces: bool = Field(
+    restrict_interfaces: StrictBool = Field(
         True, description="Limit the node unit to loopback and the interfaces named here."
     )
-    rdma_enabled: bool = Field(True, description="Use RDMA/Thunderbolt links where present.")
+    rdma_enabled: StrictBool = Field(True, description="Use RDMA/Thunderbolt links where present.")
     discovery_port: Port = Field(EXO_DISCOVERY_PORT, description="EXO's UDP discovery port.")
     zenoh_port: Port = Field(EXO_ZENOH_PORT, description="EXO's TCP transport (zenoh) port.")
     ring_ports: PortRange = Field(
@@ -165,7 +169,9 @@ class Networking(_Section):
 
 
 class Hardware(_Section):
-    auto_detect: bool = Field(True, description="Choose the accelerator from what is detected.")
+    auto_detect: StrictBool = Field(
+        True, description="Choose the accelerator from what is detected."
+    )
     preferred_accelerator: Accelerator | None = Field(
         None, description="Use this accelerator when it works here; detection decides otherwise."
     )
@@ -197,8 +203,8 @@ class Hardware(_Section):
 
 
 class K3s(_Section):
-    integration: bool = Field(False, description="Register this node with a K3s cluster.")
-    service_discovery: bool = Field(
+    integration: StrictBool = Field(False, description="Register this node with a K3s cluster.")
+    service_discovery: StrictBool = Field(
         True, description="Keep this node's EndpointSlice entry in step with its health."
     )
     namespace: K8sName = "exo-system"
@@ -225,7 +231,7 @@ class Security(_Section):
 
 
 class Gateway(_Section):
-    enable: bool = Field(True, description="Run the gateway (exo-api.service).")
+    enable: StrictBool = Field(True, description="Run the gateway (exo-api.service).")
     listen_address: IPAddress = Field(
         "127.0.0.1", description="Address the gateway listens on; non-loopback needs apiKeysFile."
     )
@@ -247,17 +253,17 @@ class Gateway(_Section):
         default_factory=list,
         description="EXO node API URLs to use besides the local node and its cluster peers.",
     )
-    local_backend: bool = Field(
+    local_backend: StrictBool = Field(
         True,
         description="Use this host's node API (http://127.0.0.1:apiPort) and learn peers from it.",
     )
-    max_body_bytes: int = Field(
+    max_body_bytes: StrictInt = Field(
         64 << 20, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
-    connect_timeout_sec: float = Field(
+    connect_timeout_sec: StrictFloat = Field(
         5.0, gt=0, le=600, description="Seconds to connect to a backend before trying another."
     )
-    response_timeout_sec: float = Field(
+    response_timeout_sec: StrictFloat = Field(
         900.0,
         gt=0,
         le=86400,
@@ -282,15 +288,15 @@ class Gateway(_Section):
 
 
 class HealthCheck(_Section):
-    interval_sec: float = Field(5.0, gt=0, le=3600)
-    timeout_sec: float = Field(3.0, gt=0, le=600)
-    failures: int = Field(3, ge=1, le=100, description="Failed probes before 'down'.")
+    interval_sec: StrictFloat = Field(5.0, gt=0, le=3600)
+    timeout_sec: StrictFloat = Field(3.0, gt=0, le=600)
+    failures: StrictInt = Field(3, ge=1, le=100, description="Failed probes before 'down'.")
 
 
 class Config(_Section):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = Field(description="Version of this contract (required).")
     mode: Mode = Mode.AUTO
-    no_worker: bool = Field(
+    no_worker: StrictBool = Field(
         False, description="Master only: coordinate without running inference (--no-worker)."
     )
     api_port: Port = EXO_API_PORT
@@ -298,7 +304,7 @@ class Config(_Section):
         None, description="EXO --namespace; nodes only see peers with the same one."
     )
     log_level: LogLevel = "info"
-    offline: bool = False
+    offline: StrictBool = False
     models_dir: AbsolutePath | None = Field(
         None, description="Where downloads go (EXO_DEFAULT_MODELS_DIR); default dataDir/models."
     )
@@ -393,9 +399,16 @@ def parse_config(document: Any) -> Config:
     """Validate a decoded JSON document; raise ConfigError listing every problem."""
     if not isinstance(document, dict):
         raise ConfigError("config: the document must be a JSON object")
+    if jsonio.depth(document) > jsonio.MAX_DEPTH:
+        raise ConfigError(f"config: nested more than {jsonio.MAX_DEPTH} levels deep")
     version = document.get("schemaVersion")
     if version is None:
         raise ConfigError("schemaVersion: required but missing; this tool reads schemaVersion 1")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(
+            f"schemaVersion: {describe_value(version)} must be an integer; this tool reads "
+            f"schemaVersion {SCHEMA_VERSION}"
+        )
     if version != SCHEMA_VERSION:
         raise ConfigError(
             f"schemaVersion: {describe_value(version)} is not supported; this tool reads "
@@ -422,11 +435,9 @@ def load_config(path: str | Path) -> Config:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{source}: cannot read the config file: {reason}") from None
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        document = jsonio.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     try:
         return parse_config(document)
     except ConfigError as exc:
