@@ -151,6 +151,24 @@ def test_cli_render_to_file_and_stdout(tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == out.read_text()
 
 
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [
+        ("missing/exo.yaml", "does not exist"),
+        (".", "is a directory"),
+    ],
+)
+def test_cli_render_to_a_path_that_cannot_take_it_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, words: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"schemaVersion": 1, "k3s": {"integration": true}}')
+    out = tmp_path / where
+    assert cli_main(["k3s", "render", "--config", str(config), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "--output" in err, err
+
+
 def test_cli_render_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     config = tmp_path / "config.json"
     config.write_text('{"schemaVersion": 1, "k3s": {"namespace": "Not_A_Label"}}')

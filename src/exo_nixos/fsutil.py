@@ -8,6 +8,22 @@ import tempfile
 from pathlib import Path
 
 
+def write_output(option: str, path: str | os.PathLike[str], data: str) -> None:
+    """A command's ``--output`` file, written atomically; a path that cannot take it is one
+    UserError line naming the option, the path and what to do."""
+    from exo_nixos.errors import UserError
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {target}: is a directory; name a file in it")
+    if not target.parent.is_dir():
+        raise UserError(f"{option} {target}: the directory {target.parent} does not exist")
+    try:
+        atomic_write(target, data)
+    except OSError as exc:
+        raise UserError(f"{option} {target}: cannot write: {exc.strerror or exc}") from None
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename.
 

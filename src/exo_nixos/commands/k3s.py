@@ -59,12 +59,12 @@ def main(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.action == "render":
-        from exo_nixos.fsutil import atomic_write
+        from exo_nixos.fsutil import write_output
         from exo_nixos.k3s.render import render_yaml
 
         text = render_yaml(config)
         if args.output:
-            atomic_write(args.output, text)
+            write_output("--output", args.output, text)
         else:
             sys.stdout.write(text)
         return 0
