@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+# The most a host file this tool reads may hold. sysfs attributes are at most a page; the
+# largest real file read is /proc/cpuinfo (about 1.5 KiB per CPU, so ~750 KiB at 512 CPUs).
+HOST_FILE_LIMIT = 1 << 20
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int = HOST_FILE_LIMIT) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. A FIFO, device or socket (a
+    captured tree can hold anything) is refused without blocking, as is a larger file: both
+    as OSError with a ``strerror`` a warning can quote."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(65536, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def write_output(option: str, path: str | os.PathLike[str], data: str) -> None:

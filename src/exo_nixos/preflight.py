@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from exo_nixos.config import Accelerator, Config, MemoryLimit
+from exo_nixos.fsutil import read_bounded
 from exo_nixos.hardware.model import Disk, Inventory
 from exo_nixos.k3s.credentials import credential_path
 
@@ -397,7 +398,7 @@ def check_kube_credentials(config: Config, host: Host) -> CheckResult:
         if path == Path(name):
             path = host.path(name)
         try:
-            content = path.read_bytes()
+            content = read_bounded(path)
         except OSError as exc:
             return _warn(
                 "k3s credentials",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from exo_nixos.fsutil import read_bounded
+
 
 class Tree:
     """A filesystem root (``/`` or a captured tree) plus the warnings met while reading it."""
@@ -37,7 +39,7 @@ class Tree:
     def text(self, absolute: str, *, expected: bool = False) -> str | None:
         """The file's text; ``None`` when missing (a warning if ``expected``) or unreadable."""
         try:
-            return self.path(absolute).read_text(encoding="utf-8")
+            return read_bounded(self.path(absolute)).decode("utf-8")
         except FileNotFoundError:
             if expected:
                 self.warn(f"{self.shown(absolute)}: missing")

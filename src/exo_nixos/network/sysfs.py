@@ -13,6 +13,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exo_nixos.fsutil import read_bounded
+
 # include/uapi/linux/if.h
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
@@ -225,7 +227,7 @@ def _note(path: Path, kind: str) -> None:
 def _read(path: Path) -> str | None:
     _note(path, "file")
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        return read_bounded(path).decode("utf-8", errors="replace").strip()
     except OSError:
         return None
 
@@ -594,7 +596,7 @@ def capture(dest: Path, root: Path = Path("/")) -> tuple[NetInventory, int]:
             target.mkdir(parents=True, exist_ok=True)
         elif path.is_file():
             try:
-                data = path.read_bytes()
+                data = read_bounded(path)
             except OSError:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
