@@ -169,7 +169,11 @@ def diagnose(
     inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)
     accelerator, decision = _accelerator_section(config, installed, inventory)
     network = _network_section(config, root)
-    node, exo_running = _node_section(config)
+    if host.is_live:
+        node, exo_running = _node_section(config)
+    else:
+        node = Section("EXO node", f"not probed: {root} is a captured tree, not this host")
+        exo_running = False
     # the network section already judges the cluster interface
     results = run_checks(
         config, host, inventory, decision.accelerator, interface=False, exo_running=exo_running

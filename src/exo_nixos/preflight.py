@@ -13,7 +13,7 @@ import os
 import pwd
 import socket
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -63,6 +63,8 @@ class Host:
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
+        # this machine's own root: live sockets and the local node belong to the same host
+        self.is_live = root.resolve() == Path("/")
 
     def path(self, absolute: str | Path) -> Path:
         return self.root / str(absolute).lstrip("/")
@@ -429,7 +431,10 @@ def run_checks(
     interface itself (``doctor``); ``exo_running``: this node's EXO answers on its API port,
     so the ports it holds are no conflict.
     """
-    results = [check_ports(config, exo_running=exo_running)]
+    if host.is_live:
+        results = [check_ports(config, exo_running=exo_running)]
+    else:
+        results = [_ok("ports", f"not checked: {host.root} is a captured tree, not this host")]
     if interface:
         results += check_interface(config, host)
     results += check_downloads(config, host)
@@ -440,4 +445,11 @@ def run_checks(
         check_devices(accelerator, host),
         check_kube_credentials(config, host),
     ]
+    if not host.is_live:  # the fixes are for the machine the tree was captured from
+        results = [
+            replace(r, fix=f"{r.fix} (on the machine {host.root} was captured from)")
+            if r.fix
+            else r
+            for r in results
+        ]
     return results

@@ -101,6 +101,11 @@ def _watch(args: argparse.Namespace, config: Config | None) -> int:
     from exo_nixos.errors import UserError
     from exo_nixos.network import LinkMonitor
 
+    if Path(args.root).resolve() != Path("/"):
+        raise UserError(
+            f"--watch follows this kernel's links through netlink; it cannot watch the tree "
+            f"under --root {args.root} (run `exo-nixos net --root {args.root}` for its report)"
+        )
     monitor: LinkMonitor | None
     if args.interface:
         backup = config.networking.backup_interface if config else None

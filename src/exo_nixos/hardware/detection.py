@@ -36,6 +36,11 @@ def detect(
     tree = Tree(root)
     if tree.is_live and host_system() == "Darwin":
         return _detect_macos(tree, models_dir)
+    if not tree.is_live and not (tree.exists("/sys") or tree.exists("/proc")):
+        tree.warn(
+            f"{root} holds neither sys/ nor proc/: it does not look like a captured tree "
+            "(scripts/capture-hw-tree or exo-nixos net --capture make one)"
+        )
     cpu_info = cpu.read_cpu(tree)
     gpus = pci.scan(tree)
     amd.annotate(tree, gpus)
