@@ -16,6 +16,7 @@ from exo_nixos.config import Accelerator, Config, parse_config
 from exo_nixos.hardware import Inventory, detect
 from exo_nixos.preflight import (
     CheckResult,
+    DirectorySpec,
     Host,
     Status,
     check_devices,
@@ -338,3 +339,88 @@ def test_run_checks_includes_the_download_route(tmp_path) -> None:
     inventory = detected(host, cfg)
     names = [r.check for r in run_checks(cfg, host, inventory, Accelerator.CPU, interface=False)]
     assert "downloads" in names
+
+
+def _as_service_user(root: Path, user: str) -> Config:
+    cfg = make_config(root)
+    security = {**cfg.security.model_dump(by_alias=True), "user": user}
+    return make_config(root, security=security)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="judging for another user is what root does")
+@pytest.mark.parametrize(
+    ("layout", "writable", "words"),
+    [
+        ({"srv": 0o755, "srv/models": 0o755}, True, "is not writable for nobody"),
+        ({"srv": 0o700, "srv/models": 0o755}, False, "nobody cannot enter /srv"),
+        ({"srv": 0o711, "srv/models": 0o700}, False, "is not readable for nobody"),
+    ],
+)
+def test_directories_are_judged_for_the_service_user_not_the_caller(
+    tmp_path: Path, layout: dict[str, int], writable: bool, words: str
+) -> None:
+    tmp_path.chmod(0o755)  # the tree's own root, as / is
+    for name, mode in layout.items():
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name).chmod(mode)
+    cfg = _as_service_user(tmp_path, "nobody")
+    spec = DirectorySpec("modelsDir", "/srv/models", writable, False, False)
+    result = check_directory(spec, Host(tmp_path), cfg)
+    assert result.status is Status.FAIL, result
+    assert words in result.reason and "judged from permission bits for nobody" in result.reason
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="judging for another user is what root does")
+def test_a_directory_the_service_user_reaches_passes_for_it(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "srv/models").mkdir(parents=True)
+    (tmp_path / "srv").chmod(0o755)
+    os.chown(tmp_path / "srv/models", pwd.getpwnam("nobody").pw_uid, -1)
+    cfg = _as_service_user(tmp_path, "nobody")
+    spec = DirectorySpec("modelsDir", "/srv/models", True, False, False)
+    assert check_directory(spec, Host(tmp_path), cfg).status is Status.OK
+
+
+def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
+    """As the service user itself (ExecStartPre): the parent it cannot enter is named."""
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is closed to others
+    request_cleanup = tmp_path
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / "src")!r})
+from pathlib import Path
+from exo_nixos.config import parse_config
+from exo_nixos.preflight import DirectorySpec, Host, check_directory
+cfg = parse_config({{"schemaVersion": 1, "security": {{"user": "nobody", "group": "nogroup"}}}})
+spec = DirectorySpec("modelsDir", "/home/alice/models", True, False, False)
+print(check_directory(spec, Host(Path({str(tmp_path)!r})), cfg).reason)
+"""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a check as another user")
+    tmp_path.chmod(0o755)
+    (tmp_path / "home/alice/models").mkdir(parents=True)
+    (tmp_path / "home").chmod(0o755)
+    (tmp_path / "home/alice").chmod(0o700)
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    shutil.rmtree(request_cleanup)
+    assert done.returncode == 0, done.stderr
+    assert "nobody cannot enter /home/alice, so /home/alice/models" in done.stdout

@@ -218,6 +218,46 @@ def _owner_ids(user: str, group: str) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str, str] | None:
+    """Where ``user`` is stopped on the way to ``path`` (read, or write with ``write``), and
+    how that was judged; None when it gets there.
+
+    Run as that user (the unit's ExecStartPre), the kernel answers (access(2), ACLs
+    included). Run as anyone else (root, an admin), the permission bits are read for the
+    user's uid and groups; where the user does not exist here, for the caller."""
+    target = host.path(path)
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        account = None
+    if account is None or account.pw_uid == os.geteuid():
+        caller = "as this user" if account is None else f"as {user}"
+        if not os.access(target, (os.W_OK if write else os.R_OK) | os.X_OK):
+            return path, caller
+        return None
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+    def allows(info: os.stat_result, bits: int) -> bool:
+        if info.st_uid == account.pw_uid:
+            return info.st_mode & (bits << 6) == bits << 6
+        if info.st_gid in groups:
+            return info.st_mode & (bits << 3) == bits << 3
+        return info.st_mode & bits == bits
+
+    judged = f"judged from permission bits for {user}; run as {user} for ACLs"
+    parts = Path(path).parts
+    for depth in range(1, len(parts)):
+        parent = str(Path(*parts[:depth]))
+        try:
+            if not allows(host.path(parent).stat(), 0o1):
+                return parent, judged
+        except OSError:
+            return parent, judged
+    if not allows(target.stat(), (0o3 if write else 0o5)):
+        return path, judged
+    return None
+
+
 def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckResult:
     check = f"directory {spec.path}"
     path = host.path(spec.path)
@@ -234,6 +274,17 @@ def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckRes
             f"create it: install -d {owner if spec.writable else '-m 0755'} {spec.path}",
         )
     except OSError as exc:
+        if exc.errno == errno.EACCES:
+            parts = Path(spec.path).parts
+            parents = (str(Path(*parts[:depth])) for depth in range(1, len(parts)))
+            where = next((p for p in parents if not os.access(host.path(p), os.X_OK)), None)
+            if where is not None:
+                me = pwd.getpwuid(os.geteuid()).pw_name
+                return _fail(
+                    check,
+                    f"{me} cannot enter {where}, so {spec.path} ({spec.option}) is out of reach",
+                    f"chmod o+x {where} (or a group {me} is in), or move {spec.option}",
+                )
         return _fail(check, f"{spec.path} cannot be read: {exc.strerror}", "check its permissions")
     if not stat.S_ISDIR(info.st_mode):
         return _fail(check, f"{spec.path} ({spec.option}) is not a directory", "point it elsewhere")
@@ -264,19 +315,23 @@ def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckRes
             f"{spec.path} is world-writable (mode {mode:04o})",
             f"chmod o-w {spec.path}",
         )
-    if spec.writable and not os.access(path, os.W_OK | os.X_OK):
-        return _fail(
-            check,
-            f"{spec.path} ({spec.option}) is not writable for this user",
-            f"give {config.security.user} write access (services.exo makes model directories "
-            "outside the data dir writable via ReadWritePaths)",
-        )
-    if not os.access(path, os.R_OK | os.X_OK):
-        return _fail(
-            check,
-            f"{spec.path} ({spec.option}) is not readable for this user",
-            f"give {config.security.user} read access",
-        )
+    user = config.security.user
+    blocked = _blocked_for(user, host, spec.path, write=spec.writable)
+    if blocked is not None:
+        where, judged = blocked
+        need, able = ("write", "writable") if spec.writable else ("read", "readable")
+        if where != spec.path:
+            reason = f"{user} cannot enter {where}, so {spec.path} ({spec.option}) is out of reach"
+            fix = f"chmod o+x {where} (or a group {user} is in), or move {spec.option}"
+        else:
+            reason = f"{spec.path} ({spec.option}) is not {able} for {user}"
+            fix = f"give {user} {need} access" + (
+                " (services.exo makes model directories outside the data dir writable via "
+                "ReadWritePaths)"
+                if spec.writable
+                else ""
+            )
+        return _fail(check, f"{reason} ({judged})", fix)
     what = "writable" if spec.writable else "readable"
     return _ok(check, f"{spec.path} exists and is {what} (mode {mode:04o})")
 
