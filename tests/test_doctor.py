@@ -32,7 +32,7 @@ def test_runs_on_this_host_without_config(tmp_path, monkeypatch, capsys):
     assert "Accelerator: " in out
     assert "Cluster interface: " in out
     assert "Pre-flight: " in out
-    assert "EXO node: down" in out
+    assert "EXO node: " in out  # down here, or a node this machine runs: never probed elsewhere
     assert "directory /var/lib/exo" not in out
 
 

@@ -9,6 +9,7 @@ executable that runs the double with whatever flags it is given, so code that la
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -31,12 +32,34 @@ from tests.exo_double.cluster import random_node_id
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _port_range() -> range:
+    """Ports below the kernel's ephemeral range, which it never hands to a connect() or a
+    bind to port 0: a port taken from here stays free until a child binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+_PORTS = _port_range()
+# start where no other test process on this machine (another pytest run) is likely to be
+_next_port = itertools.count(os.getpid() * 7919 % len(_PORTS))
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A TCP (or, with ``kind=socket.SOCK_DGRAM``, UDP) port free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP (or, with ``kind=socket.SOCK_DGRAM``, UDP) port free on 127.0.0.1, never handed
+    out twice in this process and outside the ephemeral range (so no outgoing connection
+    takes it before the child that is told it binds it)."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def double_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
