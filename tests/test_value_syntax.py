@@ -92,6 +92,19 @@ CASES: dict[str, list[str]] = {
     ],
     "driverVersion": ["580", "550.54.14", "1.2.3.4", "abc", "", "12345"],
     "computeCapability": ["7.5", "10.0", "7", "7.55", "100.0"],
+    "userName": ["exo", "_exo", "Exo-2", "a" * 31, "a" * 32, "2exo", "", "a b", "a:b", "ex.o"],
+    "k8sSubdomain": [
+        "gpu-01",
+        "a.b.c",
+        "GPU_01",
+        "a" * 253,
+        "a" * 254,
+        "-a",
+        "a.",
+        ".a",
+        "a..b",
+        "",
+    ],
     "gfxVersion": ["10.3.0", "9.0.10", "10.3", "100.0.0"],
     "netnsName": ["exo", "a.b_c-d", ".", "..", "a/b", "a" * 64, "a" * 65, ""],
     "ipAddress": [
@@ -160,6 +173,8 @@ ALPHABETS: dict[str, str] = {
     "computeCapability": "0123456789.",
     "gfxVersion": "0123456789.",
     "netnsName": "ab_.-/ ",
+    "userName": "ab_-2:. A",
+    "k8sSubdomain": "ab0-._A",
     "ipAddress": "0123456789abcdefg.:%",
 }
 

@@ -87,13 +87,13 @@ in
       description = "API server URL, for `tokenFile`.";
     };
     nodeName = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr exoTypes.k8sSubdomain;
       default = null;
       example = "gpu-01";
       description = "Node name written in the EndpointSlice; `null`: the host name (K3s' default).";
     };
     nodeAddress = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr exoTypes.ipAddress;
       default = null;
       example = "10.0.0.21";
       description = ''

@@ -5,7 +5,8 @@ let
   inherit (lib) mkEnableOption mkPackageOption mkOption mkIf types literalExpression;
   cfg = config.services.exo;
   json = pkgs.formats.json { };
-  inherit (import ./lib/types.nix { inherit lib; }) absolutePath;
+  exoTypes = import ./lib/types.nix { inherit lib; };
+  inherit (exoTypes) absolutePath;
   configFile = json.generate "exo-config.json" cfg.configDocument;
   role = if cfg.mode == "master" then "master" else "worker";
   nodeUnit = "exo-${role}";
@@ -194,12 +195,12 @@ in
 
     security = {
       user = mkOption {
-        type = types.str;
+        type = exoTypes.userName;
         default = "exo";
         description = "System user the EXO units run as (created when left at `exo`).";
       };
       group = mkOption {
-        type = types.str;
+        type = exoTypes.userName;
         default = "exo";
         description = "Group of the EXO units (created when left at `exo`).";
       };

@@ -43,7 +43,10 @@ def check(kind: str, value: str) -> str:
     """``value`` if it has the syntax ``kind`` of patterns.json (which the NixOS option types
     read too), else ValueError saying what it must be."""
     spec = _PATTERNS[kind]
-    if "\0" in value or not _pattern(kind).fullmatch(value) or value in spec.get("reserved", ()):
+    too_long = len(value.encode()) > spec.get("maxLength", len(value.encode()))
+    if "\0" in value or too_long or not _pattern(kind).fullmatch(value):
+        raise ValueError(f"must be {spec['description']}")
+    if value in spec.get("reserved", ()):
         raise ValueError(f"must be {spec['description']}")
     return value
 

@@ -99,6 +99,8 @@ DriverVersion = Annotated[str, _syntax("driverVersion")]
 ComputeCapability = Annotated[str, _syntax("computeCapability")]
 K8sName = Annotated[str, _syntax("k8sName")]
 NetnsName = Annotated[str, _syntax("netnsName")]
+UserName = Annotated[str, _syntax("userName")]
+K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Url = Annotated[str, AfterValidator(_url)]
@@ -214,7 +216,7 @@ class K3s(_Section):
     token_file: AbsolutePath | None = None
     ca_file: AbsolutePath | None = None
     api_server: Url | None = None
-    node_name: str | None = None
+    node_name: K8sSubdomain | None = None
     node_address: IPAddress | None = None
     allowed_namespaces: list[K8sName] = Field(
         default_factory=list, description="Namespaces whose pods may reach EXO (NetworkPolicy)."
@@ -222,8 +224,8 @@ class K3s(_Section):
 
 
 class Security(_Section):
-    user: str = "exo"
-    group: str = "exo"
+    user: UserName = "exo"
+    group: UserName = "exo"
     data_dir: AbsolutePath = "/var/lib/exo"
     cache_dir: AbsolutePath = "/var/cache/exo"
     config_dir: AbsolutePath = "/etc/exo"

@@ -11,7 +11,11 @@ let
     let
       spec = patterns.${name};
     in
-    types.addCheck (types.strMatching spec.pattern) (text: !(lib.elem text (spec.reserved or [ ])))
+    types.addCheck (types.strMatching spec.pattern) (
+      text:
+      !(lib.elem text (spec.reserved or [ ]))
+      && (!(spec ? maxLength) || builtins.stringLength text <= spec.maxLength)
+    )
     // {
       inherit name;
       inherit (spec) description;
@@ -48,6 +52,8 @@ in
     computeCapability
     gfxVersion
     netnsName
+    userName
+    k8sSubdomain
     ;
   ipAddress = types.addCheck types.str (text: ipv4 text || ipv6 text) // {
     name = "ipAddress";
