@@ -482,3 +482,89 @@ def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
     assert "--force-master" in lines[0]
     assert "--namespace lab" in lines[0]
     assert f"EXO_RUNTIME_DIR={config['security']['runtimeDir']}" in lines
+
+
+# EXO that has spawned a runner the way upstream EXO does: the runner inherits stdout/stderr,
+# so the supervisor's output pipe stays open after EXO itself is gone
+def _runner_spawning_exo(tmp: Path) -> tuple[Path, Path]:
+    double = make_fake_exo_package(tmp / "double")
+    package = tmp / "spawner"
+    (package / "bin").mkdir(parents=True)
+    runner_pid = tmp / "runner.pid"
+    exe = package / "bin" / "exo"
+    exe.write_text(
+        "#!/bin/sh\n"
+        "sleep 300 &\n"
+        f"echo $! > {runner_pid}.tmp && mv {runner_pid}.tmp {runner_pid}\n"
+        f'exec {double}/bin/exo "$@"\n'
+    )
+    exe.chmod(0o755)
+    return package, runner_pid
+
+
+def test_crash_is_seen_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
+    package, runner_pid_file = _runner_spawning_exo(tmp_path)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    assert alive(runner_pid)
+    try:
+        run.fault("crash", exitCode=7)
+        # generous: the point is that it ends at all (before the fix it never did)
+        assert run.wait(STOP_TIMEOUT + 10) == 7
+        assert "EXO exited unexpectedly with status 7" in run.log()
+        assert not alive(runner_pid), "the runner EXO left behind was not killed"
+        run.listener.wait_for("STATUS", "EXO exited with status 7")
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def test_stop_completes_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
+    package, runner_pid_file = _runner_spawning_exo(tmp_path)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    (exo_pid,) = run.child_pids()
+    try:
+        run.process.send_signal(signal.SIGTERM)
+        assert run.wait(STOP_TIMEOUT + 10) == 0
+        assert "EXO stopped (status 0)" in run.log()
+        assert not alive(exo_pid)
+        assert not alive(runner_pid), "the runner EXO left behind was not killed"
+        assert "Traceback" not in run.log()
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def _kill_if_alive(pid: int) -> None:
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+LONG_LINES = textwrap.dedent(
+    """\
+    import sys
+    out = sys.stdout.buffer
+    out.write(b"short before\\n")
+    out.write(b"a" * 3_000_000 + b"\\n")
+    out.write(b"b" * 1_500_000)  # no newline at the end of the output
+    out.flush()
+    """
+)
+
+
+def test_very_long_output_lines_pass_through_whole(supervise, tmp_path) -> None:
+    package = tmp_path / "long"
+    (package / "bin").mkdir(parents=True)
+    script = tmp_path / "long.py"
+    script.write_text(LONG_LINES)
+    exe = package / "bin" / "exo"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    exe.chmod(0o755)
+    run = supervise(base_config(tmp_path, package))
+    assert run.wait() == 0
+    text = run.log_path.read_bytes()
+    assert b"short before\n" in text
+    assert text.count(b"a") >= 3_000_000
+    assert b"a" * 3_000_000 in text.replace(b"\n", b"")
+    assert b"b" * 1_500_000 in text.replace(b"\n", b"")
