@@ -276,12 +276,23 @@ def test_gpu_present_runs_the_gpu_variant(supervise, tmp_path) -> None:
     assert run.node_id() == "cuda-variant"
 
 
-def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path) -> None:
+CORRUPT_SNAPSHOTS = {
+    "garbage": b'{"format": 1, "takenAt": \x00\x00',
+    "takenAt 1e300": b'{"format": 1, "role": "worker", "takenAt": 1e300, '
+    b'"topology": {"nodeId": "x", "peers": {}}}',
+    "takenAt NaN": b'{"format": 1, "role": "worker", "takenAt": NaN, '
+    b'"topology": {"nodeId": "x", "peers": {}}}',
+    "nested too deeply": b'{"format": 1, "topology": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+@pytest.mark.parametrize("raw", CORRUPT_SNAPSHOTS.values(), ids=CORRUPT_SNAPSHOTS.keys())
+def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path, raw: bytes) -> None:
     package = make_fake_exo_package(tmp_path / "cpu", "--node-id", "snap-node")
     config = base_config(tmp_path, package)
     snap = Path(config["security"]["dataDir"]) / "exo-nixos" / "topology.json"
     snap.parent.mkdir(parents=True)
-    snap.write_bytes(b'{"format": 1, "takenAt": \x00\x00')
+    snap.write_bytes(raw)
     run = supervise(config)
     run.listener.wait_for("READY", "1")
     deadline = time.monotonic() + 20
@@ -296,7 +307,9 @@ def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path) -> No
     assert doc["role"] == "worker"
     aside = list(snap.parent.glob("topology.json.corrupt-*"))
     assert len(aside) == 1
+    assert aside[0].read_bytes() == raw
     assert "corrupted" in run.log()
+    assert "Traceback" not in run.log()
 
 
 def test_exo_gets_the_arguments_and_environment_built_from_the_config(supervise, tmp_path) -> None:
