@@ -45,3 +45,11 @@ def test_every_problem_reported():
     with pytest.raises(ConfigError) as info:
         parse_config({"schemaVersion": 1, "apiPort": 70000, "mode": "boss"})
     assert len(info.value.problems) == 2
+
+
+def test_environment_variable_names_as_systemd_and_execve_take_them():
+    doc = {"schemaVersion": 1, "environmentVariables": {"EXO_X": "1", "_y2": "a=b c", "HF": ""}}
+    assert parse_config(doc).environment_variables == {"EXO_X": "1", "_y2": "a=b c", "HF": ""}
+    for name in ("A=B", "A\0B", "", "2X", "A-B", "A B"):
+        with pytest.raises(ConfigError, match="environment variable name"):
+            parse_config({"schemaVersion": 1, "environmentVariables": {name: "x"}})
