@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import json
 import re
+import urllib.parse
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -81,7 +82,14 @@ def _memory_limit(value: str) -> str:
 
 
 def _url(value: str) -> str:
-    return check("url", value).rstrip("/")
+    url = check("url", value).rstrip("/")
+    try:
+        port = urllib.parse.urlsplit(url).port
+    except ValueError:  # not a number, or above 65535
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be 1 to 65535")
+    return url
 
 
 # what execve and systemd take as a variable name (systemd: env_name_is_valid)
