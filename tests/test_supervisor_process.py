@@ -499,7 +499,7 @@ def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
 
 # EXO that has spawned a runner the way upstream EXO does: the runner inherits stdout/stderr,
 # so the supervisor's output pipe stays open after EXO itself is gone
-def _runner_spawning_exo(tmp: Path) -> tuple[Path, Path]:
+def _runner_spawning_exo(tmp: Path, runner: str = "sleep 300") -> tuple[Path, Path]:
     double = make_fake_exo_package(tmp / "double")
     package = tmp / "spawner"
     (package / "bin").mkdir(parents=True)
@@ -507,7 +507,7 @@ def _runner_spawning_exo(tmp: Path) -> tuple[Path, Path]:
     exe = package / "bin" / "exo"
     exe.write_text(
         "#!/bin/sh\n"
-        "sleep 300 &\n"
+        f"{runner} &\n"
         f"echo $! > {runner_pid}.tmp && mv {runner_pid}.tmp {runner_pid}\n"
         f'exec {double}/bin/exo "$@"\n'
     )
@@ -544,6 +544,23 @@ def test_stop_completes_while_a_runner_still_holds_the_output_pipe(supervise, tm
         assert "EXO stopped (status 0)" in run.log()
         assert not alive(exo_pid)
         assert not alive(runner_pid), "the runner EXO left behind was not killed"
+        assert "Traceback" not in run.log()
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def test_a_process_that_left_the_group_does_not_keep_the_supervisor(supervise, tmp_path) -> None:
+    """One that made itself a session of its own is systemd's to kill (KillMode=mixed), but
+    while it holds EXO's output pipe the supervisor must still end."""
+    escape = f"{sys.executable} -c 'import os, time; os.setsid(); time.sleep(300)'"
+    package, runner_pid_file = _runner_spawning_exo(tmp_path, escape)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    try:
+        run.fault("crash", exitCode=5)
+        assert run.wait(STOP_TIMEOUT + 10) == 5
+        assert "EXO exited unexpectedly with status 5" in run.log()
         assert "Traceback" not in run.log()
     finally:
         _kill_if_alive(runner_pid)
