@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,58 @@ def test_missing_root_is_one_line(command, tmp_path):
         f"exo-nixos: error: --root {tmp_path / 'missing'}: not a directory; "
         "pass the root of a captured tree or /"
     ]
+
+
+UNUSABLE_BY_EXECVE = {
+    "variable name with '='": ({"environmentVariables": {"A=B": "x"}}, "environmentVariables"),
+    "variable name with NUL": ({"environmentVariables": {"A\0B": "x"}}, "environmentVariables"),
+    "empty variable name": ({"environmentVariables": {"": "x"}}, "environmentVariables"),
+    "variable name starting with a digit": (
+        {"environmentVariables": {"1A": "x"}},
+        "environmentVariables",
+    ),
+    "variable value with NUL": (
+        {"environmentVariables": {"HF_HOME": "/a\0b"}},
+        "environmentVariables.HF_HOME",
+    ),
+    "extra argument with NUL": ({"extraArgs": ["--ok", "--no\0batch"]}, "extraArgs.1"),
+}
+
+
+@pytest.mark.parametrize("command", ["preflight", "run", "detect"])
+@pytest.mark.parametrize(
+    ("fields", "where"), UNUSABLE_BY_EXECVE.values(), ids=UNUSABLE_BY_EXECVE.keys()
+)
+def test_names_and_values_execve_refuses_are_config_errors(command, fields, where, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"schemaVersion": 1, "gateway": {"enable": False}, **fields}))
+    args = [command, "--config", str(config)]
+    if command == "run":
+        args.append("--dry-run")  # a config error stops it before anything starts
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"exo-nixos: error: {config}: {where}")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["preflight", "--config", "/etc/exo\0/config.json"],
+        ["run", "--config", "/etc/exo\0/config.json"],
+        ["detect", "--config", "/etc/exo\0/config.json"],
+        ["detect", "--models-dir", "/var/lib/exo\0/models"],
+        ["run", "--config", "{config}", "--host-root", "/ho\0st", "--dry-run"],
+    ],
+)
+def test_a_nul_in_a_path_argument_is_one_line(args, tmp_path, capsys):
+    """Not from a shell (execve refuses such an argv), but from any caller of ``main``."""
+    config = tmp_path / "config.json"
+    config.write_text('{"schemaVersion": 1, "gateway": {"enable": false}}')
+    assert main([a.replace("{config}", str(config)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("exo-nixos: error: ")
+    assert "NUL" in err

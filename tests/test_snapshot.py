@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
 
 TOPO = Topology("node-a", "node-b", False, {"node-b": ["10.0.0.2"]}, 1)
@@ -52,6 +54,39 @@ def test_wrong_shape_counts_as_corrupted(tmp_path) -> None:
         assert SnapshotStore(path).load() is None
         assert not path.exists()
     assert len(list(tmp_path.glob("topology.json.corrupt-*"))) == 2
+
+
+def _doc(taken_at: str) -> bytes:
+    topology = '{"nodeId": "node-a", "peers": {}}'
+    text = f'{{"format": 1, "role": "worker", "takenAt": {taken_at}, "topology": {topology}}}'
+    return text.encode()
+
+
+UNUSABLE = {
+    "takenAt far beyond any date": _doc("1e300"),
+    "takenAt NaN": _doc("NaN"),
+    "takenAt Infinity": _doc("-Infinity"),
+    "takenAt a string": _doc('"1700000000"'),
+    "takenAt true": _doc("true"),
+    "nested too deeply": b'{"format": 1, "topology": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+    "peer addresses not a list": b'{"format": 1, "role": "w", "takenAt": 1, '
+    b'"topology": {"nodeId": "a", "peers": {"b": "10.0.0.2"}}}',
+}
+
+
+@pytest.mark.parametrize("raw", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_unusable_values_count_as_corrupted(tmp_path, caplog, raw: bytes) -> None:
+    path = tmp_path / "topology.json"
+    path.write_bytes(raw)
+    with caplog.at_level(logging.WARNING):
+        assert SnapshotStore(path).load() is None
+    assert not path.exists()
+    (aside,) = tmp_path.glob("topology.json.corrupt-*")
+    assert aside.read_bytes() == raw
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "corrupted" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
 
 
 def test_kill_9_while_writing_never_leaves_a_partial_file(tmp_path) -> None:

@@ -276,12 +276,23 @@ def test_gpu_present_runs_the_gpu_variant(supervise, tmp_path) -> None:
     assert run.node_id() == "cuda-variant"
 
 
-def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path) -> None:
+CORRUPT_SNAPSHOTS = {
+    "garbage": b'{"format": 1, "takenAt": \x00\x00',
+    "takenAt 1e300": b'{"format": 1, "role": "worker", "takenAt": 1e300, '
+    b'"topology": {"nodeId": "x", "peers": {}}}',
+    "takenAt NaN": b'{"format": 1, "role": "worker", "takenAt": NaN, '
+    b'"topology": {"nodeId": "x", "peers": {}}}',
+    "nested too deeply": b'{"format": 1, "topology": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+@pytest.mark.parametrize("raw", CORRUPT_SNAPSHOTS.values(), ids=CORRUPT_SNAPSHOTS.keys())
+def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path, raw: bytes) -> None:
     package = make_fake_exo_package(tmp_path / "cpu", "--node-id", "snap-node")
     config = base_config(tmp_path, package)
     snap = Path(config["security"]["dataDir"]) / "exo-nixos" / "topology.json"
     snap.parent.mkdir(parents=True)
-    snap.write_bytes(b'{"format": 1, "takenAt": \x00\x00')
+    snap.write_bytes(raw)
     run = supervise(config)
     run.listener.wait_for("READY", "1")
     deadline = time.monotonic() + 20
@@ -296,7 +307,9 @@ def test_corrupted_snapshot_is_set_aside_and_replaced(supervise, tmp_path) -> No
     assert doc["role"] == "worker"
     aside = list(snap.parent.glob("topology.json.corrupt-*"))
     assert len(aside) == 1
+    assert aside[0].read_bytes() == raw
     assert "corrupted" in run.log()
+    assert "Traceback" not in run.log()
 
 
 def test_exo_gets_the_arguments_and_environment_built_from_the_config(supervise, tmp_path) -> None:
@@ -482,3 +495,106 @@ def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
     assert "--force-master" in lines[0]
     assert "--namespace lab" in lines[0]
     assert f"EXO_RUNTIME_DIR={config['security']['runtimeDir']}" in lines
+
+
+# EXO that has spawned a runner the way upstream EXO does: the runner inherits stdout/stderr,
+# so the supervisor's output pipe stays open after EXO itself is gone
+def _runner_spawning_exo(tmp: Path, runner: str = "sleep 300") -> tuple[Path, Path]:
+    double = make_fake_exo_package(tmp / "double")
+    package = tmp / "spawner"
+    (package / "bin").mkdir(parents=True)
+    runner_pid = tmp / "runner.pid"
+    exe = package / "bin" / "exo"
+    exe.write_text(
+        "#!/bin/sh\n"
+        f"{runner} &\n"
+        f"echo $! > {runner_pid}.tmp && mv {runner_pid}.tmp {runner_pid}\n"
+        f'exec {double}/bin/exo "$@"\n'
+    )
+    exe.chmod(0o755)
+    return package, runner_pid
+
+
+def test_crash_is_seen_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
+    package, runner_pid_file = _runner_spawning_exo(tmp_path)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    assert alive(runner_pid)
+    try:
+        run.fault("crash", exitCode=7)
+        # generous: the point is that it ends at all (before the fix it never did)
+        assert run.wait(STOP_TIMEOUT + 10) == 7
+        assert "EXO exited unexpectedly with status 7" in run.log()
+        assert not alive(runner_pid), "the runner EXO left behind was not killed"
+        run.listener.wait_for("STATUS", "EXO exited with status 7")
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def test_stop_completes_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
+    package, runner_pid_file = _runner_spawning_exo(tmp_path)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    (exo_pid,) = run.child_pids()
+    try:
+        run.process.send_signal(signal.SIGTERM)
+        assert run.wait(STOP_TIMEOUT + 10) == 0
+        assert "EXO stopped (status 0)" in run.log()
+        assert not alive(exo_pid)
+        assert not alive(runner_pid), "the runner EXO left behind was not killed"
+        assert "Traceback" not in run.log()
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def test_a_process_that_left_the_group_does_not_keep_the_supervisor(supervise, tmp_path) -> None:
+    """One that made itself a session of its own is systemd's to kill (KillMode=mixed), but
+    while it holds EXO's output pipe the supervisor must still end."""
+    escape = f"{sys.executable} -c 'import os, time; os.setsid(); time.sleep(300)'"
+    package, runner_pid_file = _runner_spawning_exo(tmp_path, escape)
+    run = supervise(base_config(tmp_path, package))
+    run.listener.wait_for("READY", "1")
+    runner_pid = int(runner_pid_file.read_text())
+    try:
+        run.fault("crash", exitCode=5)
+        assert run.wait(STOP_TIMEOUT + 10) == 5
+        assert "EXO exited unexpectedly with status 5" in run.log()
+        assert "Traceback" not in run.log()
+    finally:
+        _kill_if_alive(runner_pid)
+
+
+def _kill_if_alive(pid: int) -> None:
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+LONG_LINES = textwrap.dedent(
+    """\
+    import sys
+    out = sys.stdout.buffer
+    out.write(b"short before\\n")
+    out.write(b"a" * 3_000_000 + b"\\n")
+    out.write(b"b" * 1_500_000)  # no newline at the end of the output
+    out.flush()
+    """
+)
+
+
+def test_very_long_output_lines_pass_through_whole(supervise, tmp_path) -> None:
+    package = tmp_path / "long"
+    (package / "bin").mkdir(parents=True)
+    script = tmp_path / "long.py"
+    script.write_text(LONG_LINES)
+    exe = package / "bin" / "exo"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    exe.chmod(0o755)
+    run = supervise(base_config(tmp_path, package))
+    assert run.wait() == 0
+    text = run.log_path.read_bytes()
+    assert b"short before\n" in text
+    assert text.count(b"a") >= 3_000_000
+    assert b"a" * 3_000_000 in text.replace(b"\n", b"")
+    assert b"b" * 1_500_000 in text.replace(b"\n", b"")

@@ -11,6 +11,8 @@ import difflib
 import functools
 import ipaddress
 import json
+import re
+import urllib.parse
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -84,7 +86,33 @@ def _memory_limit(value: str) -> str:
 
 
 def _url(value: str) -> str:
-    return check("url", value).rstrip("/")
+    url = check("url", value).rstrip("/")
+    try:
+        port = urllib.parse.urlsplit(url).port
+    except ValueError:  # not a number, or above 65535
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be 1 to 65535")
+    return url
+
+
+# what execve and systemd take as a variable name (systemd: env_name_is_valid)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "must be an environment variable name: letters, digits and '_', "
+            "not starting with a digit"
+        )
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL byte (no program can receive one)")
+    return value
 
 
 def _syntax(kind: str) -> AfterValidator:
@@ -104,6 +132,8 @@ K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Url = Annotated[str, AfterValidator(_url)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+NoNul = Annotated[str, AfterValidator(_no_nul)]
 
 
 class _Section(BaseModel):
@@ -312,8 +342,8 @@ class Config(_Section):
     )
     extra_model_dirs: list[AbsolutePath] = Field(default_factory=list)
     read_only_model_dirs: list[AbsolutePath] = Field(default_factory=list)
-    extra_args: list[str] = Field(default_factory=list)
-    environment_variables: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[NoNul] = Field(default_factory=list)
+    environment_variables: dict[EnvName, NoNul] = Field(default_factory=dict)
     networking: Networking = Field(default_factory=lambda: Networking.model_validate({}))
     hardware: Hardware = Field(default_factory=lambda: Hardware.model_validate({}))
     # Explicit alias: the automatic camelCase of "k3s" would be "k3S".
@@ -426,6 +456,10 @@ def parse_config(document: Any) -> Config:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; every failure is a one-line ConfigError."""
     source = Path(path)
+    if "\0" in str(source):
+        raise ConfigError(
+            f"--config {describe_value(str(source))}: a path cannot contain a NUL byte"
+        )
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -39,6 +39,10 @@ def main(args: argparse.Namespace) -> int:
     from exo_nixos.hardware.detection import DEFAULT_MODELS_DIR, detect
     from exo_nixos.hardware.report import env_lines, full_json, text_lines
 
+    if args.models_dir is not None and "\0" in args.models_dir:
+        from exo_nixos.errors import UserError, describe_value
+
+        raise UserError(f"--models-dir {describe_value(args.models_dir)}: contains a NUL byte")
     settings = HardwareSettings()
     models_dir = args.models_dir or DEFAULT_MODELS_DIR
     if args.config:

@@ -50,13 +50,15 @@ def main(args: argparse.Namespace) -> int:
     import asyncio
 
     from exo_nixos.config import load_config
-    from exo_nixos.errors import UserError
+    from exo_nixos.errors import UserError, describe_value
     from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
     from exo_nixos.supervisor.logs import setup_logging
     from exo_nixos.supervisor.notify import Notifier
     from exo_nixos.supervisor.runner import Settings, Supervisor
     from exo_nixos.supervisor.snapshot import SnapshotStore
 
+    if "\0" in args.host_root:
+        raise UserError(f"--host-root {describe_value(args.host_root)}: contains a NUL byte")
     config = load_config(args.config)
     role = args.role or role_for(config)
     if role == "master" and config.mode.value != "master":

@@ -37,6 +37,18 @@ def _readable(path: Path, option: str) -> Path:
     return path
 
 
+def _check_port(server: str) -> None:
+    """ValueError when the API server URL's port cannot be connected to."""
+    from urllib.parse import urlsplit
+
+    try:
+        port = urlsplit(server).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"server {server}: the port must be 1 to 65535")
+
+
 def kube_config(k3s: K3s) -> KubeConfig:
     """A lightkube ``KubeConfig`` from the k3s section; every problem is a UserError."""
     from lightkube import KubeConfig
@@ -47,7 +59,9 @@ def kube_config(k3s: K3s) -> KubeConfig:
         path = _readable(credential_path(k3s.kubeconfig_file, "kubeconfig"), "kubeconfigFile")
         try:
             config = KubeConfig.from_file(path)
-            config.get()
+            single = config.get()
+            if single is not None:
+                _check_port(single.cluster.server)
         except (KubeConfigError, KeyError, TypeError, ValueError) as exc:
             raise UserError(
                 f"k3s.kubeconfigFile: {path} is not a usable kubeconfig ({exc}); "

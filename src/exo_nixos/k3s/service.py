@@ -148,5 +148,17 @@ def run_registrar(config: Config, registrar: Registrar) -> int:
         spec.service,
         exposure(config).reason,
     )
-    removed = asyncio.run(_serve(registrar))
+    try:
+        removed = asyncio.run(_serve(registrar))
+    except Exception as exc:  # a failure the loop does not retry: one line, not a traceback
+        log.error("registration stopped: %s", _reason(exc))
+        return 1
     return 0 if removed else 1
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: message`` of the first failure inside (task groups nest the real one)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

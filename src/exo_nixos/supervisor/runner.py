@@ -2,14 +2,18 @@
 
 - The child runs in its own session (process group), so signals reach it only through us and
   nothing it spawns (inference runners) outlives it: on exit the group is killed.
+- EXO's exit is seen the moment it happens (asyncio's child watcher), not when its output pipe
+  closes: a runner EXO spawned inherits that pipe and may hold it open after EXO is gone.
 - SIGTERM, SIGINT and SIGHUP are forwarded; after a stop signal the child gets ``stop_timeout``
   seconds before SIGKILL, which is kept below the unit's ``TimeoutStopSec``.
 - ``READY=1`` is sent once the node's API answers a probe; ``WATCHDOG=1`` after each probe that
   passes, never otherwise, so a hung EXO runs out the unit's ``WatchdogSec`` and systemd
   restarts it. ``STATUS=`` says role, master, peers, instances and accelerator.
-- EXO's output passes through to the journal line by line. EXO names the elected master only
-  there, so those lines are read (``exoapi.parse_log_line``): the master shows in STATUS, in
-  the topology snapshot, and in ``{runtimeDir}/master.json`` for ``exo-nixos health/status``.
+- EXO's output passes through to the journal line by line, every byte of it; a line longer than
+  ``LINE_LIMIT`` is passed on as several lines of at most that many bytes. EXO names the
+  elected master only there, so those lines are read (``exoapi.parse_log_line``): the master
+  shows in STATUS, in the topology snapshot, and in ``{runtimeDir}/master.json`` for
+  ``exo-nixos health/status``.
 - The supervisor's exit status is the child's: its exit code, or the same signal re-raised.
 """
 
@@ -50,7 +54,8 @@ class LinkSource(Protocol):
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-LINE_LIMIT = 1 << 20  # longer output lines are passed on in pieces
+LINE_LIMIT = 1 << 20  # longer output lines are passed on in pieces of this size
+DRAIN_TIMEOUT = 1.0  # seconds to read EXO's last output once its process group is gone
 
 Probe = Callable[[str, float], Awaitable[exoapi.NodeView]]
 
@@ -110,6 +115,89 @@ def describe(role: str, topo: Topology | None, accelerator: str, fallback: str |
     return text
 
 
+class LineSplitter:
+    """Cuts a byte stream into lines of at most ``limit`` bytes; no byte is dropped.
+
+    A line is passed on with its newline; a longer one in pieces of ``limit`` bytes, each a line
+    of its own, and output that ends without a newline is passed on by :meth:`close`.
+    """
+
+    def __init__(self, emit: Callable[[bytes], None], limit: int = LINE_LIMIT) -> None:
+        self._emit = emit
+        self._limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start, start + self._limit)
+            if end != -1:
+                self._emit(bytes(buffer[start : end + 1]))
+                start = end + 1
+            elif len(buffer) - start >= self._limit:
+                self._emit(bytes(buffer[start : start + self._limit]) + b"\n")
+                start += self._limit
+            else:
+                break
+        del buffer[:start]
+
+    def close(self) -> None:
+        if self._buffer:
+            self._emit(bytes(self._buffer) + b"\n")
+            self._buffer.clear()
+
+
+class Child(asyncio.SubprocessProtocol):
+    """EXO's process: its output fed to a :class:`LineSplitter`, its exit as a future.
+
+    ``exited`` resolves when the process exits, whether or not something it spawned still holds
+    its output pipe (``asyncio.subprocess.Process.wait`` waits for the pipe too);
+    ``output_closed`` when the pipe reaches end of file.
+    """
+
+    def __init__(self, on_line: Callable[[bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+        self._lines = LineSplitter(on_line)
+        self._transport: asyncio.SubprocessTransport | None = None
+        self.pid = 0
+
+    @property
+    def returncode(self) -> int | None:
+        """As asyncio's: the exit code, or minus the signal that ended it; None while running."""
+        return self.exited.result() if self.exited.done() else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+        self.pid = transport.get_pid()
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        self._lines.feed(bytes(data))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._lines.close()
+        if not self.output_closed.done():
+            self.output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        assert self._transport is not None
+        returncode = self._transport.get_returncode()
+        if not self.exited.done() and returncode is not None:
+            self.exited.set_result(returncode)
+
+    def close(self) -> None:
+        """Stop reading the output (the process has exited); whatever is buffered is passed on."""
+        if self._transport is not None:
+            self._transport.close()
+        if not self.output_closed.done():
+            self._lines.close()
+            self.output_closed.set_result(None)
+
+
 def exit_status(returncode: int) -> int:
     """Map asyncio's returncode (negative for a signal) to a shell-style status."""
     return 128 - returncode if returncode < 0 else returncode
@@ -137,7 +225,7 @@ class Supervisor:
         self.output = output if output is not None else sys.stderr.buffer
         self.links: LinkSource | None = None
         self.state = _State()
-        self.child: asyncio.subprocess.Process | None = None
+        self.child: Child | None = None
         self._kill_task: asyncio.Task[None] | None = None
 
     # -- public -----------------------------------------------------------------------------
@@ -177,29 +265,31 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.notifier.status(self._status(None))
         log.info("starting %s", " ".join(self.launch.argv))
+        child = Child(self._pass_on)
         try:
-            self.child = await asyncio.create_subprocess_exec(
+            await loop.subprocess_exec(
+                lambda: child,
                 *self.launch.argv,
                 env=self.launch.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                limit=LINE_LIMIT,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL or '=' where execve refuses it
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
-            log.error("cannot start %s: %s", self.launch.argv[0], exc.strerror or exc)
-            self.notifier.status(f"cannot start EXO: {exc.strerror or exc}")
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            log.error("cannot start %s: %s", self.launch.argv[0], reason)
+            self.notifier.status(f"cannot start EXO: {reason}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
+        self.child = child
         if self.state.stopping:  # asked to stop while EXO was being started
             self._on_signal(signal.SIGTERM, again=True)
-        pump = asyncio.create_task(self._pump())
         health = asyncio.create_task(self._health_loop())
         links = await self._start_links()
         try:
-            returncode = await self.child.wait()
+            returncode = await asyncio.shield(child.exited)
         finally:
             if links is not None:
                 with contextlib.suppress(Exception):
@@ -207,17 +297,15 @@ class Supervisor:
             health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health
-            # the rest of EXO's output; a runner holding the pipe open must not keep us here
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(pump), 1.0)
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
             if self._kill_task is not None:
                 self._kill_task.cancel()
+            # runners EXO left behind hold its output pipe: once they are gone the pipe ends
             self._reap_group()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(child.output_closed), DRAIN_TIMEOUT)
+            child.close()
         status = exit_status(returncode)
         if self.state.stopping:
             log.info("EXO stopped (status %d)", status)
@@ -285,22 +373,13 @@ class Supervisor:
 
     # -- EXO's output -----------------------------------------------------------------------
 
-    async def _pump(self) -> None:
-        assert self.child is not None and self.child.stdout is not None
-        stream = self.child.stdout
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over LINE_LIMIT: pass it on in pieces
-                line = await stream.read(LINE_LIMIT)
-            if not line:
-                return
-            try:
-                self.output.write(line)
-                self.output.flush()
-            except (OSError, ValueError):
-                pass  # journald gone: keep reading so EXO never blocks on a full pipe
-            self._learn(line.decode("utf-8", "replace"))
+    def _pass_on(self, line: bytes) -> None:
+        try:
+            self.output.write(line)
+            self.output.flush()
+        except (OSError, ValueError):
+            pass  # journald gone: keep reading so EXO never blocks on a full pipe
+        self._learn(line.decode("utf-8", "replace"))
 
     def _learn(self, line: str) -> None:
         event = exoapi.parse_log_line(line)

@@ -3,7 +3,9 @@
 Each snapshot is one JSON document written with :func:`exo_nixos.fsutil.atomic_write` (temporary
 file, fsync, rename, fsync of the directory): a ``kill -9`` at any moment leaves the previous
 snapshot or the new one, never a mix. A file that does not parse (disk trouble, a hand edit) is
-renamed aside to ``NAME.corrupt-<UTC timestamp>`` with a warning and replaced by the next write.
+renamed aside to ``NAME.corrupt-<UTC timestamp>`` with a warning and replaced by the next write;
+so is one whose values are unusable (a ``takenAt`` that is no date, JSON nested too deeply to
+decode): whatever is in the file, loading it never fails.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -48,15 +51,18 @@ class Topology:
         peers = doc.get("peers", {})
         if not isinstance(doc.get("nodeId"), str) or not isinstance(peers, dict):
             raise ValueError("topology needs a string nodeId and a peers object")
+        for addresses in peers.values():
+            if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                raise ValueError("each peer's addresses must be a list of strings")
         master = doc.get("masterId")
         instances = doc.get("instances", 0)
-        if not isinstance(instances, int):
+        if not isinstance(instances, int) or isinstance(instances, bool):
             raise ValueError("instances must be an integer")
         return cls(
             node_id=doc["nodeId"],
             master_id=master if isinstance(master, str) else None,
             is_master=bool(doc.get("isMaster", False)),
-            peers={str(k): [str(a) for a in v] for k, v in peers.items()},
+            peers={str(k): list(v) for k, v in peers.items()},
             instances=instances,
         )
 
@@ -66,6 +72,20 @@ class Snapshot:
     taken_at: float
     role: str
     topology: Topology
+
+
+def _timestamp(value: Any) -> float:
+    """``takenAt``: seconds since the epoch that make a UTC date (what the log line shows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("takenAt must be a number")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"takenAt {value} is not a time")
+    try:
+        time.gmtime(seconds)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"takenAt {value} is not a date") from None
+    return seconds
 
 
 class SnapshotStore:
@@ -92,19 +112,31 @@ class SnapshotStore:
             if not isinstance(doc, dict) or doc.get("format") != FORMAT:
                 raise ValueError(f"not a format-{FORMAT} topology snapshot")
             return Snapshot(
-                taken_at=float(doc["takenAt"]),
+                taken_at=_timestamp(doc["takenAt"]),
                 role=str(doc["role"]),
                 topology=Topology.from_json(doc["topology"]),
             )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            reason = "nested too deeply"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        try:
             aside = self.set_aside()
+        except OSError as exc:  # a read-only state directory: the next write fails the same way
             log.warning(
-                "topology snapshot %s is corrupted (%s); moved it to %s, a new one will be written",
+                "topology snapshot %s is corrupted (%s) and cannot be moved aside: %s",
                 self.path,
-                exc,
-                aside,
+                reason,
+                exc.strerror or exc,
             )
             return None
+        log.warning(
+            "topology snapshot %s is corrupted (%s); moved it to %s, a new one will be written",
+            self.path,
+            reason,
+            aside,
+        )
+        return None
 
     def _remove_stale_temporaries(self) -> None:
         # atomic_write names its temporary ".NAME.<random>.tmp" in the same directory
