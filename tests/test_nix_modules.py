@@ -229,3 +229,11 @@ def test_binary_caches_join_nixos_own_cache_in_nix_conf():
     ]
     assert NIXOS_KEY in settings["trusted-public-keys"]
     assert any(k.startswith("exo.cachix.org-1:") for k in settings["trusted-public-keys"])
+
+
+def test_environment_variable_names_execve_refuses_fail_evaluation():
+    result = evaluate(
+        {"services": {"exo": {"enable": True, "environmentVariables": {"A=B": "1", "OK": "2"}}}}
+    )
+    (message,) = [m for m in result["assertions"] if "environmentVariables" in m]
+    assert '"A=B"' in message and "OK" not in message.split(":")[1]

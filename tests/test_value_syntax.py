@@ -36,6 +36,7 @@ CASES: dict[str, list[str]] = {
         "/srv/ünïcode",
         "//double",
         "/a:b",
+        "/models:/more",
     ],
     "memoryLimit": [
         "80%",
@@ -105,6 +106,7 @@ CASES: dict[str, list[str]] = {
         "a..b",
         "",
     ],
+    "envName": ["HF_TOKEN", "_x", "a1", "1a", "A=B", "A-B", "", "A B"],
     "gfxVersion": ["10.3.0", "9.0.10", "10.3", "100.0.0"],
     "netnsName": ["exo", "a.b_c-d", ".", "..", "a/b", "a" * 64, "a" * 65, ""],
     "ipAddress": [
@@ -174,6 +176,7 @@ ALPHABETS: dict[str, str] = {
     "gfxVersion": "0123456789.",
     "netnsName": "ab_.-/ ",
     "userName": "ab_-2:. A",
+    "envName": "AB_=1 -",
     "k8sSubdomain": "ab0-._A",
     "ipAddress": "0123456789abcdefg.:%",
 }

@@ -51,6 +51,8 @@ let
   declaredHome = dir: lib.any (u: u.home != "/" && inside u.home dir) (lib.attrValues config.users.users);
   unknownHomeModelDirs = lib.filter (d: underHome d.dir && closedHomeOf d.dir == null && !declaredHome d.dir) modelDirOptions;
 
+  badEnvNames = lib.filter (n: !exoTypes.envName.check n) (lib.attrNames cfg.environmentVariables);
+
   hc = cfg.healthCheck;
   # pings follow passing probes; this many milliseconds without one means EXO is hung
   watchdogMs = builtins.ceil ((hc.intervalSec * hc.failures + hc.timeoutSec) * 1000);
@@ -307,6 +309,10 @@ in
         assertion = false;
         message = ''services.exo.${d.option}: "${d.dir}" lies in ${home.home}, the home of ${home.name} (mode ${home.mode}), which the ${sec.user} user cannot enter, so EXO could never ${if d.option == "readOnlyModelDirs" then "read" else "use"} it. Keep models outside home directories (e.g. "/srv/models"), or bind-mount them there: fileSystems."/srv/models" = { device = "${d.dir}"; options = [ "bind" ]; };'';
       }) unreachableModelDirs ++ [
+      {
+        assertion = badEnvNames == [ ];
+        message = "services.exo.environmentVariables: ${lib.concatMapStringsSep ", " builtins.toJSON badEnvNames} must each be ${exoTypes.envName.description}.";
+      }
       {
         assertion = cfg.noWorker -> cfg.mode == "master";
         message = ''services.exo.noWorker only applies to mode "master"; set services.exo.mode = "master" or remove noWorker.'';

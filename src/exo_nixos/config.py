@@ -11,7 +11,6 @@ import difflib
 import functools
 import ipaddress
 import json
-import re
 import urllib.parse
 from enum import StrEnum
 from pathlib import Path
@@ -96,19 +95,6 @@ def _url(value: str) -> str:
     return url
 
 
-# what execve and systemd take as a variable name (systemd: env_name_is_valid)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _env_name(value: str) -> str:
-    if not _ENV_NAME.fullmatch(value):
-        raise ValueError(
-            "must be an environment variable name: letters, digits and '_', "
-            "not starting with a digit"
-        )
-    return value
-
-
 def _no_nul(value: str) -> str:
     if "\0" in value:
         raise ValueError("must not contain a NUL byte (no program can receive one)")
@@ -132,7 +118,8 @@ K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Url = Annotated[str, AfterValidator(_url)]
-EnvName = Annotated[str, AfterValidator(_env_name)]
+# what execve and systemd take as a variable name (systemd: env_name_is_valid)
+EnvName = Annotated[str, _syntax("envName")]
 NoNul = Annotated[str, AfterValidator(_no_nul)]
 
 

@@ -54,6 +54,7 @@ in
     netnsName
     userName
     k8sSubdomain
+    envName
     ;
   ipAddress = types.addCheck types.str (text: ipv4 text || ipv6 text) // {
     name = "ipAddress";
