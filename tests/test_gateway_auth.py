@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from exo_nixos.errors import UserError
+from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore, parse_keys, presented_key
-from exo_nixos.gateway.backends import address_host, api_url
+from exo_nixos.gateway.backends import address_host
 
 GOOD = "0123456789abcdef0123"
 
@@ -106,5 +107,16 @@ def test_address_host(address, host):
 
 
 def test_api_url_brackets_ipv6():
-    assert api_url("10.0.0.2", 52415) == "http://10.0.0.2:52415"
-    assert api_url("fd00::7", 52415) == "http://[fd00::7]:52415"
+    assert url_for("10.0.0.2", 52415) == "http://10.0.0.2:52415"
+    assert url_for("fd00::7", 52415) == "http://[fd00::7]:52415"
+    assert url_for("::1", 52417, "https") == "https://[::1]:52417"
+
+
+def test_gateway_urls_bracket_ipv6(tmp_path: Path):
+    from exo_nixos.config import parse_config
+    from exo_nixos.gateway.server import build_gateway, check
+
+    config = parse_config({"schemaVersion": 1, "gateway": {"listenAddress": "::1"}})
+    assert check(config) == "gateway config usable: http://[::1]:52417, no API keys (loopback only)"
+    pool = build_gateway(config).pool
+    assert pool.local is not None and pool.local.url == "http://127.0.0.1:52415"

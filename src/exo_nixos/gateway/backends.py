@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from exo_nixos import exoapi
-from exo_nixos.exoapi import NodeView
+from exo_nixos.exoapi import NodeView, url_for
 from exo_nixos.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ def address_host(address: str) -> str | None:
     if ip.is_unspecified or (ip.version == 6 and ip.is_link_local):
         return None
     return str(ip)
-
-
-def api_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(eq=False)
@@ -193,7 +189,7 @@ class BackendPool:
             # Where the node reached the peer's API first, then its other addresses.
             hosts = [h for h in (address_host(a) for a in peer.addresses) if h]
             urls = list(
-                dict.fromkeys([*peer.api_urls, *(api_url(h, self.api_port) for h in hosts)])
+                dict.fromkeys([*peer.api_urls, *(url_for(h, self.api_port) for h in hosts)])
             )
             if not urls:
                 continue

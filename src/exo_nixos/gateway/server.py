@@ -13,6 +13,7 @@ from aiohttp import web
 from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
+from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
@@ -63,8 +64,8 @@ def check(config: Config) -> str:
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
-    scheme = "https" if tls else "http"
-    return f"gateway config usable: {scheme}://{gw.listen_address}:{gw.port}, {auth}"
+    url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
+    return f"gateway config usable: {url}, {auth}"
 
 
 def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
@@ -72,7 +73,7 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     metrics = GatewayMetrics()
     pool = BackendPool(
-        local_url=f"http://127.0.0.1:{config.api_port}" if gw.local_backend else None,
+        local_url=url_for("127.0.0.1", config.api_port) if gw.local_backend else None,
         static_urls=gw.static_backends,
         api_port=config.api_port,
         interval=config.health_check.interval_sec,
@@ -111,12 +112,9 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
             f"cannot listen on {gw.listen_address} port {gw.port}: {exc.strerror}; "
             "choose another gateway.port or stop what uses it"
         ) from None
-    scheme = "https" if context else "http"
     log.info(
-        "gateway listening on %s://%s:%d (%d API keys)",
-        scheme,
-        gw.listen_address,
-        gw.port,
+        "gateway listening on %s (%d API keys)",
+        url_for(gw.listen_address, gw.port, "https" if context else "http"),
         len(gateway.keys),
     )
     stop = asyncio.Event()
