@@ -37,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 from tests.exo_double.fixture import free_port, run_double
-from tests.gateway_helpers import KEY_A, gateway_config, run_gateway
+from tests.gateway_helpers import KEY_A, gateway_config, run_gateway, write_keys
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 STREAM_DELAY = 0.05
@@ -260,8 +260,7 @@ def main() -> int:
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
-        keys = Path(tmp) / "keys"
-        keys.write_text(f"bench:{KEY_A}\n")
+        keys = write_keys(Path(tmp) / "keys", f"bench:{KEY_A}\n")
         with (
             run_double("--instance", MODEL, "--stream-delay", str(STREAM_DELAY), "-q") as double,
             run_gateway(

@@ -21,6 +21,13 @@ KEY_A = "alice-0123456789abcdef0123456789abcdef"
 KEY_B = "bob-fedcba9876543210fedcba9876543210"
 
 
+def write_keys(path: Path, text: str) -> Path:
+    """Write a key file as the gateway accepts it: no access for other users."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def gateway_config(
     *,
     port: int,
@@ -129,4 +136,12 @@ def run_gateway(
             gateway.stop()
 
 
-__all__ = ["KEY_A", "KEY_B", "GatewayProcess", "free_port", "gateway_config", "run_gateway"]
+__all__ = [
+    "KEY_A",
+    "KEY_B",
+    "GatewayProcess",
+    "free_port",
+    "gateway_config",
+    "run_gateway",
+    "write_keys",
+]

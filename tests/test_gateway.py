@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import ssl
 import time
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.exo_double.fixture import free_port, run_double
-from tests.gateway_helpers import KEY_A, KEY_B, gateway_config, run_gateway
+from tests.gateway_helpers import KEY_A, KEY_B, gateway_config, run_gateway, write_keys
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
@@ -25,9 +26,7 @@ AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
-    path = tmp_path / "api-keys"
-    path.write_text(f"# test keys\nalice:{KEY_A}\n")
-    return path
+    return write_keys(tmp_path / "api-keys", f"# test keys\nalice:{KEY_A}\n")
 
 
 @pytest.fixture
@@ -140,6 +139,36 @@ def test_sighup_reloads_keys_and_keeps_them_on_a_bad_file(double, keys_file):
         assert call("GET", url, headers=AUTH)[0] == 401
 
 
+def test_sighup_with_a_fifo_for_key_file_keeps_serving(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        keys_file.unlink()
+        os.mkfifo(keys_file, 0o600)
+        gateway.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "API keys not reloaded" not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        assert "not a regular file" in gateway.log_text()
+        # the loop was never blocked: the gateway answers, with the keys it had
+        assert call("GET", f"{gateway.url}/health")[0] == 200
+        assert call("GET", f"{gateway.url}/node_id", headers=AUTH)[0] == 200
+
+
+def test_key_file_open_to_every_user_stops_start_with_one_line(tmp_path: Path):
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    keys.chmod(0o644)
+    config = gateway_config(
+        port=free_port(), keys_file=keys, static_backends=["http://127.0.0.1:9"]
+    )
+    with pytest.raises(RuntimeError) as caught, run_gateway(config):
+        pass
+    message = str(caught.value)
+    assert "exited with 2" in message
+    assert f"{keys}: the API key file is readable or writable by every user" in message
+    assert "chmod 0440" in message and "Traceback" not in message
+
+
 def test_clients_key_is_not_forwarded_and_forwarded_headers_are_set(keys_file):
     seen: list[dict[str, str]] = []
 
@@ -201,8 +230,7 @@ def test_exposed_gateway_without_keys_is_refused(tmp_path: Path):
 
 
 def test_bad_key_file_stops_start_with_one_line(tmp_path: Path):
-    keys = tmp_path / "keys"
-    keys.write_text("short\n")
+    keys = write_keys(tmp_path / "keys", "short\n")
     config = gateway_config(
         port=free_port(), keys_file=keys, static_backends=["http://127.0.0.1:9"]
     )

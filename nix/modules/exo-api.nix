@@ -43,8 +43,9 @@ in
         File of API keys, one per line (`name:key` names a key; `#` starts a comment; keys
         are at least 16 characters). Never put it in the Nix store. The gateway reads it
         itself, so it must be readable by the service's group (`security.group`), e.g.
-        owner `root`, group `exo`, mode `0640`. `systemctl reload exo-api` re-reads it; a file
-        that fails to parse keeps the keys already loaded.
+        owner `root`, group `exo`, mode `0440`; a file other users may read or write is refused.
+        `systemctl reload exo-api` re-reads it; a file that fails to parse keeps the keys
+        already loaded.
       '';
     };
     tlsCertificateFile = mkOption {

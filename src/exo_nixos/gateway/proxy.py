@@ -170,8 +170,8 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
 
-    def reload_keys(self) -> bool:
-        ok = self.keys.reload()
+    async def reload_keys(self) -> bool:
+        ok = await self.keys.reload()
         self.metrics.key_reloads.labels("ok" if ok else "error").inc()
         self.metrics.api_keys.set(len(self.keys))
         return ok

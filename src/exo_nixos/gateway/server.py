@@ -121,10 +121,18 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     loop = asyncio.get_running_loop()
     notifier = Notifier.from_environ()
 
-    def reload() -> None:
-        notifier.send("RELOADING=1")
-        gateway.reload_keys()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_keys() -> None:
+        await gateway.reload_keys()
         notifier.ready()
+
+    def reload() -> None:
+        # The key file is read in a worker thread: the loop keeps serving meanwhile.
+        notifier.send("RELOADING=1")
+        task = asyncio.create_task(reload_keys(), name="exo-gateway-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
