@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -240,6 +241,94 @@ def test_bad_key_file_stops_start_with_one_line(tmp_path: Path):
     assert "exited with 2" in message
     assert "line 1: key 'line1' is shorter than 16 characters" in message
     assert "Traceback" not in message
+
+
+def raw_request(port: int, data: bytes, *, source: str = "127.0.0.1") -> bytes:
+    """Send raw bytes to the gateway and read its answer until it closes the connection or
+    stays silent for a second after answering (keep-alive)."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            sock.settimeout(1.0)
+        return answer
+
+
+def test_non_utf8_key_is_a_401_without_a_traceback(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        for header in (b"Authorization: Bearer ", b"x-api-key: "):
+            answer = raw_request(
+                gateway.port,
+                b"GET /node_id HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                + header
+                + b"\xff\xfe" * 12
+                + b"\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == 401
+        assert "Traceback" not in gateway.log_text()
+        assert "Error" not in gateway.log_text()
+
+
+def test_malformed_requests_log_one_line_each(keys_file):
+    config = gateway_config(
+        port=free_port(), keys_file=keys_file, static_backends=["http://127.0.0.1:9"]
+    )
+    malformed = [
+        b"GET / HTTP/1.1\r\nHost: gw\r\nno colon in this header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    with run_gateway(config) as gateway:
+        for request in malformed:
+            before = gateway.log_text().count("\n")
+            answer = raw_request(gateway.port, request)
+            assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+            deadline = time.monotonic() + 5
+            while gateway.log_text().count("\n") == before:
+                assert time.monotonic() < deadline, gateway.log_text()
+                time.sleep(0.05)
+            time.sleep(0.2)  # anything else the event writes
+            new = gateway.log_text().splitlines()[before:]
+            assert len(new) == 1, new
+            assert "from 127.0.0.1" in new[0] and "ERROR" not in new[0], new
+        assert "Traceback" not in gateway.log_text()
+
+
+def test_expect_100_continue_checks_the_key_first(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    body = json.dumps(chat(3, stream=False)).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+    )
+    with run_gateway(config) as gateway:
+        for key in (None, KEY_B):
+            headers = head + (f"Authorization: Bearer {key}\r\n".encode() if key else b"")
+            # the headers only: a gateway that said "100 Continue" would wait for the body
+            answer = raw_request(gateway.port, headers + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert b"100 Continue" not in answer
+
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(head + f"Authorization: Bearer {KEY_A}\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
 # --- proxying -----------------------------------------------------------------------------

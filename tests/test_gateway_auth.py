@@ -67,6 +67,8 @@ def test_keystore_checks_and_keeps_old_keys_on_bad_reload(tmp_path: Path, caplog
     assert store.check(f"{GOOD}c") is None
     assert store.check(f"{GOOD}") is None
     assert store.check(None) is None
+    # a header value that is not UTF-8 (aiohttp keeps its bytes as surrogates)
+    assert store.check("\udcff\udcfe" * 12) is None
 
     path.write_text("tooshort\n")
     with caplog.at_level(logging.ERROR):

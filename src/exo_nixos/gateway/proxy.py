@@ -37,8 +37,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Request headers the gateway consumes or sets itself.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+# Request headers the gateway consumes or sets itself (it answers Expect: 100-continue and
+# has the whole body before it forwards a request).
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "expect"}
 # Response headers the gateway sets itself; EXO's blanket CORS grant is not passed on.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 _RESPONSE_DROP_PREFIX = "access-control-"
@@ -146,7 +147,7 @@ class Gateway:
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=settings.max_body_bytes)
-        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
         metrics.api_keys.set(len(keys))
@@ -190,6 +191,24 @@ class Gateway:
             raise
         self.metrics.answered(method, response.status, time.perf_counter() - started)
         return response
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: the key and the declared body size are checked before
+        the client is told to send its body; a refused client gets its answer instead."""
+        started = time.perf_counter()
+        expect = request.headers.get("Expect", "")
+        http11 = request.version == aiohttp.HttpVersion11
+        refused = self._authenticate(request, started) or self._too_large(request)
+        if refused is None and http11 and expect.lower() != "100-continue":
+            refused = _error(417, f"unknown expectation {expect!r}", "invalid_request_error")
+        if refused is not None:
+            refused.force_close()  # the body the client may send anyway is not read
+            self.metrics.answered(request.method, refused.status, time.perf_counter() - started)
+            return refused
+        if http11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
 
     def _authenticate(self, request: web.Request, started: float) -> web.Response | None:
         if not self.keys.enabled or request.path in self.settings.public_paths:
@@ -238,7 +257,7 @@ class Gateway:
             content_type="application/json",
         )
 
-    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+    def _too_large(self, request: web.Request) -> web.Response | None:
         declared = request.content_length
         if declared is not None and declared > self.settings.max_body_bytes:
             return _error(
@@ -247,6 +266,12 @@ class Gateway:
                 f"{self.settings.max_body_bytes}",
                 "invalid_request_error",
             )
+        return None
+
+    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+        too_large = self._too_large(request)
+        if too_large is not None:
+            return too_large
         body = await request.read() if request.can_read_body else b""
         headers = forward_request_headers(request)
         candidates = self.pool.candidates()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import ssl
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -26,6 +27,30 @@ log = logging.getLogger(__name__)
 # configured paths, which the unit cannot read).
 CREDENTIAL_TLS_CERTIFICATE = "tls-certificate"
 CREDENTIAL_TLS_KEY = "tls-key"
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger aiohttp's connection handler writes to: a request it cannot parse or
+    answer is one line (the client's doing, not the gateway's), never a traceback."""
+
+    def exception(
+        self, msg: object, *args: object, exc_info: object = True, **kwargs: object
+    ) -> None:
+        self._one_line(logging.WARNING, msg, args, exc_info)
+
+    def debug(self, msg: object, *args: object, exc_info: object = None, **kwargs: object) -> None:
+        self._one_line(logging.DEBUG, msg, args, exc_info)
+
+    def _one_line(self, level: int, msg: object, args: tuple[object, ...], exc: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        if exc is True:
+            exc = sys.exc_info()[1]
+        if isinstance(exc, BaseException):
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            text = f"{text}: {reason[:300]}"
+        self.logger.log(level, "%s", text)
 
 
 def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -100,7 +125,11 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     # handler_cancellation: a client that goes away cancels its request, and with it the
     # request to EXO, so no node keeps generating for nobody.
     runner = web.AppRunner(
-        gateway.app, access_log=None, handle_signals=False, handler_cancellation=True
+        gateway.app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        logger=ServerLog(logging.getLogger("exo_nixos.gateway.http")),
     )
     await runner.setup()
     site = web.TCPSite(runner, gw.listen_address, gw.port, ssl_context=context, reuse_address=True)
