@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -101,9 +102,15 @@ def _listening(port: int) -> bool:
 
 @contextlib.contextmanager
 def run_gateway(
-    config: Mapping[str, Any], *, wait: bool = True, timeout: float = 20.0
+    config: Mapping[str, Any],
+    *,
+    wait: bool = True,
+    timeout: float = 20.0,
+    max_files: int | None = None,
 ) -> Iterator[GatewayProcess]:
-    """Start ``python -m exo_nixos gateway --config FILE``; stop it on exit."""
+    """Start ``python -m exo_nixos gateway --config FILE``; stop it on exit. ``max_files``:
+    its limit of open file descriptors (RLIMIT_NOFILE)."""
+
     with tempfile.TemporaryDirectory(prefix="exo-gateway-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config))
@@ -117,6 +124,8 @@ def run_gateway(
                 env=double_env(),
                 cwd=REPO_ROOT,
             )
+        if max_files is not None:
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (max_files, max_files))
         tls = bool(config["gateway"].get("tlsCertificateFile"))
         gateway = GatewayProcess(process, int(config["gateway"]["port"]), log_path)
         gateway.scheme = "https" if tls else "http"

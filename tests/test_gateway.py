@@ -331,6 +331,84 @@ def test_expect_100_continue_checks_the_key_first(double, keys_file):
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (end of file or reset); False while it is open."""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_idle_connections_are_closed_and_capped_per_address(keys_file):
+    # 306 connections without a key, sending nothing, from one address, against a gateway
+    # that may open 256 files: it keeps answering others, and closes every idle one.
+    config = gateway_config(
+        port=free_port(), keys_file=keys_file, static_backends=["http://127.0.0.1:9"]
+    )
+    config["gateway"].update(
+        headerReadTimeoutSec=2, keepAliveTimeoutSec=2, maxConnectionsPerAddress=64
+    )
+    with run_gateway(config, max_files=256) as gateway:
+        idle = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(306)]
+        try:
+            for sock in idle:
+                sock.setblocking(False)
+            # another address is served meanwhile (127.0.0.2 is loopback too)
+            answer = raw_request(
+                gateway.port,
+                b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+                source="127.0.0.2",
+            )
+            assert answer.startswith(b"HTTP/1.1 "), gateway.log_text()
+            status = int(answer.split(b" ", 2)[1])
+            assert status in {200, 503}  # the backend is down: the gateway itself answers
+            deadline = time.monotonic() + 30
+            while not all(closed_by_server(s) for s in idle):
+                assert time.monotonic() < deadline, sum(map(closed_by_server, idle))
+                time.sleep(0.1)
+        finally:
+            for sock in idle:
+                sock.close()
+        log = gateway.log_text()
+        _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+        samples = metric_samples(text.decode())
+        refused = samples["exo_gateway_connections_refused"][0].value
+        timed_out = samples["exo_gateway_header_timeouts"][0].value
+        # each one was either refused at once or admitted and closed when it sent nothing
+        assert refused + timed_out == 306 and refused >= 306 - 3 * 64
+        # the limit is logged when the address reaches it and when it drops below, not once
+        # per refused connection
+        at_limit = log.count("client 127.0.0.1 has 64 connections open")
+        assert 1 <= at_limit <= 306 // 64, log
+        assert log.count("client 127.0.0.1 is below maxConnectionsPerAddress") in {
+            at_limit - 1,
+            at_limit,
+        }
+        assert "Traceback" not in log and "Too many open files" not in log, log
+
+
+def test_keep_alive_connection_is_closed_when_idle(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    config["gateway"]["keepAliveTimeoutSec"] = 1
+    request = f"GET /node_id HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\r\n"
+    with (
+        run_gateway(config) as gateway,
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock,
+    ):
+        sock.sendall(request.encode())
+        answer = b""
+        while not answer.endswith(json.dumps(double.node_id).encode()):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # nothing more is sent: the gateway closes the connection
+        sock.settimeout(30)
+        assert sock.recv(1) == b""
+
+
 # --- proxying -----------------------------------------------------------------------------
 
 
@@ -518,6 +596,69 @@ def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
                         await response.read()
 
             asyncio.run(scenario())
+
+
+def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
+    released: list[str] = []  # the paths whose backend connection the gateway closed
+
+    async def scenario() -> None:
+        from aiohttp import web
+
+        async def stall(request: web.Request) -> web.StreamResponse:
+            json_body = request.path == "/json"
+            response = web.StreamResponse(
+                headers={"Content-Type": "application/json" if json_body else "text/event-stream"}
+            )
+            await response.prepare(request)
+            await response.write(b'{"partial": ' if json_body else b"data: first\n\n")
+            try:
+                await asyncio.sleep(3600)  # and then nothing, with the connection open
+            finally:
+                released.append(request.path)
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", stall)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            config = gateway_config(
+                port=free_port(), keys_file=keys_file, static_backends=[f"http://127.0.0.1:{port}"]
+            )
+            config["gateway"]["streamIdleTimeoutSec"] = 1
+            loop = asyncio.get_running_loop()
+            with run_gateway(config) as gateway:
+                async with aiohttp.ClientSession(
+                    headers=AUTH, timeout=aiohttp.ClientTimeout(total=60)
+                ) as session:
+                    async with session.post(f"{gateway.url}/v1/chat/completions") as response:
+                        assert response.status == 200
+                        assert await response.content.readany() == b"data: first\n\n"
+                        # cut off, not ended: the client sees an incomplete response
+                        with pytest.raises(aiohttp.ClientPayloadError):
+                            await response.read()
+                    # a JSON body that stalls is a failure before the response: 502
+                    async with session.get(f"{gateway.url}/json") as response:
+                        assert response.status == 502
+                        error = (await response.json())["error"]
+                        assert error["type"] == "gateway_error"
+                    deadline = time.monotonic() + 10
+                    while not {"/json", "/v1/chat/completions"} <= set(released):
+                        assert time.monotonic() < deadline, (released, gateway.log_text())
+                        await asyncio.sleep(0.05)
+                    _, _, text = await fetch("GET", f"{gateway.url}/metrics", headers=AUTH)
+                stalled = metric_samples(text.decode())["exo_gateway_stalled_streams"]
+                assert {
+                    s.labels["side"]: s.value for s in stalled if s.name.endswith("_total")
+                } == {"backend": 1}
+                assert "stalled: no data for 1s; cut off" in gateway.log_text()
+                await loop.run_in_executor(None, gateway.stop)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
 
 
 def test_peers_are_discovered_from_the_local_node(keys_file):

@@ -112,6 +112,9 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
         max_body_bytes=gw.max_body_bytes,
         connect_timeout=gw.connect_timeout_sec,
         response_timeout=gw.response_timeout_sec,
+        stream_idle_timeout=gw.stream_idle_timeout_sec,
+        header_read_timeout=gw.header_read_timeout_sec,
+        max_connections_per_address=gw.max_connections_per_address,
     )
     return Gateway(keys, pool, metrics, settings)
 
@@ -123,18 +126,30 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     if not gateway.keys.enabled:
         log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
     # handler_cancellation: a client that goes away cancels its request, and with it the
-    # request to EXO, so no node keeps generating for nobody.
+    # request to EXO, so no node keeps generating for nobody. keepalive_timeout: an idle
+    # client connection is closed (aiohttp's default is an hour).
     runner = web.AppRunner(
         gateway.app,
         access_log=None,
         handle_signals=False,
         handler_cancellation=True,
+        keepalive_timeout=gw.keep_alive_timeout_sec,
         logger=ServerLog(logging.getLogger("exo_nixos.gateway.http")),
     )
     await runner.setup()
-    site = web.TCPSite(runner, gw.listen_address, gw.port, ssl_context=context, reuse_address=True)
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    # Not web.TCPSite: each connection goes through the gateway's connection limits first.
     try:
-        await site.start()
+        listener = await loop.create_server(
+            gateway.connections.wrap(runner.server),
+            gw.listen_address,
+            gw.port,
+            reuse_address=True,
+            ssl=context,
+            # a TLS handshake is part of getting a request's headers in
+            ssl_handshake_timeout=gw.header_read_timeout_sec if context else None,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise UserError(
@@ -147,7 +162,6 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
         len(gateway.keys),
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     notifier = Notifier.from_environ()
 
     reloads: set[asyncio.Task[None]] = set()
@@ -173,5 +187,6 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
         notifier.stopping()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        listener.close()
+        await runner.cleanup()  # closes the client connections
         notifier.close()
