@@ -505,11 +505,30 @@ def test_no_backend_answers_gives_502(keys_file):
     dead = f"http://127.0.0.1:{free_port()}"
     config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[dead])
     with run_gateway(config) as gateway:
-        status, _, body = call("GET", f"{gateway.url}/models", headers=AUTH)
-        assert status == 502
-        assert json.loads(body)["error"]["type"] == "gateway_error"
+        for _ in range(5):
+            status, headers, body = call("GET", f"{gateway.url}/models", headers=AUTH)
+            assert status == 502
+            assert headers["Content-Type"].startswith("application/json")
+            # no backend address, no client-library error in what the client gets
+            assert json.loads(body) == {
+                "error": {
+                    "message": "no EXO node could answer the request",
+                    "type": "gateway_error",
+                    "code": 502,
+                }
+            }
         status, _, body = call("GET", f"{gateway.url}/health")
         assert status == 503 and json.loads(body)["status"] == "down"
+        # the log says so: once for the backend, once for the pool, not once per request
+        deadline = time.monotonic() + 10
+        while "no EXO backend is up" not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        time.sleep(1.5)  # three more health checks, which must not repeat it
+        log = gateway.log_text()
+        assert log.count(f"backend {dead} down: ") == 1, log
+        assert log.count("no EXO backend is up (1 known)") == 1, log
+        assert "Traceback" not in log
 
 
 # --- failover -----------------------------------------------------------------------------

@@ -298,15 +298,15 @@ class Gateway:
         candidates = self.pool.candidates()
         if not candidates:
             return _error(503, "no EXO node API is known to the gateway", "gateway_error")
-        last_error = "no backend answered"
         for attempt, backend in enumerate(candidates[: self.settings.max_attempts]):
             if attempt:
                 self.metrics.retries.inc()
             try:
                 return await self._forward(request, backend, headers, body, started)
-            except _BackendFailed as exc:
-                last_error = str(exc)
-        return _error(502, f"no EXO node could answer: {last_error}", "gateway_error")
+            except _BackendFailed:
+                continue  # why is logged by the pool when the backend's state changes
+        # The client learns no backend address or client-library error; the log has them.
+        return _error(502, "no EXO node could answer the request", "gateway_error")
 
     async def _forward(
         self,
