@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from tests.exo_double.fixture import free_port, run_double
@@ -198,6 +199,19 @@ async def _load(url: str, workload: str, clients: int, seconds: float, warmup: f
     return out
 
 
+def _bench_config(keys: Path, backend: str) -> dict[str, Any]:
+    config = gateway_config(
+        port=free_port(),
+        keys_file=keys,
+        static_backends=[backend],
+        interval=5.0,
+        log_level="warning",
+    )
+    # every load client connects from 127.0.0.1: room for the largest cell and the rest
+    config["gateway"]["maxConnectionsPerAddress"] = 4 * max(CLIENTS)
+    return config
+
+
 def run_load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
     """Runs in the load process."""
     return asyncio.run(_load(url, workload, clients, seconds, warmup))
@@ -263,15 +277,7 @@ def main() -> int:
         keys = write_keys(Path(tmp) / "keys", f"bench:{KEY_A}\n")
         with (
             run_double("--instance", MODEL, "--stream-delay", str(STREAM_DELAY), "-q") as double,
-            run_gateway(
-                gateway_config(
-                    port=free_port(),
-                    keys_file=keys,
-                    static_backends=[double.url],
-                    interval=5.0,
-                    log_level="warning",
-                )
-            ) as gateway,
+            run_gateway(_bench_config(keys, double.url)) as gateway,
             run_nginx(double.port) as nginx_url,
             concurrent.futures.ProcessPoolExecutor(max_workers=1) as load,
         ):
