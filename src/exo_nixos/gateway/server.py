@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
@@ -30,13 +31,17 @@ CREDENTIAL_TLS_KEY = "tls-key"
 
 
 class ServerLog(logging.LoggerAdapter[logging.Logger]):
-    """The logger aiohttp's connection handler writes to: a request it cannot parse or
-    answer is one line (the client's doing, not the gateway's), never a traceback."""
+    """The logger aiohttp's connection handler writes to: a request it cannot parse (the
+    client's doing) is one line, never a traceback; anything else keeps its traceback."""
 
     def exception(
         self, msg: object, *args: object, exc_info: object = True, **kwargs: object
     ) -> None:
-        self._one_line(logging.WARNING, msg, args, exc_info)
+        exc = sys.exc_info()[1] if exc_info is True else exc_info
+        if isinstance(exc, HttpProcessingError):
+            self._one_line(logging.WARNING, msg, args, exc)
+        else:
+            self.logger.error(msg, *args, exc_info=exc if isinstance(exc, BaseException) else True)
 
     def debug(self, msg: object, *args: object, exc_info: object = None, **kwargs: object) -> None:
         self._one_line(logging.DEBUG, msg, args, exc_info)
@@ -45,8 +50,6 @@ class ServerLog(logging.LoggerAdapter[logging.Logger]):
         if not self.logger.isEnabledFor(level):
             return
         text = str(msg) % args if args else str(msg)
-        if exc is True:
-            exc = sys.exc_info()[1]
         if isinstance(exc, BaseException):
             reason = " ".join(str(exc).split()) or type(exc).__name__
             text = f"{text}: {reason[:300]}"
