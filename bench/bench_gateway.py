@@ -34,10 +34,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from tests.exo_double.fixture import free_port, run_double
-from tests.gateway_helpers import KEY_A, gateway_config, run_gateway
+from tests.gateway_helpers import KEY_A, gateway_config, run_gateway, write_keys
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 STREAM_DELAY = 0.05
@@ -198,6 +199,19 @@ async def _load(url: str, workload: str, clients: int, seconds: float, warmup: f
     return out
 
 
+def _bench_config(keys: Path, backend: str) -> dict[str, Any]:
+    config = gateway_config(
+        port=free_port(),
+        keys_file=keys,
+        static_backends=[backend],
+        interval=5.0,
+        log_level="warning",
+    )
+    # every load client connects from 127.0.0.1: room for the largest cell and the rest
+    config["gateway"]["maxConnectionsPerAddress"] = 4 * max(CLIENTS)
+    return config
+
+
 def run_load(url: str, workload: str, clients: int, seconds: float, warmup: float) -> Result:
     """Runs in the load process."""
     return asyncio.run(_load(url, workload, clients, seconds, warmup))
@@ -260,19 +274,10 @@ def main() -> int:
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
-        keys = Path(tmp) / "keys"
-        keys.write_text(f"bench:{KEY_A}\n")
+        keys = write_keys(Path(tmp) / "keys", f"bench:{KEY_A}\n")
         with (
             run_double("--instance", MODEL, "--stream-delay", str(STREAM_DELAY), "-q") as double,
-            run_gateway(
-                gateway_config(
-                    port=free_port(),
-                    keys_file=keys,
-                    static_backends=[double.url],
-                    interval=5.0,
-                    log_level="warning",
-                )
-            ) as gateway,
+            run_gateway(_bench_config(keys, double.url)) as gateway,
             run_nginx(double.port) as nginx_url,
             concurrent.futures.ProcessPoolExecutor(max_workers=1) as load,
         ):

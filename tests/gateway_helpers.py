@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -19,6 +20,13 @@ from tests.exo_double.fixture import REPO_ROOT, double_env, free_port
 
 KEY_A = "alice-0123456789abcdef0123456789abcdef"
 KEY_B = "bob-fedcba9876543210fedcba9876543210"
+
+
+def write_keys(path: Path, text: str) -> Path:
+    """Write a key file as the gateway accepts it: no access for other users."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
 
 
 def gateway_config(
@@ -94,9 +102,15 @@ def _listening(port: int) -> bool:
 
 @contextlib.contextmanager
 def run_gateway(
-    config: Mapping[str, Any], *, wait: bool = True, timeout: float = 20.0
+    config: Mapping[str, Any],
+    *,
+    wait: bool = True,
+    timeout: float = 20.0,
+    max_files: int | None = None,
 ) -> Iterator[GatewayProcess]:
-    """Start ``python -m exo_nixos gateway --config FILE``; stop it on exit."""
+    """Start ``python -m exo_nixos gateway --config FILE``; stop it on exit. ``max_files``:
+    its limit of open file descriptors (RLIMIT_NOFILE)."""
+
     with tempfile.TemporaryDirectory(prefix="exo-gateway-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config))
@@ -110,6 +124,8 @@ def run_gateway(
                 env=double_env(),
                 cwd=REPO_ROOT,
             )
+        if max_files is not None:
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (max_files, max_files))
         tls = bool(config["gateway"].get("tlsCertificateFile"))
         gateway = GatewayProcess(process, int(config["gateway"]["port"]), log_path)
         gateway.scheme = "https" if tls else "http"
@@ -129,4 +145,12 @@ def run_gateway(
             gateway.stop()
 
 
-__all__ = ["KEY_A", "KEY_B", "GatewayProcess", "free_port", "gateway_config", "run_gateway"]
+__all__ = [
+    "KEY_A",
+    "KEY_B",
+    "GatewayProcess",
+    "free_port",
+    "gateway_config",
+    "run_gateway",
+    "write_keys",
+]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.exo_double.fixture import free_port, run_double
-from tests.gateway_helpers import KEY_A, KEY_B, gateway_config, run_gateway
+from tests.gateway_helpers import KEY_A, KEY_B, gateway_config, run_gateway, write_keys
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
@@ -25,9 +27,7 @@ AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
-    path = tmp_path / "api-keys"
-    path.write_text(f"# test keys\nalice:{KEY_A}\n")
-    return path
+    return write_keys(tmp_path / "api-keys", f"# test keys\nalice:{KEY_A}\n")
 
 
 @pytest.fixture
@@ -140,6 +140,36 @@ def test_sighup_reloads_keys_and_keeps_them_on_a_bad_file(double, keys_file):
         assert call("GET", url, headers=AUTH)[0] == 401
 
 
+def test_sighup_with_a_fifo_for_key_file_keeps_serving(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        keys_file.unlink()
+        os.mkfifo(keys_file, 0o600)
+        gateway.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "API keys not reloaded" not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        assert "not a regular file" in gateway.log_text()
+        # the loop was never blocked: the gateway answers, with the keys it had
+        assert call("GET", f"{gateway.url}/health")[0] == 200
+        assert call("GET", f"{gateway.url}/node_id", headers=AUTH)[0] == 200
+
+
+def test_key_file_open_to_every_user_stops_start_with_one_line(tmp_path: Path):
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    keys.chmod(0o644)
+    config = gateway_config(
+        port=free_port(), keys_file=keys, static_backends=["http://127.0.0.1:9"]
+    )
+    with pytest.raises(RuntimeError) as caught, run_gateway(config):
+        pass
+    message = str(caught.value)
+    assert "exited with 2" in message
+    assert f"{keys}: the API key file is readable or writable by every user" in message
+    assert "chmod 0440" in message and "Traceback" not in message
+
+
 def test_clients_key_is_not_forwarded_and_forwarded_headers_are_set(keys_file):
     seen: list[dict[str, str]] = []
 
@@ -201,8 +231,7 @@ def test_exposed_gateway_without_keys_is_refused(tmp_path: Path):
 
 
 def test_bad_key_file_stops_start_with_one_line(tmp_path: Path):
-    keys = tmp_path / "keys"
-    keys.write_text("short\n")
+    keys = write_keys(tmp_path / "keys", "short\n")
     config = gateway_config(
         port=free_port(), keys_file=keys, static_backends=["http://127.0.0.1:9"]
     )
@@ -212,6 +241,172 @@ def test_bad_key_file_stops_start_with_one_line(tmp_path: Path):
     assert "exited with 2" in message
     assert "line 1: key 'line1' is shorter than 16 characters" in message
     assert "Traceback" not in message
+
+
+def raw_request(port: int, data: bytes, *, source: str = "127.0.0.1") -> bytes:
+    """Send raw bytes to the gateway and read its answer until it closes the connection or
+    stays silent for a second after answering (keep-alive)."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            sock.settimeout(1.0)
+        return answer
+
+
+def test_non_utf8_key_is_a_401_without_a_traceback(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    with run_gateway(config) as gateway:
+        for header in (b"Authorization: Bearer ", b"x-api-key: "):
+            answer = raw_request(
+                gateway.port,
+                b"GET /node_id HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                + header
+                + b"\xff\xfe" * 12
+                + b"\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == 401
+        assert "Traceback" not in gateway.log_text()
+        assert "Error" not in gateway.log_text()
+
+
+def test_malformed_requests_log_one_line_each(keys_file):
+    config = gateway_config(
+        port=free_port(), keys_file=keys_file, static_backends=["http://127.0.0.1:9"]
+    )
+    malformed = [
+        b"GET / HTTP/1.1\r\nHost: gw\r\nno colon in this header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    with run_gateway(config) as gateway:
+        for request in malformed:
+            before = gateway.log_text().count("\n")
+            answer = raw_request(gateway.port, request)
+            assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+            deadline = time.monotonic() + 5
+            while gateway.log_text().count("\n") == before:
+                assert time.monotonic() < deadline, gateway.log_text()
+                time.sleep(0.05)
+            time.sleep(0.2)  # anything else the event writes
+            new = gateway.log_text().splitlines()[before:]
+            assert len(new) == 1, new
+            assert "from 127.0.0.1" in new[0] and "ERROR" not in new[0], new
+        assert "Traceback" not in gateway.log_text()
+
+
+def test_expect_100_continue_checks_the_key_first(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    body = json.dumps(chat(3, stream=False)).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+    )
+    with run_gateway(config) as gateway:
+        for key in (None, KEY_B):
+            headers = head + (f"Authorization: Bearer {key}\r\n".encode() if key else b"")
+            # the headers only: a gateway that said "100 Continue" would wait for the body
+            answer = raw_request(gateway.port, headers + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert b"100 Continue" not in answer
+
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(head + f"Authorization: Bearer {KEY_A}\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (end of file or reset); False while it is open."""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_idle_connections_are_closed_and_capped_per_address(keys_file):
+    # 306 connections without a key, sending nothing, from one address, against a gateway
+    # that may open 256 files: it keeps answering others, and closes every idle one.
+    config = gateway_config(
+        port=free_port(), keys_file=keys_file, static_backends=["http://127.0.0.1:9"]
+    )
+    config["gateway"].update(
+        headerReadTimeoutSec=2, keepAliveTimeoutSec=2, maxConnectionsPerAddress=64
+    )
+    with run_gateway(config, max_files=256) as gateway:
+        idle = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(306)]
+        try:
+            for sock in idle:
+                sock.setblocking(False)
+            # another address is served meanwhile (127.0.0.2 is loopback too)
+            answer = raw_request(
+                gateway.port,
+                b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+                source="127.0.0.2",
+            )
+            assert answer.startswith(b"HTTP/1.1 "), gateway.log_text()
+            status = int(answer.split(b" ", 2)[1])
+            assert status in {200, 503}  # the backend is down: the gateway itself answers
+            deadline = time.monotonic() + 30
+            while not all(closed_by_server(s) for s in idle):
+                assert time.monotonic() < deadline, sum(map(closed_by_server, idle))
+                time.sleep(0.1)
+        finally:
+            for sock in idle:
+                sock.close()
+        log = gateway.log_text()
+        _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+        samples = metric_samples(text.decode())
+        refused = samples["exo_gateway_connections_refused"][0].value
+        timed_out = samples["exo_gateway_header_timeouts"][0].value
+        # each one was either refused at once or admitted and closed when it sent nothing
+        assert refused + timed_out == 306 and refused >= 306 - 3 * 64
+        # the limit is logged when the address reaches it and when it drops below, not once
+        # per refused connection
+        at_limit = log.count("client 127.0.0.1 has 64 connections open")
+        assert 1 <= at_limit <= 306 // 64, log
+        assert log.count("client 127.0.0.1 is below maxConnectionsPerAddress") in {
+            at_limit - 1,
+            at_limit,
+        }
+        assert "Traceback" not in log and "Too many open files" not in log, log
+
+
+def test_keep_alive_connection_is_closed_when_idle(double, keys_file):
+    config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+    config["gateway"]["keepAliveTimeoutSec"] = 1
+    request = f"GET /node_id HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n\r\n"
+    with (
+        run_gateway(config) as gateway,
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock,
+    ):
+        sock.sendall(request.encode())
+        answer = b""
+        while not answer.endswith(json.dumps(double.node_id).encode()):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # nothing more is sent: the gateway closes the connection
+        sock.settimeout(30)
+        assert sock.recv(1) == b""
 
 
 # --- proxying -----------------------------------------------------------------------------
@@ -310,11 +505,30 @@ def test_no_backend_answers_gives_502(keys_file):
     dead = f"http://127.0.0.1:{free_port()}"
     config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[dead])
     with run_gateway(config) as gateway:
-        status, _, body = call("GET", f"{gateway.url}/models", headers=AUTH)
-        assert status == 502
-        assert json.loads(body)["error"]["type"] == "gateway_error"
+        for _ in range(5):
+            status, headers, body = call("GET", f"{gateway.url}/models", headers=AUTH)
+            assert status == 502
+            assert headers["Content-Type"].startswith("application/json")
+            # no backend address, no client-library error in what the client gets
+            assert json.loads(body) == {
+                "error": {
+                    "message": "no EXO node could answer the request",
+                    "type": "gateway_error",
+                    "code": 502,
+                }
+            }
         status, _, body = call("GET", f"{gateway.url}/health")
         assert status == 503 and json.loads(body)["status"] == "down"
+        # the log says so: once for the backend, once for the pool, not once per request
+        deadline = time.monotonic() + 10
+        while "no EXO backend is up" not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+        time.sleep(1.5)  # three more health checks, which must not repeat it
+        log = gateway.log_text()
+        assert log.count(f"backend {dead} down: ") == 1, log
+        assert log.count("no EXO backend is up (1 known)") == 1, log
+        assert "Traceback" not in log
 
 
 # --- failover -----------------------------------------------------------------------------
@@ -401,6 +615,69 @@ def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
                         await response.read()
 
             asyncio.run(scenario())
+
+
+def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
+    released: list[str] = []  # the paths whose backend connection the gateway closed
+
+    async def scenario() -> None:
+        from aiohttp import web
+
+        async def stall(request: web.Request) -> web.StreamResponse:
+            json_body = request.path == "/json"
+            response = web.StreamResponse(
+                headers={"Content-Type": "application/json" if json_body else "text/event-stream"}
+            )
+            await response.prepare(request)
+            await response.write(b'{"partial": ' if json_body else b"data: first\n\n")
+            try:
+                await asyncio.sleep(3600)  # and then nothing, with the connection open
+            finally:
+                released.append(request.path)
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", stall)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            config = gateway_config(
+                port=free_port(), keys_file=keys_file, static_backends=[f"http://127.0.0.1:{port}"]
+            )
+            config["gateway"]["streamIdleTimeoutSec"] = 1
+            loop = asyncio.get_running_loop()
+            with run_gateway(config) as gateway:
+                async with aiohttp.ClientSession(
+                    headers=AUTH, timeout=aiohttp.ClientTimeout(total=60)
+                ) as session:
+                    async with session.post(f"{gateway.url}/v1/chat/completions") as response:
+                        assert response.status == 200
+                        assert await response.content.readany() == b"data: first\n\n"
+                        # cut off, not ended: the client sees an incomplete response
+                        with pytest.raises(aiohttp.ClientPayloadError):
+                            await response.read()
+                    # a JSON body that stalls is a failure before the response: 502
+                    async with session.get(f"{gateway.url}/json") as response:
+                        assert response.status == 502
+                        error = (await response.json())["error"]
+                        assert error["type"] == "gateway_error"
+                    deadline = time.monotonic() + 10
+                    while not {"/json", "/v1/chat/completions"} <= set(released):
+                        assert time.monotonic() < deadline, (released, gateway.log_text())
+                        await asyncio.sleep(0.05)
+                    _, _, text = await fetch("GET", f"{gateway.url}/metrics", headers=AUTH)
+                stalled = metric_samples(text.decode())["exo_gateway_stalled_streams"]
+                assert {
+                    s.labels["side"]: s.value for s in stalled if s.name.endswith("_total")
+                } == {"backend": 1}
+                assert "stalled: no data for 1s; cut off" in gateway.log_text()
+                await loop.run_in_executor(None, gateway.stop)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
 
 
 def test_peers_are_discovered_from_the_local_node(keys_file):

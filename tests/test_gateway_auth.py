@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from exo_nixos.errors import UserError
+from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore, parse_keys, presented_key
-from exo_nixos.gateway.backends import address_host, api_url
+from exo_nixos.gateway.backends import address_host
+from tests.gateway_helpers import write_keys
 
 GOOD = "0123456789abcdef0123"
 
@@ -31,6 +35,9 @@ def test_parse_keys_names_comments_and_blank_lines():
         (f"a:{GOOD}1\na:{GOOD}2\n", "line 2: the name 'a' is used twice"),
         (f"a:{GOOD}\nb:{GOOD}\n", "line 2: key 'b' repeats an earlier key"),
         (f"a:{GOOD} {GOOD}\n", "line 1: a key must not contain whitespace"),
+        (f"a:{GOOD}\x00{GOOD}\n", "line 1: key 'a' contains a control character"),
+        (f"{GOOD}\x00\n", "line 1: key 'line1' contains a control character"),
+        (f"a:{GOOD}\x1b[0m\n", "line 1: key 'a' contains a control character"),
     ],
 )
 def test_parse_keys_rejects_bad_files_with_one_line(text, fragment):
@@ -52,8 +59,7 @@ def test_presented_key_from_each_header_form():
 
 
 def test_keystore_checks_and_keeps_old_keys_on_bad_reload(tmp_path: Path, caplog):
-    path = tmp_path / "keys"
-    path.write_text(f"alice:{GOOD}a\nbob:{GOOD}b\n")
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\nbob:{GOOD}b\n")
     store = KeyStore(path)
     assert store.enabled and len(store) == 2
     assert store.check(f"{GOOD}a") == "alice"
@@ -61,18 +67,78 @@ def test_keystore_checks_and_keeps_old_keys_on_bad_reload(tmp_path: Path, caplog
     assert store.check(f"{GOOD}c") is None
     assert store.check(f"{GOOD}") is None
     assert store.check(None) is None
+    # a header value that is not UTF-8 (aiohttp keeps its bytes as surrogates)
+    assert store.check("\udcff\udcfe" * 12) is None
 
     path.write_text("tooshort\n")
     with caplog.at_level(logging.ERROR):
-        assert store.reload() is False
+        assert asyncio.run(store.reload()) is False
     assert store.check(f"{GOOD}a") == "alice"
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "keeping the 2 loaded" in errors[0]
 
     path.write_text(f"carol:{GOOD}c\n")
-    assert store.reload() is True
+    assert asyncio.run(store.reload()) is True
     assert store.check(f"{GOOD}c") == "carol"
     assert store.check(f"{GOOD}a") is None
+
+
+def _reload_logged(store: KeyStore, caplog) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(store.reload()) is False
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+
+
+def test_bad_reloads_keep_the_old_keys(tmp_path: Path, caplog):
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\n")
+    store = KeyStore(path)
+    # a key with NUL, a FIFO in the file's place (opening it for reading would block), a
+    # directory, a file every user may read or write: each keeps the key set as it was
+    for name, replace, reason in [
+        ("NUL", lambda: write_keys(path, f"bob:{GOOD}\x00b\n"), "control character"),
+        ("FIFO", lambda: os.mkfifo(path, 0o600), "not a regular file"),
+        ("directory", lambda: path.mkdir(0o700), "not a regular file"),
+        ("mode 0644", lambda: write_keys(path, f"bob:{GOOD}b\n").chmod(0o644), "every user"),
+        ("mode 0602", lambda: write_keys(path, f"bob:{GOOD}b\n").chmod(0o602), "every user"),
+    ]:
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+        replace()
+        logged = _reload_logged(store, caplog)
+        assert len(logged) == 1, (name, logged)
+        assert logged[0].startswith("API keys not reloaded, keeping the 1 loaded"), name
+        assert str(path) in logged[0] and reason in logged[0], name
+        assert store.check(f"{GOOD}a") == "alice", name
+        assert store.check(f"{GOOD}b") is None, name
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o606, 0o666])
+def test_key_file_open_to_other_users_is_refused(tmp_path: Path, mode: int):
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\n")
+    path.chmod(mode)
+    with pytest.raises(UserError) as caught:
+        KeyStore(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: the API key file is readable or writable by every user")
+    assert f"mode {mode:04o}" in message and "chmod 0440" in message and "0400" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o440, 0o600, 0o640])
+def test_key_file_for_owner_and_group_is_accepted(tmp_path: Path, mode: int):
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\n")
+    path.chmod(mode)
+    assert KeyStore(path).check(f"{GOOD}a") == "alice"
+
+
+def test_key_file_that_is_a_fifo_is_refused_at_start(tmp_path: Path):
+    path = tmp_path / "keys"
+    os.mkfifo(path, 0o600)
+    with pytest.raises(UserError, match="not a regular file"):
+        KeyStore(path)
 
 
 def test_keystore_missing_file_is_a_user_error(tmp_path: Path):
@@ -106,5 +172,16 @@ def test_address_host(address, host):
 
 
 def test_api_url_brackets_ipv6():
-    assert api_url("10.0.0.2", 52415) == "http://10.0.0.2:52415"
-    assert api_url("fd00::7", 52415) == "http://[fd00::7]:52415"
+    assert url_for("10.0.0.2", 52415) == "http://10.0.0.2:52415"
+    assert url_for("fd00::7", 52415) == "http://[fd00::7]:52415"
+    assert url_for("::1", 52417, "https") == "https://[::1]:52417"
+
+
+def test_gateway_urls_bracket_ipv6(tmp_path: Path):
+    from exo_nixos.config import parse_config
+    from exo_nixos.gateway.server import build_gateway, check
+
+    config = parse_config({"schemaVersion": 1, "gateway": {"listenAddress": "::1"}})
+    assert check(config) == "gateway config usable: http://[::1]:52417, no API keys (loopback only)"
+    pool = build_gateway(config).pool
+    assert pool.local is not None and pool.local.url == "http://127.0.0.1:52415"

@@ -92,6 +92,33 @@ def test_exposed_gateway_with_keys_tls_and_firewall():
     assert config.gateway.local_backend is True
 
 
+def test_connection_timeouts_and_limit_reach_the_config_document():
+    defaults = parse_config(evaluate(exo())["etc"]["exo/config.json"]).gateway
+    model = parse_config({"schemaVersion": 1}).gateway
+    for name in (
+        "header_read_timeout_sec",
+        "keep_alive_timeout_sec",
+        "stream_idle_timeout_sec",
+        "max_connections_per_address",
+    ):
+        # the module's defaults are the model's
+        assert getattr(defaults, name) == getattr(model, name), name
+    settings = {
+        "headerReadTimeoutSec": 2.5,
+        "keepAliveTimeoutSec": 7,
+        "streamIdleTimeoutSec": 600,
+        "maxConnectionsPerAddress": 32,
+    }
+    gateway = parse_config(evaluate(exo(gateway=settings))["etc"]["exo/config.json"]).gateway
+    assert gateway.header_read_timeout_sec == 2.5
+    assert gateway.keep_alive_timeout_sec == 7
+    assert gateway.stream_idle_timeout_sec == 600
+    assert gateway.max_connections_per_address == 32
+    for bad in ({"keepAliveTimeoutSec": 0}, {"maxConnectionsPerAddress": 0}):
+        with pytest.raises(NixEvalError, match=next(iter(bad))):
+            evaluate(exo(gateway=bad))
+
+
 @pytest.mark.parametrize(
     ("gateway", "fragment"),
     [

@@ -43,8 +43,9 @@ in
         File of API keys, one per line (`name:key` names a key; `#` starts a comment; keys
         are at least 16 characters). Never put it in the Nix store. The gateway reads it
         itself, so it must be readable by the service's group (`security.group`), e.g.
-        owner `root`, group `exo`, mode `0640`. `systemctl reload exo-api` re-reads it; a file
-        that fails to parse keeps the keys already loaded.
+        owner `root`, group `exo`, mode `0440`; a file other users may read or write is refused.
+        `systemctl reload exo-api` re-reads it; a file that fails to parse keeps the keys
+        already loaded.
       '';
     };
     tlsCertificateFile = mkOption {
@@ -97,6 +98,39 @@ in
         when done) before the request is tried on another.
       '';
     };
+    headerReadTimeoutSec = mkOption {
+      type = types.numbers.between 0.001 3600;
+      default = 10;
+      description = ''
+        Seconds a new client connection may take to send its first request's headers (and,
+        with TLS, to finish the handshake) before the gateway closes it.
+      '';
+    };
+    keepAliveTimeoutSec = mkOption {
+      type = types.numbers.between 0.001 3600;
+      default = 30;
+      description = ''
+        Seconds a client connection may stay idle after a response, or keep a request's
+        headers incomplete, before the gateway closes it.
+      '';
+    };
+    streamIdleTimeoutSec = mkOption {
+      type = types.numbers.between 0.001 86400;
+      default = 300;
+      description = ''
+        Seconds a response being passed on may go without data from the backend, or without
+        the client taking any, before the gateway closes both connections (the client sees
+        an incomplete response).
+      '';
+    };
+    maxConnectionsPerAddress = mkOption {
+      type = types.ints.between 1 65535;
+      default = 256;
+      description = ''
+        Client connections open at once from one IP address; further ones are closed at once
+        (logged once per address while it is at the limit).
+      '';
+    };
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -111,7 +145,8 @@ in
     services.exo.configDocument.gateway = {
       inherit (gw)
         enable listenAddress port apiKeysFile tlsCertificateFile tlsKeyFile publicPaths
-        staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec;
+        staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec
+        headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress;
     };
 
     assertions = mkIf gw.enable [

@@ -288,6 +288,33 @@ class Gateway(_Section):
         le=86400,
         description="Seconds a backend may take to start its response before another is tried.",
     )
+    header_read_timeout_sec: float = Field(
+        10.0,
+        ge=0.001,
+        le=3600,
+        description="Seconds a new client connection may take to send its first request's "
+        "headers before it is closed.",
+    )
+    keep_alive_timeout_sec: float = Field(
+        30.0,
+        ge=0.001,
+        le=3600,
+        description="Seconds a client connection may stay idle (or with a request's headers "
+        "incomplete) after the previous response before it is closed.",
+    )
+    stream_idle_timeout_sec: float = Field(
+        300.0,
+        ge=0.001,
+        le=86400,
+        description="Seconds a response being passed on may go without data from the backend, "
+        "or without the client taking any, before both connections are closed.",
+    )
+    max_connections_per_address: int = Field(
+        256,
+        ge=1,
+        le=65535,
+        description="Client connections open at once from one address; more are closed at once.",
+    )
 
     @model_validator(mode="after")
     def _safe(self) -> Gateway:

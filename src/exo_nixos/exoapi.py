@@ -289,9 +289,11 @@ def _edge_endpoint(edge: Any) -> tuple[str, int | None] | None:
     return None
 
 
-def _url_for(ip: str, port: int) -> str:
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}"
+def url_for(host: str, port: int, scheme: str = "http") -> str:
+    """``scheme://host:port``, an IPv6 address in brackets (``http://[::1]:52417``): every
+    URL built from an address and a port goes through here."""
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{scheme}://{bracketed}:{port}"
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -332,7 +334,7 @@ def parse_state(doc: Any, node_id: str) -> StateSummary:
                 ip, port = endpoint
                 edge_addresses.setdefault(str(sink), []).append(ip)
                 if port is not None:
-                    edge_urls.setdefault(str(sink), []).append(_url_for(ip, port))
+                    edge_urls.setdefault(str(sink), []).append(url_for(ip, port))
 
     peers: list[Peer] = []
     for peer_id in _unique(order):

@@ -3,17 +3,24 @@
 The key file holds one key per line. Blank lines and lines starting with ``#`` are ignored.
 A line ``name:key`` gives the key a name (letters, digits, ``.``, ``_``, ``-``) that appears in
 logs and metrics instead of the key; a line without such a prefix is named ``line<N>``. Keys are
-at least 16 characters without whitespace.
+at least 16 printable characters without whitespace.
+
+The file must be a regular file that other users cannot read or write (like ssh with a private
+key); it is read in a worker thread, so a file that blocks (a FIFO, a hung file system) cannot
+stop the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import logging
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,8 @@ from exo_nixos.errors import UserError
 log = logging.getLogger(__name__)
 
 MIN_KEY_LENGTH = 16
+# A key file holds a few lines; anything larger is not one.
+MAX_KEY_FILE_BYTES = 1 << 20
 _NAMED = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<key>.*)$")
 
 
@@ -35,7 +44,8 @@ class ApiKey:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    # surrogateescape: a header value that is not UTF-8 arrives with its bytes as surrogates
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
 def parse_keys(text: str, source: str) -> list[ApiKey]:
@@ -43,7 +53,8 @@ def parse_keys(text: str, source: str) -> list[ApiKey]:
     keys: list[ApiKey] = []
     names: set[str] = set()
     digests: set[bytes] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): that would also split at characters such as \x1c
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -52,6 +63,11 @@ def parse_keys(text: str, source: str) -> list[ApiKey]:
         where = f"{source} line {number}"
         if any(c.isspace() for c in secret):
             raise UserError(f"{where}: a key must not contain whitespace; write one key per line")
+        if not secret.isprintable():
+            raise UserError(
+                f"{where}: key '{name}' contains a control character (e.g. NUL); "
+                "a key is printable characters only"
+            )
         if len(secret) < MIN_KEY_LENGTH:
             raise UserError(
                 f"{where}: key '{name}' is shorter than {MIN_KEY_LENGTH} characters; "
@@ -70,10 +86,38 @@ def parse_keys(text: str, source: str) -> list[ApiKey]:
     return keys
 
 
-def read_key_file(path: Path) -> list[ApiKey]:
-    """Read and parse a key file; every failure is a one-line UserError."""
+def _open_key_file(path: Path) -> bytes:
+    """The file's bytes, once it is known to be a regular file other users cannot access."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(
+                f"{path}: the API key file is not a regular file; point apiKeysFile at a file"
+            )
+        if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+            raise UserError(
+                f"{path}: the API key file is readable or writable by every user "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); refusing it: "
+                f"chmod 0440 {path} (owner root, group of the gateway) or chmod 0400 "
+                "(owned by the gateway's user)"
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise UserError(f"{path}: the API key file is over {MAX_KEY_FILE_BYTES} bytes")
+    return data
+
+
+def read_key_file(path: Path) -> list[ApiKey]:
+    """Read and parse a key file; every failure is a one-line UserError. Blocking: call it
+    from a worker thread once the event loop runs."""
+    try:
+        text = _open_key_file(path).decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: API key file not found; create it or fix apiKeysFile") from None
     except PermissionError:
@@ -115,6 +159,7 @@ class KeyStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._keys: tuple[ApiKey, ...] = ()
+        self._reloading = False
         if path is not None:
             self._keys = tuple(read_key_file(path))
 
@@ -125,15 +170,27 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def reload(self) -> bool:
-        """Re-read the key file. On any problem keep the current keys and log one line."""
+    async def reload(self) -> bool:
+        """Re-read the key file in a worker thread. On any problem keep the current keys and
+        log one line; a reload asked for while one is under way is refused the same way."""
         if self.path is None:
             return True
+        if self._reloading:
+            log.error(
+                "API keys not reloaded, keeping the %d loaded: %s: the previous reload "
+                "has not finished reading it",
+                len(self._keys),
+                self.path,
+            )
+            return False
+        self._reloading = True
         try:
-            keys = read_key_file(self.path)
+            keys = await asyncio.to_thread(read_key_file, self.path)
         except UserError as exc:
             log.error("API keys not reloaded, keeping the %d loaded: %s", len(self._keys), exc)
             return False
+        finally:
+            self._reloading = False
         self._keys = tuple(keys)
         log.info("API keys reloaded from %s: %d keys", self.path, len(keys))
         return True

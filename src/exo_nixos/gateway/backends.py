@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from exo_nixos import exoapi
-from exo_nixos.exoapi import NodeView
+from exo_nixos.exoapi import NodeView, url_for
 from exo_nixos.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ def address_host(address: str) -> str | None:
     return str(ip)
 
 
-def api_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 @dataclass(eq=False)
 class Backend:
     """One node API. ``urls`` are the addresses it may answer on; ``url`` the one in use."""
@@ -65,7 +61,11 @@ class Backend:
     urls: list[str]
     source: str  # "local", "static" or "peer"
     node_id: str | None = None
+    # A peer is the node the cluster state names: its API must answer /node_id with this id.
+    # The local node and static backends have none; they are whichever node answers.
+    expected_node_id: str | None = None
     healthy: bool = False
+    reported: bool | None = None  # the state last logged; None before the first
     failures: int = 0
     inflight: int = 0
     _index: int = field(default=0, repr=False)
@@ -109,6 +109,7 @@ class BackendPool:
         self._turn = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self.checked = asyncio.Event()
+        self._none_up: bool | None = None  # whether no backend was up when last logged
         for backend in self.all():
             self._publish(backend)
 
@@ -134,12 +135,11 @@ class BackendPool:
     def mark_failed(self, backend: Backend, reason: str) -> None:
         """A request could not reach the backend: it is down until a probe passes."""
         backend.failures = max(backend.failures, self.failure_threshold)
-        if backend.healthy:
-            log.warning("backend %s down: %s", backend.label, reason)
-        backend.healthy = False
+        self._set_health(backend, False, reason)
         if len(backend.urls) > 1:
             backend.next_address()
         self._publish(backend)
+        self._report_pool()
 
     def _publish(self, backend: Backend) -> None:
         self.metrics.backend_up.labels(backend.label).set(1 if backend.healthy else 0)
@@ -158,27 +158,63 @@ class BackendPool:
         """Probe one backend. Up: its API answers and reports no problem (a node that has
         not reached a master, or whose /state or /models fail, cannot serve requests)."""
         view: NodeView | None = None
+        wrong_node = False
         try:
             view = await self._probe(backend.url, self.timeout)
         except Exception as exc:  # the probe's errors and anything a broken peer causes
             reason = str(exc) or type(exc).__name__
         else:
-            backend.node_id = view.node_id
             reason = "; ".join(view.problems)
+            if backend.expected_node_id is None:
+                backend.node_id = view.node_id
+            elif view.node_id != backend.expected_node_id:
+                # e.g. a peer's fallback address that is this host: another node answers
+                # there, which must not count as the peer (nor as a second healthy node)
+                reason = (
+                    f"{backend.url} answers as node {view.node_id}, "
+                    f"not as {backend.expected_node_id}"
+                )
+                wrong_node = True
+                view = None
         if not reason:
-            if not backend.healthy:
-                log.info("backend %s up (node %s)", backend.url, backend.node_id)
-            backend.healthy = True
             backend.failures = 0
+            self._set_health(backend, True, "")
         else:
             backend.failures += 1
-            if backend.healthy and backend.failures >= self.failure_threshold:
-                backend.healthy = False
-                log.warning("backend %s down: %s", backend.label, reason)
+            # down: another node answered, enough probes failed, or it never was up (the
+            # first failure says why, once)
+            never_up = backend.reported is None
+            if wrong_node or never_up or backend.failures >= self.failure_threshold:
+                self._set_health(backend, False, reason)
             if not backend.healthy and len(backend.urls) > 1:
                 backend.next_address()
         self._publish(backend)
         return view
+
+    def _set_health(self, backend: Backend, healthy: bool, reason: str) -> None:
+        """Set a backend's state; log it when it changes (not on every probe or request)."""
+        backend.healthy = healthy
+        if backend.reported is healthy:
+            return
+        backend.reported = healthy
+        if healthy:
+            log.info("backend %s up (node %s)", backend.url, backend.node_id)
+        else:
+            log.warning("backend %s down: %s", backend.label, reason)
+
+    def _report_pool(self) -> None:
+        """Log when the pool goes from some backend up to none, and back."""
+        up = len(self.healthy())
+        if (up == 0) is self._none_up:
+            return
+        previous, self._none_up = self._none_up, up == 0
+        if up == 0:
+            log.error(
+                "no EXO backend is up (%d known): requests get 502 until one is",
+                len(self.all()),
+            )
+        elif previous:
+            log.info("EXO backends up again: %d of %d", up, len(self.all()))
 
     def _discover(self, view: NodeView) -> list[Backend]:
         """Make the pool's peers those of ``view`` (its own node and fixed backends aside);
@@ -193,7 +229,7 @@ class BackendPool:
             # Where the node reached the peer's API first, then its other addresses.
             hosts = [h for h in (address_host(a) for a in peer.addresses) if h]
             urls = list(
-                dict.fromkeys([*peer.api_urls, *(api_url(h, self.api_port) for h in hosts)])
+                dict.fromkeys([*peer.api_urls, *(url_for(h, self.api_port) for h in hosts)])
             )
             if not urls:
                 continue
@@ -201,7 +237,7 @@ class BackendPool:
             current = self.peers.get(peer.node_id)
             if current is None:
                 log.info("peer %s found at %s", peer.node_id, ", ".join(urls))
-                backend = Backend(urls, "peer", node_id=peer.node_id)
+                backend = Backend(urls, "peer", node_id=peer.node_id, expected_node_id=peer.node_id)
                 self.peers[peer.node_id] = backend
                 self._publish(backend)
                 new.append(backend)
@@ -225,6 +261,7 @@ class BackendPool:
                 new = self._discover(view)
                 await asyncio.gather(*(self._check(b) for b in new))
                 break
+        self._report_pool()
         self.checked.set()
 
     async def run(self) -> None:

@@ -99,6 +99,25 @@ class GatewayMetrics:
             "Backends whose health check passes.",
             registry=r,
         )
+        self.connections_open = Gauge(
+            "exo_gateway_connections_open", "Client connections open.", registry=r
+        )
+        self.connections_refused = Counter(
+            "exo_gateway_connections_refused",
+            "Client connections closed at once: their address had maxConnectionsPerAddress open.",
+            registry=r,
+        )
+        self.header_timeouts = Counter(
+            "exo_gateway_header_timeouts",
+            "Client connections closed for sending no request within headerReadTimeoutSec.",
+            registry=r,
+        )
+        self.stalled_streams = Counter(
+            "exo_gateway_stalled_streams",
+            "Streams closed after streamIdleTimeoutSec without data, by side (backend, client).",
+            ["side"],
+            registry=r,
+        )
         self.api_keys = Gauge("exo_gateway_api_keys", "API keys loaded.", registry=r)
         self.key_reloads = Counter(
             "exo_gateway_key_reloads",

@@ -15,6 +15,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from exo_nixos.gateway.auth import KeyStore, presented_key
 from exo_nixos.gateway.backends import Backend, BackendPool
+from exo_nixos.gateway.connections import ConnectionLimits
 from exo_nixos.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Request headers the gateway consumes or sets itself.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+# Request headers the gateway consumes or sets itself (it answers Expect: 100-continue and
+# has the whole body before it forwards a request).
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "expect"}
 # Response headers the gateway sets itself; EXO's blanket CORS grant is not passed on.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 _RESPONSE_DROP_PREFIX = "access-control-"
@@ -56,6 +58,9 @@ class ProxySettings:
     max_body_bytes: int = 64 << 20
     connect_timeout: float = 5.0
     response_timeout: float = 900.0
+    stream_idle_timeout: float = 300.0
+    header_read_timeout: float = 10.0
+    max_connections_per_address: int = 256
     max_attempts: int = 3
 
 
@@ -71,17 +76,27 @@ def _whole_document(upstream: aiohttp.ClientResponse) -> bool:
     return upstream.content_type == "application/json"
 
 
-async def _read_upto(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """Read the body until its end or past ``limit`` bytes; return it and whether it ended."""
+async def _read_upto(
+    upstream: aiohttp.ClientResponse, limit: int, idle: float
+) -> tuple[bytes, bool]:
+    """Read the body until its end or past ``limit`` bytes; return it and whether it ended.
+    TimeoutError when ``idle`` seconds pass without data."""
     parts: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await upstream.content.readany()
+        async with asyncio.timeout(idle):
+            chunk = await upstream.content.readany()
         if not chunk:
             return b"".join(parts), True
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts), False
+
+
+def _cut(request: web.Request) -> None:
+    """Close the client's connection in the middle of a response."""
+    if request.transport is not None:
+        request.transport.close()
 
 
 class _BackendFailed(Exception):
@@ -145,8 +160,13 @@ class Gateway:
         self.metrics = metrics
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        self.connections = ConnectionLimits(
+            per_address=settings.max_connections_per_address,
+            header_timeout=settings.header_read_timeout,
+            metrics=metrics,
+        )
         self.app = web.Application(client_max_size=settings.max_body_bytes)
-        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
         metrics.api_keys.set(len(keys))
@@ -170,8 +190,8 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
 
-    def reload_keys(self) -> bool:
-        ok = self.keys.reload()
+    async def reload_keys(self) -> bool:
+        ok = await self.keys.reload()
         self.metrics.key_reloads.labels("ok" if ok else "error").inc()
         self.metrics.api_keys.set(len(self.keys))
         return ok
@@ -180,6 +200,7 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        self.connections.arrived(request.transport)
         method = request.method
         try:
             response = await self._dispatch(request, started)
@@ -190,6 +211,25 @@ class Gateway:
             raise
         self.metrics.answered(method, response.status, time.perf_counter() - started)
         return response
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: the key and the declared body size are checked before
+        the client is told to send its body; a refused client gets its answer instead."""
+        started = time.perf_counter()
+        self.connections.arrived(request.transport)
+        expect = request.headers.get("Expect", "")
+        http11 = request.version == aiohttp.HttpVersion11
+        refused = self._authenticate(request, started) or self._too_large(request)
+        if refused is None and http11 and expect.lower() != "100-continue":
+            refused = _error(417, f"unknown expectation {expect!r}", "invalid_request_error")
+        if refused is not None:
+            refused.force_close()  # the body the client may send anyway is not read
+            self.metrics.answered(request.method, refused.status, time.perf_counter() - started)
+            return refused
+        if http11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
 
     def _authenticate(self, request: web.Request, started: float) -> web.Response | None:
         if not self.keys.enabled or request.path in self.settings.public_paths:
@@ -238,7 +278,7 @@ class Gateway:
             content_type="application/json",
         )
 
-    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+    def _too_large(self, request: web.Request) -> web.Response | None:
         declared = request.content_length
         if declared is not None and declared > self.settings.max_body_bytes:
             return _error(
@@ -247,20 +287,26 @@ class Gateway:
                 f"{self.settings.max_body_bytes}",
                 "invalid_request_error",
             )
+        return None
+
+    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+        too_large = self._too_large(request)
+        if too_large is not None:
+            return too_large
         body = await request.read() if request.can_read_body else b""
         headers = forward_request_headers(request)
         candidates = self.pool.candidates()
         if not candidates:
             return _error(503, "no EXO node API is known to the gateway", "gateway_error")
-        last_error = "no backend answered"
         for attempt, backend in enumerate(candidates[: self.settings.max_attempts]):
             if attempt:
                 self.metrics.retries.inc()
             try:
                 return await self._forward(request, backend, headers, body, started)
-            except _BackendFailed as exc:
-                last_error = str(exc)
-        return _error(502, f"no EXO node could answer: {last_error}", "gateway_error")
+            except _BackendFailed:
+                continue  # why is logged by the pool when the backend's state changes
+        # The client learns no backend address or client-library error; the log has them.
+        return _error(502, "no EXO node could answer the request", "gateway_error")
 
     async def _forward(
         self,
@@ -299,7 +345,9 @@ class Gateway:
             head = b""
             if _whole_document(upstream):
                 try:
-                    head, complete = await _read_upto(upstream, BUFFER_LIMIT)
+                    head, complete = await _read_upto(
+                        upstream, BUFFER_LIMIT, self.settings.stream_idle_timeout
+                    )
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     reason = f"{label}: response cut off: {type(exc).__name__}"
                     self.pool.mark_failed(backend, reason)
@@ -337,16 +385,39 @@ class Gateway:
             response.content_length = upstream.content_length
         await response.prepare(request)
         self.metrics.responding(request.method, time.perf_counter() - started)
+        idle = self.settings.stream_idle_timeout
         chunk = head
         while True:
             if chunk:
                 try:
-                    await response.write(chunk)
+                    async with asyncio.timeout(idle):
+                        await response.write(chunk)
                 except ConnectionError:  # the client went away; closing upstream stops EXO
                     upstream.close()
                     return response
+                except TimeoutError:  # the client stopped reading: free both connections
+                    self.metrics.stalled_streams.labels("client").inc()
+                    log.info(
+                        "client %s took no data for %gs: stream from %s closed",
+                        request.remote,
+                        idle,
+                        backend.label,
+                    )
+                    upstream.close()
+                    _cut(request)
+                    return response
             try:
-                chunk = await upstream.content.readany()
+                async with asyncio.timeout(idle):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                # EXO stalled: cut the client off (it sees an incomplete response) and close
+                # the connection to EXO, rather than keep both open for ever.
+                self.metrics.aborted_streams.inc()
+                self.metrics.stalled_streams.labels("backend").inc()
+                log.warning("stream from %s stalled: no data for %gs; cut off", backend.label, idle)
+                upstream.close()
+                _cut(request)
+                return response
             except (aiohttp.ClientError, OSError) as exc:
                 # Part of the response is out: it cannot be retried. Cut the client's
                 # connection so it sees an incomplete response, never a shortened one that
@@ -355,8 +426,7 @@ class Gateway:
                 reason = f"{backend.label}: stream cut off: {type(exc).__name__}"
                 self.pool.mark_failed(backend, reason)
                 log.warning("stream from %s cut off: %s", backend.label, exc)
-                if request.transport is not None:
-                    request.transport.close()
+                _cut(request)
                 return response
             if not chunk:
                 break

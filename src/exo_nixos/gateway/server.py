@@ -6,13 +6,16 @@ import asyncio
 import logging
 import signal
 import ssl
+import sys
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
+from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
@@ -25,6 +28,32 @@ log = logging.getLogger(__name__)
 # configured paths, which the unit cannot read).
 CREDENTIAL_TLS_CERTIFICATE = "tls-certificate"
 CREDENTIAL_TLS_KEY = "tls-key"
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger aiohttp's connection handler writes to: a request it cannot parse (the
+    client's doing) is one line, never a traceback; anything else keeps its traceback."""
+
+    def exception(
+        self, msg: object, *args: object, exc_info: object = True, **kwargs: object
+    ) -> None:
+        exc = sys.exc_info()[1] if exc_info is True else exc_info
+        if isinstance(exc, HttpProcessingError):
+            self._one_line(logging.WARNING, msg, args, exc)
+        else:
+            self.logger.error(msg, *args, exc_info=exc if isinstance(exc, BaseException) else True)
+
+    def debug(self, msg: object, *args: object, exc_info: object = None, **kwargs: object) -> None:
+        self._one_line(logging.DEBUG, msg, args, exc_info)
+
+    def _one_line(self, level: int, msg: object, args: tuple[object, ...], exc: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        if isinstance(exc, BaseException):
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            text = f"{text}: {reason[:300]}"
+        self.logger.log(level, "%s", text)
 
 
 def tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -63,8 +92,8 @@ def check(config: Config) -> str:
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
-    scheme = "https" if tls else "http"
-    return f"gateway config usable: {scheme}://{gw.listen_address}:{gw.port}, {auth}"
+    url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
+    return f"gateway config usable: {url}, {auth}"
 
 
 def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
@@ -72,7 +101,7 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     metrics = GatewayMetrics()
     pool = BackendPool(
-        local_url=f"http://127.0.0.1:{config.api_port}" if gw.local_backend else None,
+        local_url=url_for("127.0.0.1", config.api_port) if gw.local_backend else None,
         static_urls=gw.static_backends,
         api_port=config.api_port,
         interval=config.health_check.interval_sec,
@@ -86,6 +115,9 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
         max_body_bytes=gw.max_body_bytes,
         connect_timeout=gw.connect_timeout_sec,
         response_timeout=gw.response_timeout_sec,
+        stream_idle_timeout=gw.stream_idle_timeout_sec,
+        header_read_timeout=gw.header_read_timeout_sec,
+        max_connections_per_address=gw.max_connections_per_address,
     )
     return Gateway(keys, pool, metrics, settings)
 
@@ -97,36 +129,56 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     if not gateway.keys.enabled:
         log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
     # handler_cancellation: a client that goes away cancels its request, and with it the
-    # request to EXO, so no node keeps generating for nobody.
+    # request to EXO, so no node keeps generating for nobody. keepalive_timeout: an idle
+    # client connection is closed (aiohttp's default is an hour).
     runner = web.AppRunner(
-        gateway.app, access_log=None, handle_signals=False, handler_cancellation=True
+        gateway.app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        keepalive_timeout=gw.keep_alive_timeout_sec,
+        logger=ServerLog(logging.getLogger("exo_nixos.gateway.http")),
     )
     await runner.setup()
-    site = web.TCPSite(runner, gw.listen_address, gw.port, ssl_context=context, reuse_address=True)
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    # Not web.TCPSite: each connection goes through the gateway's connection limits first.
     try:
-        await site.start()
+        listener = await loop.create_server(
+            gateway.connections.wrap(runner.server),
+            gw.listen_address,
+            gw.port,
+            reuse_address=True,
+            ssl=context,
+            # a TLS handshake is part of getting a request's headers in
+            ssl_handshake_timeout=gw.header_read_timeout_sec if context else None,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise UserError(
             f"cannot listen on {gw.listen_address} port {gw.port}: {exc.strerror}; "
             "choose another gateway.port or stop what uses it"
         ) from None
-    scheme = "https" if context else "http"
     log.info(
-        "gateway listening on %s://%s:%d (%d API keys)",
-        scheme,
-        gw.listen_address,
-        gw.port,
+        "gateway listening on %s (%d API keys)",
+        url_for(gw.listen_address, gw.port, "https" if context else "http"),
         len(gateway.keys),
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     notifier = Notifier.from_environ()
 
-    def reload() -> None:
-        notifier.send("RELOADING=1")
-        gateway.reload_keys()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_keys() -> None:
+        await gateway.reload_keys()
         notifier.ready()
+
+    def reload() -> None:
+        # The key file is read in a worker thread: the loop keeps serving meanwhile.
+        notifier.send("RELOADING=1")
+        task = asyncio.create_task(reload_keys(), name="exo-gateway-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -138,5 +190,6 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
         notifier.stopping()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        listener.close()
+        await runner.cleanup()  # closes the client connections
         notifier.close()

@@ -17,24 +17,26 @@ log = logging.getLogger("exo_nixos.k3s")
 def _loopback_for(listen: str) -> str:
     address = ipaddress.ip_address(listen)
     if address.is_unspecified:
-        return "[::1]" if address.version == 6 else "127.0.0.1"
-    return f"[{address}]" if address.version == 6 else str(address)
+        return "::1" if address.version == 6 else "127.0.0.1"
+    return str(address)
 
 
 def node_health(config: Config) -> HealthCheck:
     """Healthy when this node's EXO API probe finds no problem (the verdict of
     ``exo-nixos health`` exit 0: ``/node_id``, ``/state`` synced with a master, ``/models``)
     and, when the Service points at the gateway, the gateway answers ``/health`` with 200."""
-    from exo_nixos.exoapi import ExoApiError, probe
+    from exo_nixos.exoapi import ExoApiError, probe, url_for
     from exo_nixos.k3s.render import exposure
 
     timeout = config.health_check.timeout_sec
-    node_url = f"http://127.0.0.1:{config.api_port}"
+    node_url = url_for("127.0.0.1", config.api_port)
     gateway_url: str | None = None
     if exposure(config).via_gateway:
         gateway = config.gateway
         scheme = "https" if gateway.tls_certificate_file else "http"
-        gateway_url = f"{scheme}://{_loopback_for(gateway.listen_address)}:{gateway.port}/health"
+        gateway_url = (
+            url_for(_loopback_for(gateway.listen_address), gateway.port, scheme) + "/health"
+        )
 
     async def check() -> bool:
         try:
