@@ -162,7 +162,10 @@ def test_passwd_fields_refuse_colons_and_newlines():
         evaluate(
             '{ users.users.svc = { isSystemUser = true; group = "users"; description = "a:b"; }; }'
         )
-    with pytest.raises(NixEvalError, match=re.escape("users.users.exo.home")):
+    with pytest.raises(NixEvalError, match=re.escape("users.users.svc.home")):
+        evaluate('{ users.users.svc = { isSystemUser = true; group = "users"; home = "/a:b"; }; }')
+    # the exo module refuses such a dataDir itself, before it becomes the exo user's home
+    with pytest.raises(NixEvalError, match=re.escape("services.exo.security.dataDir")):
         evaluate({"services": {"exo": {"enable": True, "security": {"dataDir": "/var/lib/a:b"}}}})
 
 
