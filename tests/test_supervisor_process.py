@@ -491,10 +491,54 @@ def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith(f"{package}/bin/exo --api-port {config['apiPort']}")
-    assert "--force-master" in lines[0]
-    assert "--namespace lab" in lines[0]
+    assert lines[0] == "accelerator: cpu"  # the decision, with its reasons
+    assert any(line.startswith("  because: ") for line in lines)
+    command = next(line for line in lines if line.startswith(f"{package}/bin/exo "))
+    assert command.startswith(f"{package}/bin/exo --api-port {config['apiPort']}")
+    assert "--force-master" in command
+    assert "--namespace lab" in command
     assert f"EXO_RUNTIME_DIR={config['security']['runtimeDir']}" in lines
+
+
+def test_dry_run_says_when_the_executable_is_missing(tmp_path) -> None:
+    package = tmp_path / "gone"  # no bin/exo in it
+    config = base_config(tmp_path, package)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "exo_nixos", "run", "--config", str(path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=double_env(),
+    )
+    assert done.returncode == 1
+    assert f"error: {package}/bin/exo is not an executable file" in done.stdout
+
+
+def test_run_with_a_host_root_that_is_no_directory_is_one_line(tmp_path) -> None:
+    config = base_config(tmp_path, make_fake_exo_package(tmp_path / "cpu"))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exo_nixos",
+            "run",
+            "--config",
+            str(path),
+            "--host-root",
+            str(tmp_path / "nonexistent"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=double_env(),
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--host-root" in done.stderr
 
 
 # EXO that has spawned a runner the way upstream EXO does: the runner inherits stdout/stderr,
@@ -598,3 +642,22 @@ def test_very_long_output_lines_pass_through_whole(supervise, tmp_path) -> None:
     assert text.count(b"a") >= 3_000_000
     assert b"a" * 3_000_000 in text.replace(b"\n", b"")
     assert b"b" * 1_500_000 in text.replace(b"\n", b"")
+
+
+def test_the_link_monitor_reads_the_host_root(tmp_path, monkeypatch) -> None:
+    from exo_nixos.commands import run as run_command
+    from exo_nixos.config import default_config
+    from exo_nixos.network import watch
+
+    seen = {}
+
+    def for_config(cls, config, on_change=None, root=Path("/")):
+        seen["root"] = root
+
+    monkeypatch.setattr(watch.LinkMonitor, "for_config", classmethod(for_config))
+
+    class Fake:
+        on_link_change = None
+
+    run_command._link_monitor(default_config(), Fake(), tmp_path)  # type: ignore[arg-type]
+    assert seen["root"] == tmp_path

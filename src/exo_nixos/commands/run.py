@@ -12,6 +12,7 @@ from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
+    from exo_nixos.supervisor.environment import Launch
     from exo_nixos.supervisor.runner import LinkSource, Supervisor
 
 ROLES = ("master", "worker")
@@ -68,14 +69,13 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.stop_timeout <= 0:
         raise UserError("--stop-timeout must be above zero seconds")
+    host_root = Path(args.host_root)
+    if not host_root.is_dir():
+        raise UserError(f"--host-root {host_root}: not a directory; pass / or a captured tree")
     setup_logging(config.log_level)
-    launch = build_launch(config, role, root=Path(args.host_root))
+    launch = build_launch(config, role, root=host_root)
     if args.dry_run:
-        print(" ".join(launch.argv))
-        for key in sorted(launch.env):
-            if key.startswith(("EXO_", "XDG_", "OVERRIDE_", "CUDA_", "HIP_", "HSA_")):
-                print(f"{key}={launch.env[key]}")
-        return 0
+        return _dry_run(launch)
     hc = config.health_check
     settings = Settings(
         role=role,
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         SnapshotStore(snapshot_path(config)),
         hint_dir=Path(config.security.runtime_dir),
     )
-    supervisor.links = _link_monitor(config, supervisor)
+    supervisor.links = _link_monitor(config, supervisor, host_root)
     try:
         status = asyncio.run(supervisor.run())
     finally:
@@ -108,14 +108,34 @@ def main(args: argparse.Namespace) -> int:
     return status
 
 
-def _link_monitor(config: Config, supervisor: Supervisor) -> LinkSource | None:
+def _dry_run(launch: Launch) -> int:
+    """What a start would do: the accelerator and why, the command line, EXO's environment;
+    exit 1 when the executable it would start is missing (a start would fail)."""
+    selection = launch.selection
+    print(f"accelerator: {selection.accelerator}")
+    for reason in selection.reasons:
+        print(f"  because: {reason}")
+    if selection.fallback:
+        print(f"  fallback: {selection.fallback}")
+    print(" ".join(launch.argv))
+    for key in sorted(launch.env):
+        if key.startswith(("EXO_", "XDG_", "OVERRIDE_", "CUDA_", "HIP_", "HSA_")):
+            print(f"{key}={launch.env[key]}")
+    executable = Path(launch.argv[0])
+    if not os.access(executable, os.X_OK):
+        print(f"error: {executable} is not an executable file: a start would fail", flush=True)
+        return 1
+    return 0
+
+
+def _link_monitor(config: Config, supervisor: Supervisor, root: Path) -> LinkSource | None:
     """The cluster-link watcher, or None when there is no interface to watch."""
     import logging
 
     from exo_nixos.network.watch import LinkMonitor
 
     try:
-        return LinkMonitor.for_config(config, supervisor.on_link_change)
+        return LinkMonitor.for_config(config, supervisor.on_link_change, root=root)
     except Exception as exc:  # a garbled /sys must not keep EXO from starting
         logging.getLogger(__name__).warning("not watching the cluster link: %s", exc)
         return None
