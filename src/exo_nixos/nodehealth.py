@@ -16,6 +16,7 @@ from typing import Any
 from exo_nixos.config import DEFAULT_CONFIG_PATH, Config, load_config
 from exo_nixos.exoapi import (
     DEFAULT_URL,
+    MASTER_HINT_FILE,
     ExoApiError,
     NodeView,
     normalize_url,
@@ -75,6 +76,8 @@ class HealthReport:
     view: NodeView | None = None
     reason: str | None = None
     """Why the node is down (one line); ``None`` unless down."""
+    master_unread: str | None = None
+    """Why the supervisor's master hint could not be read (e.g. no permission), if so."""
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -99,12 +102,28 @@ def assess(target: Target) -> HealthReport:
         view = probe_sync(url, target.timeout_s)
     except ExoApiError as exc:
         return HealthReport(verdict=Verdict.DOWN, url=url, reason=str(exc))
+    unread = None
     if target.hint_dir is not None:
         master = read_master_hint(target.hint_dir, view.node_id)
         if master is not None:
             view = view.with_master(master)
+        elif view.master_id is None:
+            unread = _unreadable(target.hint_dir / MASTER_HINT_FILE)
     verdict = Verdict.HEALTHY if view.healthy else Verdict.DEGRADED
-    return HealthReport(verdict=verdict, url=view.url, view=view)
+    return HealthReport(verdict=verdict, url=view.url, view=view, master_unread=unread)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read by this user, or None (readable, or simply absent)."""
+    try:
+        path.open("rb").close()
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        return f"cannot read {path} as this user; run as root or the service user"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
 
 
 def render_status(report: HealthReport) -> str:
@@ -115,7 +134,9 @@ def render_status(report: HealthReport) -> str:
         lines.append(f"problem    {report.reason}")
         return "\n".join(lines) + "\n"
     lines.append(f"node       {view.node_id}")
-    if view.master_id is None:
+    if view.master_id is None and report.master_unread:
+        lines.append(f"master     unknown ({report.master_unread})")
+    elif view.master_id is None:
         lines.append("master     unknown (exo's API does not name the master)")
     elif view.is_master:
         lines.append("master     yes (this node)")
