@@ -85,3 +85,16 @@ def test_schema_says_schema_version_is_required():
     schema = Config.model_json_schema(by_alias=True)
     assert "schemaVersion" in schema["required"]
     assert "default" not in schema["properties"]["schemaVersion"]
+
+
+@pytest.mark.parametrize(
+    ("gateway", "words"),
+    [
+        ({"publicPaths": ["/v1/chat/completions"]}, "one of the gateway's own paths"),
+        ({"publicPaths": ["/"]}, "one of the gateway's own paths"),
+        ({"maxBodyBytes": 2 << 40}, "less than or equal to 1073741824"),
+    ],
+)
+def test_gateway_settings_that_would_open_or_sink_it_are_refused(gateway, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_config({"schemaVersion": 1, "gateway": gateway})

@@ -151,6 +151,11 @@ def test_bad_types_are_refused():
         evaluate(exo(gateway={"staticBackends": ["10.0.0.1:52415"]}))
     with pytest.raises(NixEvalError, match="publicPaths"):
         evaluate(exo(gateway={"publicPaths": ["health"]}))
+    # a proxied route without a key would open EXO's API to everyone
+    with pytest.raises(NixEvalError, match="publicPaths"):
+        evaluate(exo(gateway={"publicPaths": ["/v1/chat/completions"]}))
+    with pytest.raises(NixEvalError, match="maxBodyBytes"):
+        evaluate(exo(gateway={"maxBodyBytes": 2 << 40}))
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")

@@ -107,6 +107,7 @@ CASES: dict[str, list[str]] = {
         "",
     ],
     "envName": ["HF_TOKEN", "_x", "a1", "1a", "A=B", "A-B", "", "A B"],
+    "publicPath": ["/health", "/metrics", "/v1/models", "/", "/healthz", "/health/", ""],
     "gfxVersion": ["10.3.0", "9.0.10", "10.3", "100.0.0"],
     "netnsName": ["exo", "a.b_c-d", ".", "..", "a/b", "a" * 64, "a" * 65, ""],
     "ipAddress": [
@@ -176,6 +177,7 @@ ALPHABETS: dict[str, str] = {
     "gfxVersion": "0123456789.",
     "netnsName": "ab_.-/ ",
     "userName": "ab_-2:. A",
+    "publicPath": "/healthmetrics",
     "envName": "AB_=1 -",
     "k8sSubdomain": "ab0-._A",
     "ipAddress": "0123456789abcdefg.:%",

@@ -61,7 +61,7 @@ in
       description = "PEM private key of `tlsCertificateFile`; passed with `LoadCredential=`.";
     };
     publicPaths = mkOption {
-      type = types.listOf absolutePath;
+      type = types.listOf exoTypes.publicPath;
       default = [ "/health" ];
       example = [ "/health" "/metrics" ];
       description = "Exact request paths served without an API key.";
@@ -81,9 +81,9 @@ in
       '';
     };
     maxBodyBytes = mkOption {
-      type = types.ints.between 1024 (1024 * 1024 * 1024 * 64);
+      type = types.ints.between 1024 (1024 * 1024 * 1024);
       default = 67108864;
-      description = "Largest request body accepted; larger requests are answered with 413.";
+      description = "Largest request body accepted (the gateway buffers it, so at most 1 GiB); larger requests are answered with 413.";
     };
     connectTimeoutSec = mkOption {
       type = types.numbers.positive;

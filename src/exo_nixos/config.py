@@ -114,6 +114,7 @@ ComputeCapability = Annotated[str, _syntax("computeCapability")]
 K8sName = Annotated[str, _syntax("k8sName")]
 NetnsName = Annotated[str, _syntax("netnsName")]
 UserName = Annotated[str, _syntax("userName")]
+PublicPath = Annotated[str, _syntax("publicPath")]
 K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
@@ -264,7 +265,7 @@ class Gateway(_Section):
     tls_key_file: AbsolutePath | None = Field(
         None, description="PEM private key of tlsCertificateFile."
     )
-    public_paths: list[str] = Field(
+    public_paths: list[PublicPath] = Field(
         default_factory=lambda: ["/health"],
         description="Exact request paths served without an API key (e.g. /health, /metrics).",
     )
@@ -277,7 +278,10 @@ class Gateway(_Section):
         description="Use this host's node API (http://127.0.0.1:apiPort) and learn peers from it.",
     )
     max_body_bytes: StrictInt = Field(
-        64 << 20, ge=1024, description="Largest request body accepted; larger ones get 413."
+        64 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="Largest request body accepted (the gateway buffers it); larger get 413.",
     )
     connect_timeout_sec: StrictFloat = Field(
         5.0, gt=0, le=600, description="Seconds to connect to a backend before trying another."
@@ -321,8 +325,6 @@ class Gateway(_Section):
         if (self.tls_certificate_file is None) != (self.tls_key_file is None):
             raise ValueError("tlsCertificateFile and tlsKeyFile must be set together")
         exposed = not ipaddress.ip_address(self.listen_address).is_loopback
-        if any(not p.startswith("/") for p in self.public_paths):
-            raise ValueError("publicPaths entries must be request paths starting with '/'")
         if not self.local_backend and not self.static_backends and self.enable:
             raise ValueError("localBackend is false and staticBackends is empty: no backend")
         if self.enable and self.api_keys_file is None and exposed:

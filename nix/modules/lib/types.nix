@@ -55,6 +55,7 @@ in
     userName
     k8sSubdomain
     envName
+    publicPath
     ;
   ipAddress = types.addCheck types.str (text: ipv4 text || ipv6 text) // {
     name = "ipAddress";
