@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exo_nixos.cli import main
-from exo_nixos.config import default_config
+from exo_nixos.config import Config, MemoryLimit, default_config, parse_config
+from exo_nixos.errors import ConfigError
+from exo_nixos.k3s.render import render_yaml
+from exo_nixos.preflight import directory_specs
+from exo_nixos.supervisor.environment import build_launch, role_for
 
 KNOWN_KEYS = [
     *list(default_config().to_json()),
@@ -96,3 +103,74 @@ def test_schema_command_matches_committed_schema():
     assert json.loads(result.stdout) == json.loads(committed.read_text()), (
         "docs/config.schema.json is stale: run `exo-nixos config schema > docs/config.schema.json`"
     )
+
+
+# Documents drawn from the committed JSON Schema (patterns, ranges, enums): most are valid, so
+# this reaches what random documents rarely do, whatever uses an accepted config.
+# EXO_NIXOS_FUZZ_EXAMPLES raises the count (docs/config.md gives a 10,000-document run).
+FUZZ_EXAMPLES = int(os.environ.get("EXO_NIXOS_FUZZ_EXAMPLES", "150"))
+
+
+SCHEMA = Config.model_json_schema(by_alias=True)
+
+
+def from_schema(node: dict[str, Any], defs: dict[str, Any] | None = None) -> st.SearchStrategy[Any]:
+    """Values of the JSON Schema ``node`` (the subset pydantic writes for this model), with
+    now and then a key left out or a value off its bounds, so both verdicts are drawn."""
+    defs = SCHEMA.get("$defs", {}) if defs is None else defs
+    if "$ref" in node:
+        return st.deferred(lambda: from_schema(defs[node["$ref"].rsplit("/", 1)[1]], defs))
+    if "anyOf" in node:
+        return st.one_of([from_schema(n, defs) for n in node["anyOf"]])
+    if "enum" in node:
+        return st.sampled_from(node["enum"])
+    if "const" in node:
+        return st.just(node["const"])
+    kind = node.get("type")
+    if kind == "object":
+        props = node.get("properties", {})
+        required = set(node.get("required", []))
+        return st.fixed_dictionaries(
+            {k: from_schema(v, defs) for k, v in props.items() if k in required},
+            optional={k: from_schema(v, defs) for k, v in props.items() if k not in required},
+        )
+    if kind == "array":
+        return st.lists(from_schema(node.get("items", {}), defs), max_size=3)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "integer":
+        low = node.get("minimum", node.get("exclusiveMinimum", -(2**31)))
+        high = node.get("maximum", node.get("exclusiveMaximum", 2**31))
+        return st.integers(low - 1, high + 1)
+    if kind == "number":
+        low = node.get("minimum", node.get("exclusiveMinimum", -1e6))
+        high = node.get("maximum", node.get("exclusiveMaximum", 1e6))
+        return st.floats(low - 1, high + 1, allow_nan=False)
+    if kind == "string":
+        if "pattern" in node:
+            return st.from_regex(node["pattern"], fullmatch=True) | st.text(max_size=8)
+        return st.text(max_size=12)
+    return st.none()
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(document=from_schema(SCHEMA))
+def test_schema_documents_are_judged_and_accepted_ones_work_downstream(document):
+    try:
+        config = parse_config(document)
+    except ConfigError as exc:
+        assert all("\n" not in p for p in exc.problems or [str(exc)])
+        return
+    assert parse_config(config.to_json()) == config  # what the module writes reads back
+    with tempfile.TemporaryDirectory() as tree:
+        launch = build_launch(config, role_for(config), root=Path(tree))
+    assert launch.argv and all("\0" not in a for a in launch.argv)
+    assert all("\0" not in v and "=" not in k for k, v in launch.env.items())
+    assert render_yaml(config)
+    assert directory_specs(config)
+    if config.hardware.memory_limit is not None:
+        assert MemoryLimit.parse(config.hardware.memory_limit).resolve(64 << 30) > 0

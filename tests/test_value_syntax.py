@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from exo_nixos.basetypes import _PATTERNS, check
+from exo_nixos.basetypes import PATTERNS, check
 from exo_nixos.config import _ip_address
 from tests.nixeval import instantiate, nixpkgs_lib, requires_nix, skip_reason
 
-KINDS = [*sorted(k for k in _PATTERNS if not k.startswith("_")), "ipAddress"]
+KINDS = [*sorted(k for k in PATTERNS if not k.startswith("_")), "ipAddress"]
 
 CASES: dict[str, list[str]] = {
     "absolutePath": [
@@ -262,7 +262,7 @@ def test_the_defects_values_are_refused(kind: str, value: str):
 
 def test_pattern_file_uses_only_the_shared_regex_subset():
     for kind in KINDS[:-1]:
-        pattern = _PATTERNS[kind]["pattern"]
+        pattern = PATTERNS[kind]["pattern"]
         assert "[:" not in pattern and "\\d" not in pattern and "\\s" not in pattern, kind
         for bracket in re.findall(r"\[[^\]]*\]", pattern):
             assert "\\" not in bracket, (kind, bracket)

@@ -29,20 +29,20 @@ class Accelerator(StrEnum):
     CPU = "cpu"
 
 
-_PATTERNS: dict[str, dict[str, Any]] = json.loads(
+PATTERNS: dict[str, dict[str, Any]] = json.loads(
     Path(__file__).with_name("patterns.json").read_text(encoding="utf-8")
 )
 
 
 @functools.cache
 def _pattern(kind: str) -> re.Pattern[str]:
-    return re.compile(_PATTERNS[kind]["pattern"])
+    return re.compile(PATTERNS[kind]["pattern"])
 
 
 def check(kind: str, value: str) -> str:
     """``value`` if it has the syntax ``kind`` of patterns.json (which the NixOS option types
     read too), else ValueError saying what it must be."""
-    spec = _PATTERNS[kind]
+    spec = PATTERNS[kind]
     too_long = len(value.encode()) > spec.get("maxLength", len(value.encode()))
     if "\0" in value or too_long or not _pattern(kind).fullmatch(value):
         raise ValueError(f"must be {spec['description']}")

@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import json
 import urllib.parse
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -28,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 from exo_nixos import jsonio
 from exo_nixos.basetypes import (
@@ -35,6 +40,7 @@ from exo_nixos.basetypes import (
     EXO_API_PORT,
     EXO_DISCOVERY_PORT,
     EXO_ZENOH_PORT,
+    PATTERNS,
     Accelerator,
     MemoryLimit,
     check,
@@ -101,8 +107,32 @@ def _no_nul(value: str) -> str:
     return value
 
 
-def _syntax(kind: str) -> AfterValidator:
-    return AfterValidator(functools.partial(check, kind))
+@dataclass(frozen=True)
+class _Syntax:
+    """A string of the syntax ``kind`` of patterns.json: checked by ``check``, and stated as
+    an anchored ``pattern`` in the JSON Schema (the one the NixOS option types use)."""
+
+    kind: str
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        check_kind = functools.partial(check, self.kind)
+        return core_schema.no_info_after_validator_function(check_kind, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        spec = PATTERNS[self.kind]
+        json_schema["pattern"] = f"^(?:{spec['pattern']})$"
+        if "maxLength" in spec:
+            json_schema["maxLength"] = spec["maxLength"]
+        return json_schema
+
+
+def _syntax(kind: str) -> _Syntax:
+    return _Syntax(kind)
 
 
 # the syntaxes of patterns.json, which the NixOS option types (nix/modules/lib/types.nix) read
