@@ -98,3 +98,21 @@ def test_schema_says_schema_version_is_required():
 def test_gateway_settings_that_would_open_or_sink_it_are_refused(gateway, words):
     with pytest.raises(ConfigError, match=words):
         parse_config({"schemaVersion": 1, "gateway": gateway})
+
+
+def test_field_and_cross_field_problems_come_in_one_pass():
+    document = {
+        "schemaVersion": 1,
+        "apiPort": 70000,
+        "noWorker": True,  # the document's own rule: needs mode master
+        "gateway": {"port": "x", "listenAddress": "0.0.0.0"},  # the section's rule: needs keys
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    problems = caught.value.problems
+    assert any(p.startswith("apiPort: 70000") for p in problems)
+    assert any(p.startswith("gateway.port: 'x'") for p in problems)
+    assert any("without apiKeysFile would expose" in p for p in problems)
+    assert any("noWorker is only meaningful" in p for p in problems)
+    assert len(problems) == len(set(problems)) == 4
+    assert document["gateway"] == {"port": "x", "listenAddress": "0.0.0.0"}  # not changed

@@ -7,6 +7,7 @@ the option names, nested and spelled the same (camelCase). ``schemaVersion`` gua
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import ipaddress
@@ -495,8 +496,55 @@ def parse_config(document: Any) -> Config:
     try:
         return Config.model_validate(document)
     except ValidationError as exc:
-        problems = [_format_error(e) for e in exc.errors()]
+        problems = _all_problems(document, exc)
         raise ConfigError(problems[0], problems) from None
+
+
+def _all_problems(document: dict[str, Any], first: ValidationError) -> list[str]:
+    """Every problem in one pass.
+
+    pydantic checks a section's cross-field rules (a model validator) only once its fields
+    are valid, and the document's once every section is; so what is in error is dropped
+    (falling back to its default) and the rest judged again, until nothing more can be.
+    """
+    problems: list[str] = []
+    errors = first.errors()
+    doc = copy.deepcopy(document)
+    for _ in range(8):  # each round drops at least one key; sections nest 3 deep
+        new = [e for e in errors if _format_error(e) not in problems]
+        problems += [_format_error(e) for e in new]
+        droppable = [e["loc"] for e in new if e["loc"]]
+        if not droppable:
+            break
+        for loc in droppable:
+            _drop(doc, loc)
+        try:
+            Config.model_validate(doc)
+            break
+        except ValidationError as exc:
+            errors = exc.errors()
+    return problems
+
+
+def _at(doc: Any, loc: tuple[int | str, ...]) -> Any:
+    """The value at ``loc`` in ``doc``; None where the path does not lead anywhere."""
+    for part in loc:
+        found = (isinstance(doc, dict) and part in doc) or (
+            isinstance(doc, list) and isinstance(part, int) and part < len(doc)
+        )
+        if not found:
+            return None
+        doc = doc[part]
+    return doc
+
+
+def _drop(doc: Any, loc: tuple[int | str, ...]) -> None:
+    """Remove the key (the whole list, for a list item) at ``loc``."""
+    parent = _at(doc, loc[:-1])
+    if isinstance(parent, dict):
+        parent.pop(loc[-1], None)
+    elif isinstance(parent, list) and len(loc) >= 2:
+        _drop(doc, loc[:-1])
 
 
 def load_config(path: str | Path) -> Config:
