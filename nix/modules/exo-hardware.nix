@@ -125,7 +125,7 @@ in
     };
 
     visibleDevices = mkOption {
-      type = types.nullOr (types.listOf types.str);
+      type = types.nullOr (types.listOf exoTypes.deviceId);
       default = null;
       example = [ "0" "1" ];
       description = "GPU indices or UUIDs EXO may use (`CUDA_VISIBLE_DEVICES`); `null`: all.";

@@ -103,7 +103,7 @@ in
     };
 
     clusterNamespace = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr exoTypes.clusterNamespace;
       default = null;
       example = "rack-a";
       description = ''

@@ -146,6 +146,8 @@ K8sName = Annotated[str, _syntax("k8sName")]
 NetnsName = Annotated[str, _syntax("netnsName")]
 UserName = Annotated[str, _syntax("userName")]
 PublicPath = Annotated[str, _syntax("publicPath")]
+ClusterNamespace = Annotated[str, _syntax("clusterNamespace")]
+DeviceId = Annotated[str, _syntax("deviceId")]
 K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
@@ -233,7 +235,7 @@ class Hardware(_Section):
         default_factory=dict,
         description="Installed EXO variants: accelerator -> package path holding bin/exo.",
     )
-    visible_devices: list[str] | None = Field(
+    visible_devices: list[DeviceId] | None = Field(
         None, description="GPU indices or UUIDs EXO may use (CUDA_VISIBLE_DEVICES)."
     )
     rocm_gfx_override: GfxVersion | None = Field(
@@ -379,7 +381,7 @@ class Config(_Section):
         False, description="Master only: coordinate without running inference (--no-worker)."
     )
     api_port: Port = EXO_API_PORT
-    cluster_namespace: str | None = Field(
+    cluster_namespace: ClusterNamespace | None = Field(
         None, description="EXO --namespace; nodes only see peers with the same one."
     )
     log_level: LogLevel = "info"

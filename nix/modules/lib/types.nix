@@ -56,6 +56,8 @@ in
     k8sSubdomain
     envName
     publicPath
+    clusterNamespace
+    deviceId
     ;
   ipAddress = types.addCheck types.str (text: ipv4 text || ipv6 text) // {
     name = "ipAddress";
