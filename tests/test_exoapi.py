@@ -331,3 +331,32 @@ def test_parse_state_never_crashes_on_a_mangled_real_state(data):
         key = data.draw(st.sampled_from([*sorted(target), *STATE_KEYS]))
         target[key] = data.draw(json_values)
     _parse_or_error(doc)
+
+
+def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
+    import http.server
+    import threading
+
+    body = b"[" * 100_000 + b"]" * 100_000
+
+    class Deep(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from exo_nixos.exoapi import ExoApiError, probe_sync
+
+        with pytest.raises(ExoApiError) as caught:
+            probe_sync(f"http://127.0.0.1:{server.server_address[1]}", 5.0)
+        assert "did not answer JSON" in str(caught.value)
+    finally:
+        server.shutdown()

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from exo_nixos import jsonio
 from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.errors import UserError, describe_value
 from exo_nixos.fsutil import atomic_write
@@ -217,7 +218,7 @@ async def _get_json(session: aiohttp.ClientSession, base: str, path: str, limit_
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ExoApiError(f"{url}: connection broken: {detail}", kind="broken") from None
     try:
-        return json.loads(text)
+        return jsonio.loads(text)
     except ValueError:
         snippet = text.strip().splitlines()[0][:60] if text.strip() else "an empty body"
         raise ExoApiError(f"{path} did not answer JSON: {snippet!r}", kind="shape") from None
@@ -529,7 +530,7 @@ def read_master_hint(directory: str | Path, node_id: str) -> str | None:
     exo draws a new node id at every start, so a hint left by an earlier run never matches.
     """
     try:
-        doc = json.loads((Path(directory) / MASTER_HINT_FILE).read_text(encoding="utf-8"))
+        doc = jsonio.loads((Path(directory) / MASTER_HINT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("nodeId") != node_id:

@@ -6,12 +6,13 @@ run with a fake and a machine without ``libnvidia-ml.so.1`` gets a warning, not 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from exo_nixos import jsonio
+from exo_nixos.fsutil import read_bounded
 from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor
 from exo_nixos.hardware.pci import NVIDIA_DRIVER, normalize_address
 
@@ -253,7 +254,7 @@ class RecordedNvml:
 
     @classmethod
     def from_file(cls, path: Path) -> RecordedNvml:
-        return cls(json.loads(path.read_text(encoding="utf-8")))
+        return cls(jsonio.loads(read_bounded(path).decode("utf-8")))
 
     def _entry(self, handle: Any) -> dict[str, Any]:
         entry: dict[str, Any] = self.document["devices"][int(handle)]
