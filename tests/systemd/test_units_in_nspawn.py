@@ -65,6 +65,17 @@ def guest() -> Iterator[Guest]:
         yield machine
 
 
+@pytest.fixture
+def running(guest: Guest) -> Guest:
+    """The guest with the node active: started here when no earlier test (or one that
+    stopped it) left it running, so each test also runs alone or in another order."""
+    if show(guest, "ActiveState")["ActiveState"] != "active":
+        guest.run(["systemctl", "reset-failed", f"{UNIT}.service"], check=False)
+        guest.run(["systemctl", "start", "exo.target"], timeout=90)
+        wait_until(lambda: show(guest, "ActiveState")["ActiveState"] == "active", 60, "active")
+    return guest
+
+
 def show(guest: Guest, *props: str) -> dict[str, str]:
     return unit_props(guest, f"{UNIT}.service", *props)
 
@@ -93,6 +104,8 @@ def test_rendered_units_verify_cleanly(guest: Guest) -> None:
 
 
 def test_node_reaches_active_only_after_ready(guest: Guest) -> None:
+    guest.run(["systemctl", "stop", "exo.target"], timeout=60)  # a start from stopped
+    wait_until(lambda: show(guest, "ActiveState")["ActiveState"] == "inactive", 60, "stopped")
     guest.run(["systemctl", "start", "--no-block", "exo.target"])
     states: list[str] = []
 
@@ -115,7 +128,8 @@ def test_node_reaches_active_only_after_ready(guest: Guest) -> None:
     assert api_up < answered < started, text
 
 
-def test_systemctl_status_shows_the_status_line(guest: Guest) -> None:
+def test_systemctl_status_shows_the_status_line(running: Guest) -> None:
+    guest = running
     status = guest.run(["systemctl", "status", "--no-pager", f"{UNIT}.service"], check=False)
     match = re.search(r'Status: "([^"]*)"', status.stdout)
     assert match, status.stdout
@@ -127,7 +141,8 @@ def test_systemctl_status_shows_the_status_line(guest: Guest) -> None:
     assert "cpu (FALLBACK: cuda unusable (preferred accelerator cuda cannot be used" in line
 
 
-def test_runs_as_exo_with_the_hardening_enforced(guest: Guest) -> None:
+def test_runs_as_exo_with_the_hardening_enforced(running: Guest) -> None:
+    guest = running
     main_pid = show(guest, "MainPID")["MainPID"]
     status = guest.run(["cat", f"/proc/{main_pid}/status"]).stdout
     uid = guest.run(["id", "-u", "exo"]).stdout.strip()
@@ -182,7 +197,8 @@ def _restarts(guest: Guest) -> int:
     return int(show(guest, "NRestarts")["NRestarts"])
 
 
-def test_hung_node_is_killed_by_the_watchdog_and_restarted(guest: Guest) -> None:
+def test_hung_node_is_killed_by_the_watchdog_and_restarted(running: Guest) -> None:
+    guest = running
     before = _restarts(guest)
     old_pid = show(guest, "MainPID")["MainPID"]
     api_call(guest, "/__double__/fault", {"mode": "hang"})
@@ -231,7 +247,8 @@ def test_crash_loop_backs_off_with_growing_delays(guest: Guest, tmp_path: Path) 
     assert show(guest, "ActiveState")["ActiveState"] == "active"
 
 
-def test_stopping_the_target_stops_everything(guest: Guest) -> None:
+def test_stopping_the_target_stops_everything(running: Guest) -> None:
+    guest = running
     guest.run(["systemctl", "stop", "exo.target"], timeout=60)
     # PartOf= queues the node's stop alongside the target's; it ends within TimeoutStopSec
     stop_timeout = int(show(guest, "TimeoutStopUSec")["TimeoutStopUSec"].rstrip("s") or 30)
