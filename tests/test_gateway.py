@@ -680,14 +680,27 @@ def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
     asyncio.run(scenario())
 
 
-def test_peers_are_discovered_from_the_local_node(keys_file):
+@pytest.mark.parametrize("edges", [True, False], ids=["edge", "no-edge-yet"])
+def test_peers_are_discovered_from_the_local_node(keys_file, edges: bool):
     # Two nodes on one machine share the API port on two loopback addresses, as two hosts
-    # would: the gateway learns the second from the first's cluster state.
+    # would: the gateway learns the second from the first's cluster state. The peer also
+    # reports an IPv6 address (::1), where it does not listen: upstream's API binds IPv4
+    # 0.0.0.0 only. With an edge, its URL (IPv4, the local node's own API port) comes first;
+    # before any edge (no reachability probe passed yet) the interfaces' order is all there
+    # is, the IPv6 URL comes first and fails, and the gateway must move on to the IPv4 one.
     port = free_port()
     peer_id = "peer" + "0" * 28
+    peer_args = ["--peer", f"{peer_id}=::1", "--peer", f"{peer_id}=127.0.0.2"]
     with (
         run_double(
-            "--instance", MODEL, "--api-port", str(port), "--peer", f"{peer_id}=127.0.0.2:{port}"
+            "--instance",
+            MODEL,
+            "--api-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            *peer_args,
+            *([] if edges else ["--no-edges"]),
         ) as local,
         run_double(
             "--instance",
@@ -701,6 +714,8 @@ def test_peers_are_discovered_from_the_local_node(keys_file):
         ) as peer,
     ):
         peer_url = f"http://127.0.0.2:{port}"
+        ipv6_url = f"http://[::1]:{port}"
+        label = peer_url if edges else ipv6_url  # a backend is labelled by its first URL
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -721,10 +736,16 @@ def test_peers_are_discovered_from_the_local_node(keys_file):
                 up = {
                     s.labels["backend"]: s.value for s in samples.get("exo_gateway_backend_up", [])
                 }
-                if up.get(peer_url) == 1 and up.get(local.url) == 1:
+                if up.get(label) == 1 and up.get(local.url) == 1:
                     break
                 assert time.monotonic() < deadline, (up, gateway.log_text())
                 time.sleep(0.1)
+            log = gateway.log_text()
+            first, second = (peer_url, ipv6_url) if edges else (ipv6_url, peer_url)
+            assert f"peer {peer_id} found at {first}, {second}" in log, log
+            assert f"backend {peer_url} up (node {peer_id})" in log, log
+            if not edges:
+                assert f"backend {ipv6_url} down: " in log, log
             local.stop()
             for _ in range(5):
                 status, _, body = call("GET", f"{gateway.url}/node_id", headers=AUTH)
