@@ -617,6 +617,70 @@ def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
             asyncio.run(scenario())
 
 
+def test_cut_off_json_200_is_retried_elsewhere_never_passed_on(keys_file):
+    # Upstream answers a non-streamed completion whose runner fails with a 200 whose chunked
+    # body never ends (the double's "cutoff" fault): it is a failure, not an answer.
+    with (
+        run_double("--instance", MODEL) as failing,
+        run_double("--instance", MODEL) as healthy,
+    ):
+        failing.set_fault("cutoff")
+        alone = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[failing.url])
+        with run_gateway(alone) as gateway:
+            for _ in range(3):
+                status, _, body = call(
+                    "POST",
+                    f"{gateway.url}/v1/chat/completions",
+                    headers=AUTH,
+                    body=chat(3, stream=False),
+                )
+                assert status == 502, body
+                assert json.loads(body)["error"]["type"] == "gateway_error"
+            assert "response cut off" in gateway.log_text()
+        both = gateway_config(
+            port=free_port(), keys_file=keys_file, static_backends=[failing.url, healthy.url]
+        )
+        with run_gateway(both) as gateway:
+            for _ in range(6):
+                status, _, body = call(
+                    "POST",
+                    f"{gateway.url}/v1/chat/completions",
+                    headers=AUTH,
+                    body=chat(3, stream=False),
+                )
+                assert status == 200, body
+                reply = json.loads(body)["choices"][0]["message"]["content"]
+                assert reply.split()[3] == healthy.node_id[:8]
+
+
+def test_sse_error_event_reaches_the_client_and_the_backend_stays_up(keys_file):
+    # Upstream reports a runner failure in a stream as an SSE event after its 200:
+    # data: {"error": {...}} then data: [DONE]. The gateway has sent the 200 by then; it
+    # passes the event on unchanged (the client's OpenAI library raises it) and the node,
+    # whose API answered, is not taken for down.
+    with run_double("--instance", MODEL) as double:
+        double.set_fault("sse_error")
+        config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+        with run_gateway(config) as gateway:
+            status, headers, body = call(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                headers=AUTH,
+                body=chat(3, stream=True),
+            )
+            assert status == 200
+            assert headers["Content-Type"].startswith("text/event-stream")
+            events = sse_events(body)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[0])["error"]
+            assert (error["type"], error["code"]) == ("InternalServerError", 500)
+            _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+            samples = metric_samples(text.decode())
+            up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
+            assert up[double.url] == 1
+            assert "down" not in gateway.log_text()
+
+
 def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
     released: list[str] = []  # the paths whose backend connection the gateway closed
 
