@@ -193,9 +193,7 @@ def test_normalize_url_rejects(bad):
 
 
 def test_probe_healthy_node_with_peers_and_instance():
-    with run_double(
-        "--peer", "beef01=10.1.0.2", "--instance", MODEL, node_id="cafe01"
-    ) as double:
+    with run_double("--peer", "beef01=10.1.0.2", "--instance", MODEL, node_id="cafe01") as double:
         view = probe_sync(double.url, 5)
     assert view.healthy
     assert view.node_id == "cafe01"
