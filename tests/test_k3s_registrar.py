@@ -359,7 +359,9 @@ def test_host_name_is_lowercased_like_k3s_and_registers(tmp_path: Path, monkeypa
 
     async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
         await until(lambda: api.ready(NS, "exo-api-gpu-01") is True, "registered")
-        (endpoint,) = api.get(NS, "exo-api-gpu-01")["endpoints"]
+        obj = api.get(NS, "exo-api-gpu-01")
+        assert obj is not None
+        (endpoint,) = obj["endpoints"]
         assert endpoint["nodeName"] == "gpu-01"
         assert reg.last_error is None
 
