@@ -9,8 +9,15 @@ Every object gets a uid, a creationTimestamp, a generation and a resourceVersion
 counter. Errors are ``v1 Status`` bodies with ``Content-Type: application/json``, as the
 real server sends them. A request without ``Authorization: Bearer <token>`` gets 401.
 
+Object names are validated as the real server's validation does (``metadata.name`` and
+``endpoints[].nodeName`` as DNS subdomains, label values as label values): a bad one is a 422
+``Invalid`` Status naming the field, e.g. ``endpoints[0].nodeName: Invalid value: "GPU_01":
+a lowercase RFC 1123 subdomain must consist of ...``.
+
 Faults for tests: ``fail_next`` (answer the next requests with these status codes, as JSON
-Status or as plain text like a proxy), ``hang`` (hold requests until released, so clients
+Status or as plain text like a proxy; 429 with a ``Retry-After`` header and
+``details.retryAfterSeconds`` like API priority and fairness), ``forbidden`` (403 for every
+request, RBAC's message, until cleared), ``hang`` (hold requests until released, so clients
 time out), ``pause()``/``resume()`` (stop and restart listening on the same port:
 connection refused in between), and ``modify``/``remove`` for writes by someone else.
 """
@@ -20,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +57,37 @@ class Fault:
     status: int
     as_status: bool = True  # a Kubernetes Status body; False: text/plain like a proxy
     bare: bool = False  # no body and no Content-Type at all
+    retry_after: int | None = None  # seconds, for 429 (default 1, as the real server)
+
+
+# k8s.io/apimachinery/pkg/util/validation: IsDNS1123Subdomain and IsValidLabelValue.
+_DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_SUBDOMAIN = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_SUBDOMAIN_MESSAGE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
+    "'-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', "
+    "regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+
+
+def subdomain_problem(field_path: str, value: str) -> str | None:
+    if len(value) > 253:
+        return f'{field_path}: Invalid value: "{value}": must be no more than 253 characters'
+    if not _DNS1123_SUBDOMAIN.match(value):
+        return f'{field_path}: Invalid value: "{value}": {_SUBDOMAIN_MESSAGE}'
+    return None
+
+
+def _label_problem(key: str, value: str) -> str | None:
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        return (
+            f'metadata.labels: Invalid value: "{value}": a valid label must be an empty string '
+            "or consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+            "with an alphanumeric character, at most 63 characters"
+        )
+    return None
 
 
 @dataclass
@@ -56,6 +96,7 @@ class Seen:
     path: str
     status: int
     query: dict[str, str]
+    at: float = 0.0  # time.monotonic() when answered
 
 
 def _status(code: int, reason: str, message: str, name: str | None = None) -> web.Response:
@@ -108,6 +149,7 @@ class KubeApiDouble:
         self.requests: list[Seen] = []
         self.fail_next: list[Fault] = []
         self.hang = False
+        self.forbidden = False  # 403 for every request, as without the Role/RoleBinding
         self.garbage = 0  # answer this many requests 200 with a body that is not JSON
         self._release = asyncio.Event()
         self._version = 100
@@ -190,7 +232,13 @@ class KubeApiDouble:
     ) -> web.StreamResponse:
         response = await self._handle(request, handler)
         self.requests.append(
-            Seen(request.method, request.path, response.status, dict(request.query))
+            Seen(
+                request.method,
+                request.path,
+                response.status,
+                dict(request.query),
+                time.monotonic(),
+            )
         )
         return response
 
@@ -202,6 +250,8 @@ class KubeApiDouble:
         if self.hang:
             await self._release.wait()
             return _status(504, "Timeout", "the double was released while holding the request")
+        if self.forbidden:
+            return self._forbidden(request)
         if self.garbage:
             self.garbage -= 1
             return web.Response(status=200, text="<html>not kubernetes</html>")
@@ -209,11 +259,46 @@ class KubeApiDouble:
             fault = self.fail_next.pop(0)
             if fault.bare:
                 return web.Response(status=fault.status)
+            if fault.status == 429:
+                return self._throttled(fault.retry_after or 1)
             if fault.as_status:
                 return _status(fault.status, "InternalError", "injected failure")
             return web.Response(status=fault.status, text="upstream connect error\n")
         result: web.StreamResponse = await handler(request)
         return result
+
+    def _forbidden(self, request: web.Request) -> web.Response:
+        """RBAC's refusal (k8s.io/apiserver endpoints/handlers/responsewriters: forbidden)."""
+        verbs = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch"}
+        verb = verbs.get(request.method, request.method.lower())
+        namespace = request.match_info.get("namespace", "")
+        name = request.match_info.get("name")
+        what = f'endpointslices.{GROUP} "{name}"' if name else f"endpointslices.{GROUP}"
+        message = (
+            f'{what} is forbidden: User "system:serviceaccount:{namespace}:exo-nixos" cannot '
+            f'{verb} resource "endpointslices" in API group "{GROUP}" in the namespace '
+            f'"{namespace}"'
+        )
+        return _status(403, "Forbidden", message, name)
+
+    @staticmethod
+    def _throttled(seconds: int) -> web.Response:
+        """API priority and fairness rejecting a request: 429, Retry-After."""
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "Too many requests, please try again later.",
+            "reason": "TooManyRequests",
+            "details": {"retryAfterSeconds": seconds},
+            "code": 429,
+        }
+        return web.Response(
+            status=429,
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json", "Retry-After": str(seconds)},
+        )
 
     def _check_namespace(self, request: web.Request) -> web.Response | None:
         namespace = request.match_info["namespace"]
@@ -245,14 +330,31 @@ class KubeApiDouble:
         meta = obj.get("metadata") or {}
         if not meta.get("name"):
             return "metadata.name: Required value"
+        if problem := subdomain_problem("metadata.name", str(meta["name"])):
+            return problem
+        for key, value in (meta.get("labels") or {}).items():
+            if problem := _label_problem(str(key), str(value)):
+                return problem
         if meta.get("namespace") not in (None, namespace):
             return "the namespace of the provided object does not match the request"
         if obj.get("addressType") not in ("IPv4", "IPv6", "FQDN"):
             return "addressType: Unsupported value"
-        for endpoint in obj.get("endpoints") or []:
+        for index, endpoint in enumerate(obj.get("endpoints") or []):
             if not endpoint.get("addresses"):
-                return "endpoints[].addresses: Required value"
+                return f"endpoints[{index}].addresses: Required value"
+            node = endpoint.get("nodeName")
+            # discovery validation: ValidateNodeName, a DNS subdomain
+            if node is not None and (
+                problem := subdomain_problem(f"endpoints[{index}].nodeName", str(node))
+            ):
+                return problem
         return None
+
+    @staticmethod
+    def _invalid_status(obj: Any, problem: str) -> web.Response:
+        name = obj.get("metadata", {}).get("name") if isinstance(obj, dict) else None
+        prefix = f'EndpointSlice.{GROUP} "{name}"' if name else "EndpointSlice"
+        return _status(422, "Invalid", f"{prefix} is invalid: {problem}", name)
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -286,7 +388,7 @@ class KubeApiDouble:
         namespace = request.match_info["namespace"]
         obj = await self._body(request)
         if problem := self._invalid(obj, namespace):
-            return _status(422, "Invalid", f"EndpointSlice is invalid: {problem}")
+            return self._invalid_status(obj, problem)
         name = obj["metadata"]["name"]
         if obj["metadata"].get("resourceVersion"):
             return _status(
@@ -310,7 +412,7 @@ class KubeApiDouble:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         obj = await self._body(request)
         if problem := self._invalid(obj, namespace):
-            return _status(422, "Invalid", f"EndpointSlice is invalid: {problem}")
+            return self._invalid_status(obj, problem)
         if obj["metadata"]["name"] != name:
             return _status(400, "BadRequest", "the name of the object does not match the URL")
         return self._replace(namespace, name, obj)
@@ -347,7 +449,7 @@ class KubeApiDouble:
             return _status(400, "BadRequest", "the patch must be a JSON object")
         merged = _merge_patch(old, patch)
         if problem := self._invalid(merged, namespace):
-            return _status(422, "Invalid", f"EndpointSlice is invalid: {problem}")
+            return self._invalid_status(merged, problem)
         return self._replace(namespace, name, merged)
 
     async def _delete(self, request: web.Request) -> web.Response:

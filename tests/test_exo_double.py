@@ -76,13 +76,24 @@ def test_node_id_is_a_bare_json_string():
 
 def test_state_has_upstream_shape_with_peers_and_instances():
     peer = "a7e2b1"
-    with run_double("--peer", f"{peer}=10.0.0.2:52415", "--instance", MODEL) as double:
+    args = ("--peer", f"{peer}=10.0.0.2", "--peer", f"{peer}=fd00::2", "--instance", MODEL)
+    with run_double(*args) as double:
         status, state = get(f"{double.url}/state")
     assert status == 200
     assert set(state) == STATE_KEYS
     assert state["topology"]["nodes"] == [double.node_id, peer]
-    edge = state["topology"]["connections"][double.node_id][peer][0]
-    assert edge["sinkMultiaddr"]["address"] == "/ip4/10.0.0.2/tcp/52415"
+    # As upstream's worker: edges carry this node's own API port, and only to addresses
+    # whose probe answers: upstream's API listens on IPv4 only, so no IPv6 edge.
+    (edge,) = state["topology"]["connections"][double.node_id][peer]
+    assert edge["sinkMultiaddr"] == {
+        "address": f"/ip4/10.0.0.2/tcp/{double.port}",
+        "address_type": "ip4",
+        "ip_address": "10.0.0.2",
+        "port": double.port,
+    }
+    # every address of the peer is in its interfaces, IPv6 too
+    interfaces = state["nodeNetwork"][peer]["interfaces"]
+    assert [i["ipAddress"] for i in interfaces] == ["10.0.0.2", "fd00::2"]
     assert state["lastEventAppliedIdx"] >= 0
     ((instance_id, tagged),) = state["instances"].items()
     ring = tagged["MlxRingInstance"]
@@ -92,6 +103,57 @@ def test_state_has_upstream_shape_with_peers_and_instances():
     assert set(assignments["nodeToRunner"]) == {double.node_id, peer}
     assert set(assignments["runnerToShard"]) == set(assignments["nodeToRunner"].values())
     assert set(state["nodeMemory"][peer]["ramTotal"]) == {"inBytes"}
+
+
+def test_no_edges_until_a_probe_passes():
+    with run_double("--peer", "b0b=10.0.0.2", "--no-edges") as double:
+        status, state = get(f"{double.url}/state")
+    assert status == 200
+    assert state["topology"] == {"nodes": [double.node_id, "b0b"], "connections": {}}
+    assert state["nodeNetwork"]["b0b"]["interfaces"][0]["ipAddress"] == "10.0.0.2"
+
+
+def _connects(host: str, port: int) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            return sock.connect_ex((host, port)) == 0
+    except OSError:
+        return False
+
+
+def test_binds_every_ipv4_address_and_no_ipv6_like_upstream():
+    # upstream's API.run_api: hypercorn bind ["0.0.0.0:PORT"]
+    with run_double() as double:
+        assert _connects("127.0.0.1", double.port)
+        assert _connects("127.0.0.2", double.port)  # any IPv4 address of the host
+        assert not _connects("::1", double.port)
+    result = subprocess.run(
+        [*_python_m(), "--bind", "::"],
+        env=double_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"never listens on IPv6" in result.stderr
+
+
+def test_created_is_the_time_of_the_answer():
+    with run_double("--instance", MODEL) as double:
+        time.sleep(1.2)  # the node started over a second ago
+        before = int(time.time())
+        _, models = get(f"{double.url}/models")
+        _, completion = post(
+            f"{double.url}/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        after = int(time.time())
+    assert all(before <= m["created"] <= after for m in models["data"])
+    assert before <= completion["created"] <= after
 
 
 def test_state_path_and_missing_path():
@@ -224,6 +286,50 @@ def test_fault_crash_exits_with_code():
         assert "EXO terminated" in double.log_text()
 
 
+async def _completion(url: str, *, stream: bool) -> tuple[int, dict[str, str], bytes, str]:
+    """Status, headers, the bytes that arrived, and how the body ended."""
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    got = b""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(f"{url}/v1/chat/completions", json=request) as response,
+    ):
+        try:
+            async for chunk in response.content.iter_any():
+                got += chunk
+        except aiohttp.ClientPayloadError:
+            return response.status, dict(response.headers), got, "cut off"
+        return response.status, dict(response.headers), got, "complete"
+
+
+def test_fault_cutoff_is_a_200_whose_body_never_ends():
+    with run_double("--instance", MODEL) as double:
+        double.set_fault("cutoff")
+        assert get(f"{double.url}/models")[0] == 200  # only completions fail
+        status, headers, body, end = run_coroutine(_completion(double.url, stream=False))
+        assert (status, end, body) == (200, "cut off", b"")
+        assert headers["Content-Type"].startswith("application/json")
+        status, _, body, end = run_coroutine(_completion(double.url, stream=True))
+        assert (status, end, body) == (200, "cut off", b": keep-alive\n\n")
+
+
+def test_fault_sse_error_sends_upstreams_error_event():
+    with run_double("--instance", MODEL) as double:
+        double.set_fault("sse_error", paths=["/v1/chat/completions"])
+        status, headers, body, end = run_coroutine(_completion(double.url, stream=True))
+        assert (status, end) == (200, "complete")
+        assert headers["Content-Type"].startswith("text/event-stream")
+        events = [e for e in body.decode().split("\n\n") if e]
+        assert events[0] == ": keep-alive"
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[1].removeprefix("data: "))["error"]
+        assert set(error) == {"message", "type", "code"}
+        assert (error["type"], error["code"]) == ("InternalServerError", 500)
+        # not streamed, the same runner error is upstream's cut-off 200
+        status, _, body, end = run_coroutine(_completion(double.url, stream=False))
+        assert (status, end, body) == (200, "cut off", b"")
+
+
 def test_unknown_fault_refused():
     with run_double() as double:
         status, body = post(f"{double.url}/__double__/fault", {"mode": "explode"})
@@ -275,9 +381,9 @@ def test_sigterm_exits_zero_even_while_hanging():
     ("args", "line"),
     [
         (["--force-master"], "Node elected Master - maintaining self"),
-        (["--peer", "b0b=10.0.0.9:52415"], "Node b0b elected master - demoting self"),
+        (["--peer", "b0b=10.0.0.9"], "Node b0b elected master - demoting self"),
         (
-            ["--peer", "b0b=10.0.0.9:52415", "--master-id", "c4t"],
+            ["--peer", "b0b=10.0.0.9", "--master-id", "c4t"],
             "Node c4t elected master - demoting self",
         ),
         ([], "Node elected Master - maintaining self"),
@@ -387,7 +493,7 @@ def test_peer_flag_validated():
         check=False,
     )
     assert result.returncode == 2
-    assert b"expected ID=HOST:PORT" in result.stderr
+    assert b"expected ID=ADDRESS" in result.stderr
 
 
 async def _cors(url: str) -> tuple[dict[str, str], dict[str, str]]:

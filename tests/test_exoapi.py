@@ -35,7 +35,7 @@ def sample_state() -> dict[str, Any]:
     cluster = Cluster(
         node_id="self1",
         api_port=52415,
-        peers=[PeerSpec("peer2", "10.0.0.2", 52415), PeerSpec("peer3", "fd00::3", 52415)],
+        peers=[PeerSpec("peer2", "10.0.0.2"), PeerSpec("peer3", "fd00::3")],
         instance_models=[MODEL],
     )
     return cluster.state()
@@ -47,7 +47,9 @@ def test_parse_state_reads_peers_instances_and_sync():
     peer2, peer3 = summary.peers
     assert peer2.api_urls == ("http://10.0.0.2:52415",)
     assert peer2.addresses == ("10.0.0.2",)
-    assert peer3.api_urls == ("http://[fd00::3]:52415",)
+    # upstream's API listens on IPv4 only: no edge (and so no API URL) to an IPv6 address
+    assert peer3.api_urls == ()
+    assert peer3.addresses == ("fd00::3",)
     assert peer2.friendly_name == "double-peer2"
     (instance,) = summary.instances
     assert instance.model_id == MODEL
@@ -191,16 +193,15 @@ def test_normalize_url_rejects(bad):
 
 
 def test_probe_healthy_node_with_peers_and_instance():
-    with run_double(
-        "--peer", "beef01=10.1.0.2:52415", "--instance", MODEL, node_id="cafe01"
-    ) as double:
+    with run_double("--peer", "beef01=10.1.0.2", "--instance", MODEL, node_id="cafe01") as double:
         view = probe_sync(double.url, 5)
     assert view.healthy
     assert view.node_id == "cafe01"
     assert view.url == double.url
     assert view.state_ok and view.models_ok and view.synced
     assert [p.node_id for p in view.peers] == ["beef01"]
-    assert view.peers[0].api_urls == ("http://10.1.0.2:52415",)
+    # the edge carries the observing node's own API port (upstream requires one port)
+    assert view.peers[0].api_urls == (f"http://10.1.0.2:{double.port}",)
     assert [i.model_id for i in view.instances] == [MODEL]
     assert MODEL in view.model_ids
     assert view.master_id is None and view.is_master is None
@@ -265,7 +266,7 @@ def test_probe_with_a_shared_session_and_inside_a_loop():
 
 
 def test_log_lines_of_the_double_name_the_master():
-    with run_double("--peer", "feed42=10.0.0.9:52415") as double:
+    with run_double("--peer", "feed42=10.0.0.9") as double:
         log = double.log_text()
     events = [e for e in map(parse_log_line, log.splitlines()) if e]
     assert LogEvent("started", double.node_id) in events

@@ -617,6 +617,70 @@ def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
             asyncio.run(scenario())
 
 
+def test_cut_off_json_200_is_retried_elsewhere_never_passed_on(keys_file):
+    # Upstream answers a non-streamed completion whose runner fails with a 200 whose chunked
+    # body never ends (the double's "cutoff" fault): it is a failure, not an answer.
+    with (
+        run_double("--instance", MODEL) as failing,
+        run_double("--instance", MODEL) as healthy,
+    ):
+        failing.set_fault("cutoff")
+        alone = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[failing.url])
+        with run_gateway(alone) as gateway:
+            for _ in range(3):
+                status, _, body = call(
+                    "POST",
+                    f"{gateway.url}/v1/chat/completions",
+                    headers=AUTH,
+                    body=chat(3, stream=False),
+                )
+                assert status == 502, body
+                assert json.loads(body)["error"]["type"] == "gateway_error"
+            assert "response cut off" in gateway.log_text()
+        both = gateway_config(
+            port=free_port(), keys_file=keys_file, static_backends=[failing.url, healthy.url]
+        )
+        with run_gateway(both) as gateway:
+            for _ in range(6):
+                status, _, body = call(
+                    "POST",
+                    f"{gateway.url}/v1/chat/completions",
+                    headers=AUTH,
+                    body=chat(3, stream=False),
+                )
+                assert status == 200, body
+                reply = json.loads(body)["choices"][0]["message"]["content"]
+                assert reply.split()[3] == healthy.node_id[:8]
+
+
+def test_sse_error_event_reaches_the_client_and_the_backend_stays_up(keys_file):
+    # Upstream reports a runner failure in a stream as an SSE event after its 200:
+    # data: {"error": {...}} then data: [DONE]. The gateway has sent the 200 by then; it
+    # passes the event on unchanged (the client's OpenAI library raises it) and the node,
+    # whose API answered, is not taken for down.
+    with run_double("--instance", MODEL) as double:
+        double.set_fault("sse_error")
+        config = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[double.url])
+        with run_gateway(config) as gateway:
+            status, headers, body = call(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                headers=AUTH,
+                body=chat(3, stream=True),
+            )
+            assert status == 200
+            assert headers["Content-Type"].startswith("text/event-stream")
+            events = sse_events(body)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[0])["error"]
+            assert (error["type"], error["code"]) == ("InternalServerError", 500)
+            _, _, text = call("GET", f"{gateway.url}/metrics", headers=AUTH)
+            samples = metric_samples(text.decode())
+            up = {s.labels["backend"]: s.value for s in samples["exo_gateway_backend_up"]}
+            assert up[double.url] == 1
+            assert "down" not in gateway.log_text()
+
+
 def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
     released: list[str] = []  # the paths whose backend connection the gateway closed
 
@@ -680,14 +744,27 @@ def test_stalled_backend_stream_is_cut_after_the_idle_timeout(keys_file):
     asyncio.run(scenario())
 
 
-def test_peers_are_discovered_from_the_local_node(keys_file):
+@pytest.mark.parametrize("edges", [True, False], ids=["edge", "no-edge-yet"])
+def test_peers_are_discovered_from_the_local_node(keys_file, edges: bool):
     # Two nodes on one machine share the API port on two loopback addresses, as two hosts
-    # would: the gateway learns the second from the first's cluster state.
+    # would: the gateway learns the second from the first's cluster state. The peer also
+    # reports an IPv6 address (::1), where it does not listen: upstream's API binds IPv4
+    # 0.0.0.0 only. With an edge, its URL (IPv4, the local node's own API port) comes first;
+    # before any edge (no reachability probe passed yet) the interfaces' order is all there
+    # is, the IPv6 URL comes first and fails, and the gateway must move on to the IPv4 one.
     port = free_port()
     peer_id = "peer" + "0" * 28
+    peer_args = ["--peer", f"{peer_id}=::1", "--peer", f"{peer_id}=127.0.0.2"]
     with (
         run_double(
-            "--instance", MODEL, "--api-port", str(port), "--peer", f"{peer_id}=127.0.0.2:{port}"
+            "--instance",
+            MODEL,
+            "--api-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            *peer_args,
+            *([] if edges else ["--no-edges"]),
         ) as local,
         run_double(
             "--instance",
@@ -701,6 +778,8 @@ def test_peers_are_discovered_from_the_local_node(keys_file):
         ) as peer,
     ):
         peer_url = f"http://127.0.0.2:{port}"
+        ipv6_url = f"http://[::1]:{port}"
+        label = peer_url if edges else ipv6_url  # a backend is labelled by its first URL
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -721,10 +800,16 @@ def test_peers_are_discovered_from_the_local_node(keys_file):
                 up = {
                     s.labels["backend"]: s.value for s in samples.get("exo_gateway_backend_up", [])
                 }
-                if up.get(peer_url) == 1 and up.get(local.url) == 1:
+                if up.get(label) == 1 and up.get(local.url) == 1:
                     break
                 assert time.monotonic() < deadline, (up, gateway.log_text())
                 time.sleep(0.1)
+            log = gateway.log_text()
+            first, second = (peer_url, ipv6_url) if edges else (ipv6_url, peer_url)
+            assert f"peer {peer_id} found at {first}, {second}" in log, log
+            assert f"backend {peer_url} up (node {peer_id})" in log, log
+            if not edges:
+                assert f"backend {ipv6_url} down: " in log, log
             local.stop()
             for _ in range(5):
                 status, _, body = call("GET", f"{gateway.url}/node_id", headers=AUTH)

@@ -122,7 +122,7 @@ def test_health_as_a_real_command():
 
 
 def test_status_text_with_peers_instances_and_unknown_master(capsys):
-    args = ("--peer", "cc33=10.0.0.3:52415", "--instance", MODEL)
+    args = ("--peer", "cc33=10.0.0.3", "--instance", MODEL)
     with run_double(*args, node_id="dd44") as double:
         code, out, _ = run_cli(capsys, "status", "--url", double.url)
     assert code == 0
@@ -131,7 +131,7 @@ def test_status_text_with_peers_instances_and_unknown_master(capsys):
     assert "node       dd44" in lines
     assert "master     unknown (exo's API does not name the master)" in lines
     assert "peers      1" in lines
-    assert "  cc33 double-cc33 (http://10.0.0.3:52415)" in lines
+    assert f"  cc33 double-cc33 (http://10.0.0.3:{double.port})" in lines
     assert "instances  1" in lines
     assert f"  {MODEL} on dd44, cc33 [RunnerReady]" in lines
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -281,6 +283,95 @@ def test_bad_token_gets_401_until_the_token_file_is_fixed(tmp_path: Path) -> Non
 
     api = run_scenario(tmp_path, scenario)
     assert 401 in [s.status for s in api.requests]
+
+
+def test_forbidden_is_one_clear_log_line_and_no_hot_loop(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+    api = KubeApiDouble(token=TOKEN)
+    api.forbidden = True  # no Role/RoleBinding for the service account yet
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: "403" in (reg.last_error or ""), "403 reported")
+        first = len(api.requests)
+        await asyncio.sleep(1.0)
+        # backoff (0.02 s doubling to 0.1 s here): a few requests a second, not hundreds
+        assert len(api.requests) - first <= 25, len(api.requests) - first
+        lines = [r.getMessage() for r in caplog.records if "403" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert "Forbidden" in lines[0] and "Role/RoleBinding" in lines[0]
+        assert 'cannot get resource "endpointslices"' in lines[0]
+        assert api.get(NS, NAME) is None
+        api.forbidden = False  # the manifests got applied
+        await until(lambda: api.ready(NS, NAME) is True, "registered")
+
+    run_scenario(tmp_path, scenario, api=api)
+
+
+def test_too_many_requests_waits_as_long_as_retry_after_says(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
+        api.fail_next = [Fault(429, retry_after=1)]
+        health.healthy = False
+        await until(lambda: api.ready(NS, NAME) is False, "written after the wait")
+        throttled = next(i for i, s in enumerate(api.requests) if s.status == 429)
+        wait = api.requests[throttled + 1].at - api.requests[throttled].at
+        # the backoff alone would retry within 0.1 s
+        assert wait >= 0.95, wait
+        assert any("retrying after 1s as asked" in r.getMessage() for r in caplog.records)
+
+    run_scenario(tmp_path, scenario)
+
+
+def test_node_name_the_api_server_refuses_is_a_422_retried_slowly(tmp_path: Path) -> None:
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: "422" in (reg.last_error or ""), "422 reported")
+        assert 'nodeName: Invalid value: "GPU_01"' in (reg.last_error or "")
+        first = len(api.requests)
+        await asyncio.sleep(0.5)
+        assert len(api.requests) - first <= 25  # GET + POST per attempt, with backoff
+        assert api.objects == {}
+
+    async def main() -> None:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+        # what a node name that no configuration check saw would send
+        reg.spec = dataclasses.replace(reg.spec, node_name="GPU_01")
+        stop = asyncio.Event()
+        task = asyncio.create_task(reg.run(stop))
+        try:
+            await scenario(api, reg, Health(), stop)
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+            await reg.client.close()
+            await api.stop()
+
+    asyncio.run(main())
+
+
+def test_host_name_is_lowercased_like_k3s_and_registers(tmp_path: Path, monkeypatch) -> None:
+    # Without k3s.nodeName the host name is the node name; the real server refuses upper
+    # case in endpoints[].nodeName (422), so it must be sent as K3s names the node.
+    monkeypatch.setattr(socket, "gethostname", lambda: "GPU-01")
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: api.ready(NS, "exo-api-gpu-01") is True, "registered")
+        obj = api.get(NS, "exo-api-gpu-01")
+        assert obj is not None
+        (endpoint,) = obj["endpoints"]
+        assert endpoint["nodeName"] == "gpu-01"
+        assert reg.last_error is None
+
+    run_scenario(tmp_path, scenario, nodeName=None)
+
+
+def test_host_name_that_is_no_node_name_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "GPU_01")
+    with pytest.raises(UserError, match=r"set k3s\.nodeName"):
+        build_registrar(make_config(tmp_path, "https://127.0.0.1:6443", nodeName=None))
 
 
 def test_missing_namespace_is_reported_and_retried(tmp_path: Path) -> None:

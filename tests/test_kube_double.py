@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.kube_double import KubeApiDouble
+from tests.kube_double import Fault, KubeApiDouble
 
 BASE = "/apis/discovery.k8s.io/v1/namespaces/exo-system/endpointslices"
 AUTH = {"Authorization": "Bearer good-token"}
@@ -107,6 +107,38 @@ def test_pause_refuses_connections_until_resume() -> None:
                 await api.resume()
                 status, _, _ = await call(s, "GET", BASE + "/s")
                 assert status == 404
+        finally:
+            await api.stop()
+
+    asyncio.run(main())
+
+
+def test_forbidden_throttled_and_invalid_names_like_the_real_server() -> None:
+    async def main() -> None:
+        api = KubeApiDouble()
+        await api.start()
+        try:
+            async with aiohttp.ClientSession(api.url) as s:
+                bad = slice_body()
+                bad["endpoints"][0]["nodeName"] = "GPU_01"
+                status, _, body = await call(s, "POST", BASE, bad)
+                assert (status, body["reason"]) == (422, "Invalid")
+                assert 'endpoints[0].nodeName: Invalid value: "GPU_01"' in body["message"]
+                upper = {**slice_body(), "metadata": {"name": "Exo-API"}}
+                status, _, body = await call(s, "POST", BASE, upper)
+                assert status == 422 and "metadata.name" in body["message"]
+                api.forbidden = True
+                status, _, body = await call(s, "GET", BASE + "/s")
+                assert (status, body["reason"]) == (403, "Forbidden")
+                assert 'cannot get resource "endpointslices"' in body["message"]
+                api.forbidden = False
+                api.fail_next = [Fault(429, retry_after=3)]
+                async with s.get(BASE + "/s", headers=AUTH) as response:
+                    assert response.status == 429
+                    assert response.headers["Retry-After"] == "3"
+                    answer = await response.json()
+                assert answer["reason"] == "TooManyRequests"
+                assert answer["details"]["retryAfterSeconds"] == 3
         finally:
             await api.stop()
 

@@ -368,7 +368,7 @@ def test_master_named_in_exos_log_reaches_status_snapshot_and_hint(supervise, tm
         "--node-id",
         "node-a",
         "--peer",
-        "node-b=127.0.0.2:52415",
+        "node-b=127.0.0.2",
         "--master-id",
         "node-b",
     )

@@ -8,6 +8,7 @@ neighbours to keep the shape recognisable, are filled in.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 import uuid
@@ -120,25 +121,32 @@ def model_list_entry(model_id: str, created: int) -> JSON:
 
 @dataclass(frozen=True)
 class PeerSpec:
-    """Another node of the pretended cluster: ``--peer ID=HOST:PORT``."""
+    """Another node of the pretended cluster: ``--peer ID=ADDRESS`` (repeat the ID for more
+    addresses). A ``:PORT`` after an IPv4 address or a ``[v6]`` is accepted and ignored:
+    upstream's edges carry the observing node's own API port, never the peer's."""
 
     node_id: str
     host: str
-    port: int
 
     @classmethod
     def parse(cls, text: str) -> PeerSpec:
         node_id, sep, address = text.partition("=")
-        host, colon, port_text = address.rpartition(":")
-        if not sep or not node_id or not colon or not host or not port_text.isdigit():
-            raise ValueError(f"--peer {text!r}: expected ID=HOST:PORT, e.g. abc123=10.0.0.2:52415")
-        host = host.removeprefix("[").removesuffix("]")
-        return cls(node_id=node_id, host=host, port=int(port_text))
+        host = address.strip()
+        if host.startswith("["):
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            host = ""
+        if not sep or not node_id or not host:
+            raise ValueError(f"--peer {text!r}: expected ID=ADDRESS, e.g. abc123=10.0.0.2")
+        return cls(node_id=node_id, host=host)
 
     @property
-    def multiaddr(self) -> str:
-        family = "ip6" if ":" in self.host else "ip4"
-        return f"/{family}/{self.host}/tcp/{self.port}"
+    def ipv4(self) -> bool:
+        return ":" not in self.host
 
 
 def _multiaddr_json(address: str, host: str, port: int) -> JSON:
@@ -165,6 +173,7 @@ class Cluster:
     instance_models: list[str] = field(default_factory=list)
     synced: bool = True
     no_worker: bool = False
+    no_edges: bool = False
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -178,16 +187,16 @@ class Cluster:
 
     @property
     def all_nodes(self) -> list[str]:
-        return [self.node_id, *(peer.node_id for peer in self.peers)]
+        return [self.node_id, *self.peer_ids()]
 
     @property
     def instance_nodes(self) -> list[str]:
         """Nodes that run shards: a ``--no-worker`` node runs none."""
-        nodes = [peer.node_id for peer in self.peers]
+        nodes = self.peer_ids()
         return nodes if self.no_worker and nodes else ([] if self.no_worker else self.all_nodes)
 
     def _event_count(self) -> int:
-        return len(self.peers) + len(self.instance_models) + len(self.all_nodes)
+        return len(self.peers) + len(self.instance_models) + len(self.all_nodes)  # at most
 
     def catalogue(self) -> list[str]:
         models = list(CATALOGUE)
@@ -197,10 +206,28 @@ class Cluster:
     def has_instance(self, model_id: str) -> bool:
         return self.synced and model_id in self.instance_models and bool(self.instance_nodes)
 
+    def peer_ids(self) -> list[str]:
+        return list(dict.fromkeys(peer.node_id for peer in self.peers))
+
+    def addresses_of(self, node: str) -> list[str]:
+        return [peer.host for peer in self.peers if peer.node_id == node]
+
     def _edges(self) -> list[tuple[str, str, JSON]]:
+        """Socket edges as upstream's worker makes them (``Worker._poll_connection_updates``
+        in src/exo/worker/main.py): one per peer address that answered ``GET
+        http://ADDRESS:API_PORT/node_id`` with the peer's id (``check_reachable`` in
+        src/exo/utils/info_gatherer/net_profile.py), where API_PORT is the *observing*
+        node's own ``--api-port``. Upstream's API binds ``0.0.0.0`` only (``API.run_api``
+        in src/exo/api/main.py), so a probe of an IPv6 address never answers: edges go to
+        IPv4 addresses only. ``--no-edges``: no probe has passed yet."""
+        if self.no_edges:
+            return []
         edges: list[tuple[str, str, JSON]] = []
         for peer in self.peers:
-            sink = _multiaddr_json(peer.multiaddr, peer.host, peer.port)
+            if not peer.ipv4:
+                continue
+            address = f"/ip4/{peer.host}/tcp/{self.api_port}"
+            sink = _multiaddr_json(address, peer.host, self.api_port)
             edges.append((self.node_id, peer.node_id, {"sinkMultiaddr": sink}))
         return edges
 
@@ -262,10 +289,19 @@ class Cluster:
         return result
 
     def _host_of(self, node: str) -> str:
-        for peer in self.peers:
-            if peer.node_id == node:
-                return peer.host
-        return "127.0.0.1"
+        """The address a node's ring uses: its first IPv4 address."""
+        addresses = self.addresses_of(node) if node != self.node_id else ["127.0.0.1"]
+        return next((a for a in addresses if ":" not in a), addresses[0])
+
+    def _interfaces(self, node: str) -> list[JSON]:
+        """``NodeNetworkInfo.interfaces``: one entry per address, IPv4 and IPv6 alike, as
+        upstream's ``get_network_interfaces`` (src/exo/utils/info_gatherer/system_info.py)
+        lists every AF_INET and AF_INET6 address psutil reports."""
+        addresses = self.addresses_of(node) if node != self.node_id else ["127.0.0.1"]
+        return [
+            {"name": "eth0", "ipAddress": address, "interfaceType": "ethernet"}
+            for address in addresses
+        ]
 
     def runners(self) -> JSON:
         if not self.synced:
@@ -325,18 +361,7 @@ class Cluster:
                 }
                 for node in nodes
             },
-            "nodeNetwork": {
-                node: {
-                    "interfaces": [
-                        {
-                            "name": "eth0",
-                            "ipAddress": self._host_of(node),
-                            "interfaceType": "ethernet",
-                        }
-                    ]
-                }
-                for node in nodes
-            },
+            "nodeNetwork": {node: {"interfaces": self._interfaces(node)} for node in nodes},
             "nodeThunderbolt": {},
             "nodeThunderboltBridge": {},
             "nodeRdmaCtl": {},

@@ -31,7 +31,10 @@ from tests.exo_double.cluster import Cluster, PeerSpec, model_list_entry, random
 JSON = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-FAULT_MODES = ("ok", "error500", "hang", "crash")
+# cutoff and sse_error are upstream's ways of failing a chat completion after its 200 (see
+# _generation_failed); they apply to POST /v1/chat/completions only.
+FAULT_MODES = ("ok", "error500", "hang", "crash", "cutoff", "sse_error")
+COMPLETION_FAULTS = ("cutoff", "sse_error")
 CONTROL_PREFIX = "/__double__/"
 
 _ANSI_BOLD = "\x1b[1m"
@@ -108,7 +111,8 @@ class Options:
     master_id: str | None = None
     instances: list[str] = field(default_factory=list)
     no_master: bool = False
-    bind: str = "127.0.0.1"
+    bind: str = "0.0.0.0"  # upstream binds every IPv4 address, no IPv6
+    no_edges: bool = False
     slow_start: float = 0.0
     hang_after: float | None = None
     crash_after: float | None = None
@@ -168,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer",
         action="append",
         default=[],
-        metavar="ID=HOST:PORT",
+        metavar="ID=ADDRESS",
         dest="peers",
-        help="another node of the cluster (repeatable)",
+        help="another node of the cluster and one of its addresses (repeatable)",
     )
     double.add_argument(
         "--master-id",
@@ -190,7 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no master reached yet: empty state (lastEventAppliedIdx -1), no election line",
     )
-    double.add_argument("--bind", default="127.0.0.1", help="address to bind (exo: 0.0.0.0)")
+    double.add_argument(
+        "--bind",
+        default="0.0.0.0",
+        help="IPv4 address to bind (default 0.0.0.0, as upstream; never IPv6)",
+    )
+    double.add_argument(
+        "--no-edges",
+        action="store_true",
+        help="no socket edges to the peers (none of this node's reachability probes passed)",
+    )
     double.add_argument("--slow-start", type=float, default=0.0, metavar="SECS")
     double.add_argument("--hang-after", type=float, default=None, metavar="SECS")
     double.add_argument("--crash-after", type=float, default=None, metavar="SECS")
@@ -209,6 +222,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error(str(exc))
     if ns.api_port <= 0:
         parser.error("--api-port must be a positive integer")
+    if ":" in ns.bind:
+        parser.error("--bind takes an IPv4 address: upstream's API never listens on IPv6")
     values = vars(ns)
     values["peers"] = peers
     values["node_id"] = ns.node_id or random_node_id()
@@ -261,6 +276,8 @@ async def _faults(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith(CONTROL_PREFIX) or not double.fault.applies_to(request.path):
         return await handler(request)
     mode = double.fault.mode
+    if mode in COMPLETION_FAULTS:  # applied by chat_completions itself
+        return await handler(request)
     if mode == "error500":
         return web.Response(status=500, text="Internal Server Error")
     if mode == "hang":
@@ -329,7 +346,9 @@ async def state(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     cluster = request.app[DOUBLE_KEY].cluster
-    created = int(cluster.started)
+    # ModelListModel.created is Field(default_factory=lambda: int(time.time())) in upstream's
+    # src/exo/api/types/api.py: the time of the request, not of the node's start.
+    created = int(time.time())
     ids = cluster.catalogue()
     if request.query.get("status") == "downloaded":
         ids = [m for m in ids if m in cluster.instance_models]
@@ -425,9 +444,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens = sum(len(_TOKEN.findall(t)) for t in texts)
     usage = _usage(prompt_tokens, len(tokens))
     command_id = str(uuid.uuid4())
-    created = int(time.time())
+    fault = double.fault
+    failing = (
+        fault.mode if fault.mode in COMPLETION_FAULTS and fault.applies_to(request.path) else None
+    )
+    streamed = payload.get("stream") is True
 
-    if payload.get("stream") is True:
+    if failing is not None:
+        return await _generation_failed(request, failing, streamed=streamed)
+
+    if streamed:
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -446,7 +472,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             chunk: JSON = {
                 "id": command_id,
                 "object": "chat.completion",
-                "created": created,
+                # chunk_to_response (src/exo/api/adapters/chat_completions.py) stamps every
+                # chunk with int(time.time()) when it is made
+                "created": int(time.time()),
                 "model": model,
                 "choices": [choice],
             }
@@ -461,7 +489,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = {
         "id": command_id,
         "object": "chat.completion",
-        "created": created,
+        "created": int(time.time()),  # collect_chat_response: when the answer is complete
         "model": model,
         "choices": [
             {
@@ -479,6 +507,61 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     await response.write(json.dumps(body).encode())
     await response.write_eof()
+    return response
+
+
+GENERATION_ERROR = "Runner failed: the test double was told to fail (fault mode {mode})"
+
+
+async def _generation_failed(
+    request: web.Request, mode: str, *, streamed: bool
+) -> web.StreamResponse:
+    """A completion whose runner fails (an ``ErrorChunk``), as upstream answers it.
+
+    Streamed (``generate_chat_stream`` in src/exo/api/adapters/chat_completions.py, wrapped
+    by ``with_sse_keepalive``): the 200 and the ``: keep-alive`` comment are out already, then
+    ``data: {"error": {"message", "type": "InternalServerError", "code": 500}}`` (an
+    ``ErrorResponse`` dumped with ``exclude_none``, so no ``param``) and ``data: [DONE]``.
+
+    Not streamed (``collect_chat_response``, same file): it raises ``ValueError`` inside the
+    ``StreamingResponse`` body after Starlette has sent the 200 headers, and hypercorn
+    (0.18, ``HTTPStream.app_send``) then closes the connection without ending the chunked
+    body: a 200 ``application/json`` with an empty, unterminated body. The same happens to
+    a streamed request in mode ``cutoff``: the stream ends after the keep-alive comment,
+    without ``[DONE]`` or a last chunk.
+    """
+    if streamed:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "Connection": "close",
+                "X-Accel-Buffering": "no",
+            }
+        )
+    else:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    if streamed:
+        await response.write(b": keep-alive\n\n")
+    if streamed and mode == "sse_error":
+        error = {
+            "error": {
+                "message": GENERATION_ERROR.format(mode=mode),
+                "type": "InternalServerError",
+                "code": 500,
+            }
+        }
+        await response.write(f"data: {json.dumps(error)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+    # Headers (and for streams the keep-alive) are on the wire; now drop the connection
+    # without the chunked body's last chunk, as hypercorn does after the app raised.
+    await asyncio.sleep(0.01)
+    if request.transport is not None:
+        request.transport.abort()
     return response
 
 
@@ -600,6 +683,8 @@ async def _serve(double: Double) -> int:
             log.stream.flush()
             runner = web.AppRunner(build_app(double), access_log=None, handle_signals=False)
             await runner.setup()
+            # Upstream: API.run_api (src/exo/api/main.py) sets hypercorn's
+            # cfg.bind = [f"0.0.0.0:{self.port}"]: every IPv4 address, no IPv6 socket.
             site = web.TCPSite(runner, options.bind, options.api_port, shutdown_timeout=1.0)
             await site.start()
     await double.stop.wait()
@@ -647,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         instance_models=options.instances,
         synced=not options.no_master,
         no_worker=options.no_worker,
+        no_edges=options.no_edges,
     )
 
     async def run() -> int:

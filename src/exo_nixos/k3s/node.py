@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
 from exo_nixos.config import Config
+from exo_nixos.errors import UserError
+
+# A Kubernetes node name is a DNS subdomain (RFC 1123, lower case, at most 253 characters).
+_DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SUBDOMAIN = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
 
 # Documentation addresses (RFC 5737, RFC 3849): connecting a UDP socket to them sends nothing
 # but makes the kernel pick the source address of the default route.
@@ -13,8 +19,18 @@ _PROBE_TARGETS = (("192.0.2.1", socket.AF_INET), ("2001:db8::1", socket.AF_INET6
 
 
 def node_name(config: Config) -> str:
-    """``k3s.nodeName``, else the host name (K3s' own default node name)."""
-    return config.k3s.node_name or socket.gethostname()
+    """``k3s.nodeName``, else the host name in lower case (K3s' own default node name: it
+    lowercases the host name). A host name that is still no valid node name (``GPU_01``:
+    the API server answers 422 for ``nodeName``) is a UserError naming the setting."""
+    if config.k3s.node_name:
+        return config.k3s.node_name
+    name = socket.gethostname().lower()
+    if len(name) > 253 or not _SUBDOMAIN.match(name):
+        raise UserError(
+            f"the host name {name!r} is not a valid Kubernetes node name (lower-case letters, "
+            "digits, '-' and '.'): set k3s.nodeName to this node's name in K3s"
+        )
+    return name
 
 
 def _interface_address(ifname: str) -> str | None:

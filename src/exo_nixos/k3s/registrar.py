@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import random
 import re
 import time
@@ -39,7 +40,30 @@ log = logging.getLogger("exo_nixos.k3s.registrar")
 
 
 class RegistrarError(Exception):
-    """A write to the API server failed; the message is one line saying why."""
+    """A write to the API server failed; the message is one line saying why.
+    ``retry_after``: the seconds the server asked to wait (429 ``Retry-After``), if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+MAX_RETRY_AFTER = 600.0
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The delay a 429 (or 503) asks for in ``Retry-After`` (seconds; an HTTP date is not
+    sent by kube-apiserver and is ignored), capped at ``MAX_RETRY_AFTER``."""
+    if not isinstance(exc, httpx2.HTTPStatusError):
+        return None
+    response = exc.response
+    if response is None or response.status_code not in (429, 503):
+        return None
+    try:
+        seconds = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
 
 
 class Backoff:
@@ -124,6 +148,10 @@ def describe(exc: BaseException) -> str:
             return f"401 Unauthorized ({message}): the token or kubeconfig was rejected"
         if code == 403:
             return f"403 Forbidden ({message}): apply the exo manifests (Role/RoleBinding)"
+        if code == 429:
+            wait = retry_after(exc)
+            after = f"; retrying after {wait:g}s as asked" if wait is not None else ""
+            return f"429 Too Many Requests ({message}){after}"
         return f"{code} {exc.status.reason or ''} ({message})".replace("  ", " ")
     if isinstance(exc, httpx2.TimeoutException):
         return f"API server timed out ({type(exc).__name__})"
@@ -206,7 +234,7 @@ class Registrar:
         except RegistrarError:
             raise
         except _API_FAILURES as exc:
-            raise RegistrarError(describe(exc)) from exc
+            raise RegistrarError(describe(exc), retry_after(exc)) from exc
         except (KeyError, ValueError) as exc:
             # A body that is not a Kubernetes object, or an error without Content-Type
             # (lightkube looks that header up): a proxy or a broken server, retried like 5xx.
@@ -315,6 +343,8 @@ class Registrar:
                     await self.sync(refresh=due or failing)
                 except RegistrarError as exc:
                     delay = self.backoff.next()
+                    if exc.retry_after is not None:  # the server said when: not sooner
+                        delay = max(delay, exc.retry_after)
                     if str(exc) != self.last_error:
                         log.warning("registration failed: %s; retrying", exc)
                     self.last_error = str(exc)
