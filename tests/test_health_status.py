@@ -12,6 +12,7 @@ import pytest
 
 from exo_nixos.cli import main
 from exo_nixos.exoapi import write_master_hint
+from tests.asuser import as_nobody, open_tmp
 from tests.exo_double.fixture import free_port, run_double
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
@@ -177,18 +178,7 @@ def test_timeout_must_be_positive_seconds(capsys, value):
 
 def test_status_as_an_admin_says_the_hint_is_unreadable_not_just_unknown():
     """Run by a user who cannot read the runtime dir: it says so, and what to do."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    if os.getuid() != 0:
-        pytest.skip("needs root to run status as another user")
-    tmp = Path(tempfile.mkdtemp(dir="/tmp"))  # others can reach it, unlike pytest's tmp_path
-    try:
-        tmp.chmod(0o755)
+    with open_tmp() as tmp:
         runtime = tmp / "run"
         runtime.mkdir(mode=0o750)
         with run_double(node_id="ee55") as double:
@@ -198,30 +188,7 @@ def test_status_as_an_admin_says_the_hint_is_unreadable_not_just_unknown():
             config.chmod(0o644)
             write_master_hint(runtime, "ee55", "ee55")
             (runtime / "master.json").chmod(0o600)
-            done = subprocess.run(
-                [
-                    "setpriv",
-                    "--reuid=nobody",
-                    "--regid=nogroup",
-                    "--clear-groups",
-                    sys.executable,
-                    "-m",
-                    "exo_nixos",
-                    "status",
-                    "--config",
-                    str(config),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                env={
-                    **os.environ,
-                    "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"),
-                },
-            )
-    finally:
-        shutil.rmtree(tmp)
+            done = as_nobody("-m", "exo_nixos", "status", "--config", str(config))
     assert "Traceback" not in done.stderr, done.stderr
-    assert "cannot read" in done.stdout and "run as root or the service user" in done.stdout, (
-        done.stdout
-    )
+    assert "cannot read" in done.stdout, done.stdout
+    assert "run as root or the service user" in done.stdout

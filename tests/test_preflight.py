@@ -30,6 +30,7 @@ from exo_nixos.preflight import (
     directory_specs,
     run_checks,
 )
+from tests.asuser import as_nobody, open_tmp
 from tests.exo_double.fixture import free_port
 
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -383,44 +384,18 @@ def test_a_directory_the_service_user_reaches_passes_for_it(tmp_path: Path) -> N
 
 def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
     """As the service user itself (ExecStartPre): the parent it cannot enter is named."""
-    import shutil
-    import tempfile
-
-    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is closed to others
-    request_cleanup = tmp_path
-    script = f"""
-import os, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / "src")!r})
-from pathlib import Path
-from exo_nixos.config import parse_config
-from exo_nixos.preflight import DirectorySpec, Host, check_directory
-cfg = parse_config({{"schemaVersion": 1, "security": {{"user": "nobody", "group": "nogroup"}}}})
-spec = DirectorySpec("modelsDir", "/home/alice/models", True, False, False)
-print(check_directory(spec, Host(Path({str(tmp_path)!r})), cfg).reason)
-"""
-    if os.getuid() != 0:
-        pytest.skip("needs root to run a check as another user")
-    tmp_path.chmod(0o755)
-    (tmp_path / "home/alice/models").mkdir(parents=True)
-    (tmp_path / "home").chmod(0o755)
-    (tmp_path / "home/alice").chmod(0o700)
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            sys.executable,
+    with open_tmp() as tmp:
+        (tmp / "home/alice/models").mkdir(parents=True)
+        (tmp / "home").chmod(0o755)
+        (tmp / "home/alice").chmod(0o700)
+        done = as_nobody(
             "-c",
-            script,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    shutil.rmtree(request_cleanup)
+            "from pathlib import Path\n"
+            "from exo_nixos.config import parse_config\n"
+            "from exo_nixos.preflight import DirectorySpec, Host, check_directory\n"
+            "cfg = parse_config({'schemaVersion': 1, 'security': {'user': 'nobody'}})\n"
+            "spec = DirectorySpec('modelsDir', '/home/alice/models', True, False, False)\n"
+            f"print(check_directory(spec, Host(Path({str(tmp)!r})), cfg).reason)",
+        )
     assert done.returncode == 0, done.stderr
     assert "nobody cannot enter /home/alice, so /home/alice/models" in done.stdout

@@ -477,18 +477,24 @@ def test_stop_while_exo_starts_ends_cleanly_without_ready(supervise) -> None:
     assert "Traceback" not in run.log()
 
 
-def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
-    package = make_fake_exo_package(tmp_path / "cpu")
-    config = base_config(tmp_path, package, mode="master", clusterNamespace="lab")
+def _dry_run(
+    tmp_path: Path, config: dict[str, Any], *extra: str
+) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    done = subprocess.run(
-        [sys.executable, "-m", "exo_nixos", "run", "--config", str(path), "--dry-run"],
+    return subprocess.run(
+        [sys.executable, "-m", "exo_nixos", "run", "--config", str(path), *extra, "--dry-run"],
         capture_output=True,
         text=True,
         check=False,
         env=double_env(),
     )
+
+
+def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
+    package = make_fake_exo_package(tmp_path / "cpu")
+    config = base_config(tmp_path, package, mode="master", clusterNamespace="lab")
+    done = _dry_run(tmp_path, config)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "accelerator: cpu"  # the decision, with its reasons
@@ -502,146 +508,16 @@ def test_dry_run_prints_what_exo_would_get(tmp_path) -> None:
 
 def test_dry_run_says_when_the_executable_is_missing(tmp_path) -> None:
     package = tmp_path / "gone"  # no bin/exo in it
-    config = base_config(tmp_path, package)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    done = subprocess.run(
-        [sys.executable, "-m", "exo_nixos", "run", "--config", str(path), "--dry-run"],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=double_env(),
-    )
+    done = _dry_run(tmp_path, base_config(tmp_path, package))
     assert done.returncode == 1
     assert f"error: {package}/bin/exo is not an executable file" in done.stdout
 
 
 def test_run_with_a_host_root_that_is_no_directory_is_one_line(tmp_path) -> None:
     config = base_config(tmp_path, make_fake_exo_package(tmp_path / "cpu"))
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exo_nixos",
-            "run",
-            "--config",
-            str(path),
-            "--host-root",
-            str(tmp_path / "nonexistent"),
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=double_env(),
-    )
+    done = _dry_run(tmp_path, config, "--host-root", str(tmp_path / "nonexistent"))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--host-root" in done.stderr
-
-
-# EXO that has spawned a runner the way upstream EXO does: the runner inherits stdout/stderr,
-# so the supervisor's output pipe stays open after EXO itself is gone
-def _runner_spawning_exo(tmp: Path, runner: str = "sleep 300") -> tuple[Path, Path]:
-    double = make_fake_exo_package(tmp / "double")
-    package = tmp / "spawner"
-    (package / "bin").mkdir(parents=True)
-    runner_pid = tmp / "runner.pid"
-    exe = package / "bin" / "exo"
-    exe.write_text(
-        "#!/bin/sh\n"
-        f"{runner} &\n"
-        f"echo $! > {runner_pid}.tmp && mv {runner_pid}.tmp {runner_pid}\n"
-        f'exec {double}/bin/exo "$@"\n'
-    )
-    exe.chmod(0o755)
-    return package, runner_pid
-
-
-def test_crash_is_seen_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
-    package, runner_pid_file = _runner_spawning_exo(tmp_path)
-    run = supervise(base_config(tmp_path, package))
-    run.listener.wait_for("READY", "1")
-    runner_pid = int(runner_pid_file.read_text())
-    assert alive(runner_pid)
-    try:
-        run.fault("crash", exitCode=7)
-        # generous: the point is that it ends at all (before the fix it never did)
-        assert run.wait(STOP_TIMEOUT + 10) == 7
-        assert "EXO exited unexpectedly with status 7" in run.log()
-        assert not alive(runner_pid), "the runner EXO left behind was not killed"
-        run.listener.wait_for("STATUS", "EXO exited with status 7")
-    finally:
-        _kill_if_alive(runner_pid)
-
-
-def test_stop_completes_while_a_runner_still_holds_the_output_pipe(supervise, tmp_path) -> None:
-    package, runner_pid_file = _runner_spawning_exo(tmp_path)
-    run = supervise(base_config(tmp_path, package))
-    run.listener.wait_for("READY", "1")
-    runner_pid = int(runner_pid_file.read_text())
-    (exo_pid,) = run.child_pids()
-    try:
-        run.process.send_signal(signal.SIGTERM)
-        assert run.wait(STOP_TIMEOUT + 10) == 0
-        assert "EXO stopped (status 0)" in run.log()
-        assert not alive(exo_pid)
-        assert not alive(runner_pid), "the runner EXO left behind was not killed"
-        assert "Traceback" not in run.log()
-    finally:
-        _kill_if_alive(runner_pid)
-
-
-def test_a_process_that_left_the_group_does_not_keep_the_supervisor(supervise, tmp_path) -> None:
-    """One that made itself a session of its own is systemd's to kill (KillMode=mixed), but
-    while it holds EXO's output pipe the supervisor must still end."""
-    escape = f"{sys.executable} -c 'import os, time; os.setsid(); time.sleep(300)'"
-    package, runner_pid_file = _runner_spawning_exo(tmp_path, escape)
-    run = supervise(base_config(tmp_path, package))
-    run.listener.wait_for("READY", "1")
-    runner_pid = int(runner_pid_file.read_text())
-    try:
-        run.fault("crash", exitCode=5)
-        assert run.wait(STOP_TIMEOUT + 10) == 5
-        assert "EXO exited unexpectedly with status 5" in run.log()
-        assert "Traceback" not in run.log()
-    finally:
-        _kill_if_alive(runner_pid)
-
-
-def _kill_if_alive(pid: int) -> None:
-    if alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-LONG_LINES = textwrap.dedent(
-    """\
-    import sys
-    out = sys.stdout.buffer
-    out.write(b"short before\\n")
-    out.write(b"a" * 3_000_000 + b"\\n")
-    out.write(b"b" * 1_500_000)  # no newline at the end of the output
-    out.flush()
-    """
-)
-
-
-def test_very_long_output_lines_pass_through_whole(supervise, tmp_path) -> None:
-    package = tmp_path / "long"
-    (package / "bin").mkdir(parents=True)
-    script = tmp_path / "long.py"
-    script.write_text(LONG_LINES)
-    exe = package / "bin" / "exo"
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
-    exe.chmod(0o755)
-    run = supervise(base_config(tmp_path, package))
-    assert run.wait() == 0
-    text = run.log_path.read_bytes()
-    assert b"short before\n" in text
-    assert text.count(b"a") >= 3_000_000
-    assert b"a" * 3_000_000 in text.replace(b"\n", b"")
-    assert b"b" * 1_500_000 in text.replace(b"\n", b"")
 
 
 def test_the_link_monitor_reads_the_host_root(tmp_path, monkeypatch) -> None:

@@ -140,6 +140,27 @@ def _active(guest: Guest, unit: str) -> bool:
     return props(guest, unit, "ActiveState")["ActiveState"] == "active"
 
 
+@pytest.fixture
+def serving(guest: Guest) -> Guest:
+    """The guest with the node and the gateway active: started here where no earlier test
+    (or one that stopped them) left them running, so each test also runs alone."""
+    if not (_active(guest, NODE) and _active(guest, GATEWAY)):
+        guest.run(["systemctl", "reset-failed", NODE, GATEWAY], check=False)
+        guest.run(["systemctl", "start", "exo.target"], timeout=90)
+        wait_until(lambda: _active(guest, GATEWAY), 60, GATEWAY, guest, GATEWAY)
+    return guest
+
+
+def use_keys(guest: Guest, name: str) -> None:
+    """Make the gateway's loaded key set the single key ``name`` (a reload when it is not)."""
+    if gateway(guest, "/v1/models", key=KEYS[name])[0] == 200 and all(
+        gateway(guest, "/v1/models", key=KEYS[other])[0] == 401 for other in KEYS if other != name
+    ):
+        return
+    write_keys(guest, f"{name}:{KEYS[name]}\n")
+    guest.run(["systemctl", "reload", GATEWAY])
+
+
 def test_rendered_units_verify_cleanly(guest: Guest) -> None:
     units = [f"/etc/systemd/system/{u}" for u in (NODE, GATEWAY, "exo.target")]
     done = guest.run(["systemd-analyze", "verify", *units], check=False)
@@ -151,6 +172,7 @@ def test_gateway_starts_after_the_node_is_ready(guest: Guest) -> None:
     assert NODE in gw["After"].split()
     assert NODE in gw["Requires"].split()
     assert (gw["Type"], gw["PartOf"]) == ("notify", "exo.target")
+    guest.run(["systemctl", "stop", "exo.target"], timeout=60)  # a start from stopped
     guest.run(["systemctl", "start", "--no-block", "exo.target"])
     wait_until(lambda: _active(guest, GATEWAY), 60, GATEWAY, guest, GATEWAY)
     assert _active(guest, NODE)
@@ -172,7 +194,9 @@ def test_gateway_starts_after_the_node_is_ready(guest: Guest) -> None:
     ), text
 
 
-def test_requests_need_a_key(guest: Guest) -> None:
+def test_requests_need_a_key(serving: Guest) -> None:
+    guest = serving
+    use_keys(guest, "first")
     status, body = gateway(guest, "/v1/models")
     assert status == 401, body
     assert json.loads(body)["error"]["type"] == "authentication_error"
@@ -189,7 +213,9 @@ def _main_pid(guest: Guest) -> str:
     return props(guest, GATEWAY, "MainPID")["MainPID"]
 
 
-def test_reload_switches_keys(guest: Guest) -> None:
+def test_reload_switches_keys(serving: Guest) -> None:
+    guest = serving
+    use_keys(guest, "first")
     pid = _main_pid(guest)
     write_keys(guest, f"second:{KEYS['second']}\n")
     guest.run(["systemctl", "reload", GATEWAY])
@@ -199,7 +225,9 @@ def test_reload_switches_keys(guest: Guest) -> None:
     assert "API keys reloaded from /etc/exo-api-keys: 1 keys" in unit_journal(guest, GATEWAY)
 
 
-def test_garbled_key_file_fails_the_reload_and_keeps_the_keys(guest: Guest) -> None:
+def test_garbled_key_file_fails_the_reload_and_keeps_the_keys(serving: Guest) -> None:
+    guest = serving
+    use_keys(guest, "second")
     pid = _main_pid(guest)
     write_keys(guest, "ci:tooshort\n")
     done = guest.run(["systemctl", "reload", GATEWAY], check=False)
@@ -214,7 +242,8 @@ def test_garbled_key_file_fails_the_reload_and_keeps_the_keys(guest: Guest) -> N
     write_keys(guest, f"second:{KEYS['second']}\n")
 
 
-def test_gateway_sees_only_pseudo_devices(guest: Guest) -> None:
+def test_gateway_sees_only_pseudo_devices(serving: Guest) -> None:
+    guest = serving
     pid = _main_pid(guest)
     # /proc/PID/root is the gateway's own view of the file system (its mount namespace)
     seen = set(guest.run(["ls", "-A", f"/proc/{pid}/root/dev"]).stdout.split())
@@ -253,7 +282,8 @@ def test_exposure_is_low(guest: Guest) -> None:
     assert exposure(guest, NODE) <= NODE_EXPOSURE_LIMIT
 
 
-def test_node_may_use_only_the_bond_and_loopback(guest: Guest) -> None:
+def test_node_may_use_only_the_bond_and_loopback(serving: Guest) -> None:
+    guest = serving
     allowed = props(guest, NODE, "RestrictNetworkInterfaces")["RestrictNetworkInterfaces"]
     assert set(allowed.split()) == {"lo", "bond0"}, allowed
     # sent by the program EXO would be, inside the running node unit
@@ -287,7 +317,8 @@ def test_node_may_use_only_the_bond_and_loopback(guest: Guest) -> None:
     assert gateway(guest, "/health", via="eth9")[0] == 200
 
 
-def test_stopping_the_target_stops_the_gateway(guest: Guest) -> None:
+def test_stopping_the_target_stops_the_gateway(serving: Guest) -> None:
+    guest = serving
     guest.run(["systemctl", "stop", "exo.target"], timeout=60)
     for unit in (GATEWAY, NODE):
         wait_until(
