@@ -38,7 +38,8 @@ def sample_state() -> dict[str, Any]:
         peers=[PeerSpec("peer2", "10.0.0.2"), PeerSpec("peer3", "fd00::3")],
         instance_models=[MODEL],
     )
-    return cluster.state()
+    # a copy: the mangling tests change it in place, and the double may share its parts
+    return copy.deepcopy(cluster.state())
 
 
 def test_parse_state_reads_peers_instances_and_sync():
