@@ -15,6 +15,7 @@ from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, Config, parse_config
 from exo_nixos.hardware import Inventory, detect
 from exo_nixos.preflight import (
+    IN_USE,
     CheckResult,
     DirectorySpec,
     Host,
@@ -108,6 +109,48 @@ def test_tcp_listener_detected(host: Host) -> None:
         result = check_ports(make_config(host.root, apiPort=port))
     assert result.status is Status.FAIL
     assert "(apiPort)" in result.reason
+
+
+def _ipv6_only_socket(kind: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(("::", 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen()
+    return sock
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [(socket.SOCK_STREAM, "apiPort"), (socket.SOCK_DGRAM, "networking.discoveryPort")],
+)
+def test_port_held_only_on_ipv6_fails(host: Host, kind: int, option: str) -> None:
+    """EXO binds every address, IPv6 too: a port held on ``::`` alone (IPV6_V6ONLY), free on
+    0.0.0.0, is in use all the same."""
+    try:
+        busy = _ipv6_only_socket(kind)
+    except OSError as exc:
+        pytest.skip(f"cannot bind an IPv6 socket here: {exc}")
+    with busy:
+        port = busy.getsockname()[1]
+        with socket.socket(socket.AF_INET, kind) as v4:
+            v4.bind(("0.0.0.0", port))  # the IPv4 side of the port is free
+        if option == "apiPort":
+            cfg = make_config(host.root, apiPort=port)
+        else:
+            cfg = make_config(
+                host.root,
+                apiPort=free_port(socket.SOCK_STREAM),
+                networking={"discoveryPort": port, "zenohPort": free_port(socket.SOCK_STREAM)},
+            )
+        result = check_ports(cfg)
+        # this node's own EXO may hold it: then it is not a problem
+        assert check_ports(cfg, exo_running=True).status is Status.OK
+    assert result.status is Status.FAIL
+    proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    assert result.reason == f"{proto} port {port} ({option}) is {IN_USE}"
+    assert result.fix == f"stop what listens there (ss -lntup 'sport = :{port}') or change {option}"
 
 
 def test_no_cluster_interface_is_ok(host: Host) -> None:
