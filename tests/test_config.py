@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 import pytest
 
@@ -159,9 +160,9 @@ def test_problems_are_worded_exactly(document, problem):
 def test_nesting_limit_is_exact():
     from exo_nixos import jsonio
 
-    def nested(levels: int) -> dict:
-        document: dict = {"schemaVersion": 1}
-        inner: dict = document
+    def nested(levels: int) -> dict[str, Any]:
+        document: dict[str, Any] = {"schemaVersion": 1}
+        inner: dict[str, Any] = document
         for _ in range(levels - 1):
             inner["environmentVariables"] = {}
             inner = inner["environmentVariables"]
