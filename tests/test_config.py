@@ -137,6 +137,23 @@ ABSOLUTE = (
             "printable ASCII characters, no whitespace, '/' or ':'",
         ),
         (
+            {"schemaVersion": 1, "networking": {"zenohPortt": 1}},
+            "networking.zenohPortt: unknown key; did you mean 'zenohPort'?",
+        ),
+        (
+            {"schemaVersion": 1, "logLevel": "loud"},
+            "logLevel: 'loud' is not allowed; input should be 'error', 'warning', 'info' or "
+            "'debug'",
+        ),
+        (
+            {"schemaVersion": 1, "gateway": {"tlsCertificateFile": "/a"}},
+            "gateway: tlsCertificateFile and tlsKeyFile must be set together",
+        ),
+        (
+            {"schemaVersion": 1, "networking": {"ringPorts": {"from": 9, "to": 2}}},
+            "networking.ringPorts: 'from' (9) must not be above 'to' (2)",
+        ),
+        (
             {"schemaVersion": 1, "mode": "boss"},
             "mode: 'boss' is not allowed; input should be 'master', 'worker' or 'auto'",
         ),
