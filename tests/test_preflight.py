@@ -467,3 +467,28 @@ print(check_directory(spec, Host(Path({str(tmp_path)!r})), cfg).reason)
     shutil.rmtree(request_cleanup)
     assert done.returncode == 0, done.stderr
     assert "nobody cannot enter /home/alice, so /home/alice/models" in done.stdout
+
+
+def test_port_check_wording(host: Host) -> None:
+    api, zenoh = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    discovery = free_port(socket.SOCK_DGRAM)
+    cfg = make_config(
+        host.root, apiPort=api, networking={"zenohPort": zenoh, "discoveryPort": discovery}
+    )
+    listed = f"TCP {api}, TCP {zenoh}, UDP {discovery}"
+    assert check_ports(cfg) == CheckResult("ports", Status.OK, f"{listed} are free")
+    assert check_ports(cfg, exo_running=True) == CheckResult(
+        "ports", Status.OK, f"{listed}: free or held by this node's running EXO"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("0.0.0.0", zenoh))
+        busy.listen()
+        result = check_ports(cfg)
+    assert result.check == "ports" and result.status is Status.FAIL
+    assert result.reason == f"TCP port {zenoh} (networking.zenohPort) is {IN_USE}"
+    assert result.to_json() == {
+        "check": "ports",
+        "status": "fail",
+        "reason": result.reason,
+        "fix": result.fix,
+    }
