@@ -154,6 +154,10 @@ ABSOLUTE = (
             "networking.ringPorts: 'from' (9) must not be above 'to' (2)",
         ),
         (
+            {"schemaVersion": 1, "extraArgs": ["a\0b"]},
+            "extraArgs.0: 'a\\x00b': must not contain a NUL byte (no program can receive one)",
+        ),
+        (
             {"schemaVersion": 1, "mode": "boss"},
             "mode: 'boss' is not allowed; input should be 'master', 'worker' or 'auto'",
         ),
@@ -245,3 +249,14 @@ def test_json_schema_is_the_one_in_docs():
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.schema.json"
     assert json_schema() == json.loads(docs.read_text())
+
+
+def test_addresses_and_the_json_form():
+    config = parse_config(
+        {"schemaVersion": 1, "gateway": {"listenAddress": "::1"}, "extraArgs": ["--x"]}
+    )
+    assert config.gateway.listen_address == "::1"
+    document = config.to_json()
+    assert document["gateway"]["listenAddress"] == "::1"
+    assert document["extraArgs"] == ["--x"]
+    assert parse_config(document) == config
