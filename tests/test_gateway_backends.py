@@ -229,3 +229,41 @@ def test_inflight_counts_and_the_least_busy_first():
     pool.finished(local)
     assert local.inflight == 0
     assert gauge(pool, "exo_gateway_backend_inflight", LOCAL) == 0
+
+
+def test_a_peer_that_answers_as_another_node_is_down_at_once():
+    peer = Peer("p1", api_urls=(PEER,))
+    views: dict[str, list[NodeView | None]] = {
+        LOCAL: [local_view(peer)],
+        PEER: [
+            NodeView(url=PEER, node_id="p1", state_ok=True, synced=True),
+            NodeView(url=PEER, node_id="someone-else", state_ok=True, synced=True),
+        ],
+    }
+    pool = scripted_pool(views, failures=3)
+
+    async def scenario() -> None:
+        await pool.check_once()
+        assert pool.peers["p1"].healthy
+        await pool.check_once()  # one probe, below the threshold of 3: down all the same
+        assert not pool.peers["p1"].healthy
+
+    asyncio.run(scenario())
+
+
+def test_a_peers_addresses_follow_the_cluster_state():
+    views: dict[str, list[NodeView | None]] = {
+        LOCAL: [
+            local_view(Peer("p1", addresses=("10.0.0.2",))),
+            local_view(Peer("p1", addresses=("10.0.0.3",))),
+        ]
+    }
+    pool = scripted_pool(views)
+
+    async def scenario() -> None:
+        await pool.check_once()
+        assert pool.peers["p1"].urls == ["http://10.0.0.2:52415"]
+        await pool.check_once()
+        assert pool.peers["p1"].urls == ["http://10.0.0.3:52415"]
+
+    asyncio.run(scenario())
