@@ -72,7 +72,13 @@ async def cut_off_json(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def gateway_for(urls: list[str], up: set[str]) -> AsyncIterator[tuple[Gateway, str]]:
+async def gateway_for(
+    urls: list[str],
+    up: set[str],
+    *,
+    keys: KeyStore | None = None,
+    settings: ProxySettings | None = None,
+) -> AsyncIterator[tuple[Gateway, str]]:
     """A gateway whose static backends are ``urls``; the health probe passes for those in
     ``up`` only (it runs once: the interval is an hour)."""
 
@@ -92,7 +98,8 @@ async def gateway_for(urls: list[str], up: set[str]) -> AsyncIterator[tuple[Gate
         metrics=metrics,
         probe=probe,
     )
-    gateway = Gateway(KeyStore(None), pool, metrics, ProxySettings(stream_idle_timeout=10.0))
+    settings = settings or ProxySettings(stream_idle_timeout=10.0)
+    gateway = Gateway(keys or KeyStore(None), pool, metrics, settings)
     server = TestServer(gateway.app)
     await server.start_server()
     try:
