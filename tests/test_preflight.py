@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
 import pwd
 import socket
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -435,6 +437,7 @@ def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
 import os, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / "src")!r})
 from pathlib import Path
+from typing import ClassVar
 from exo_nixos.config import parse_config
 from exo_nixos.preflight import DirectorySpec, Host, check_directory
 cfg = parse_config({{"schemaVersion": 1, "security": {{"user": "nobody", "group": "nogroup"}}}})
@@ -492,3 +495,79 @@ def test_port_check_wording(host: Host) -> None:
         "reason": result.reason,
         "fix": result.fix,
     }
+
+
+class _FakeSocket:
+    """A socket whose bind fails as ``binds[family]`` says (None: it binds)."""
+
+    made: ClassVar[list[_FakeSocket]] = []
+
+    def __init__(self, binds: dict[int, OSError | None], family: int, kind: int) -> None:
+        self.family, self.kind, self.binds = family, kind, binds
+        self.options: list[tuple[int, int, int]] = []
+        _FakeSocket.made.append(self)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+    def bind(self, address: tuple[str, int]) -> None:
+        error = self.binds[self.family]
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> _FakeSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _port_problem(monkeypatch, kind: int, **binds: OSError | None) -> str | None:
+    from exo_nixos.preflight import _port_in_use
+
+    families: dict[str, int] = {"v6": socket.AF_INET6, "v4": socket.AF_INET}
+    table = {families[k]: v for k, v in binds.items()}
+
+    def make(family: int, kind: int) -> _FakeSocket:
+        if family not in table:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return _FakeSocket(table, family, kind)
+
+    _FakeSocket.made = []
+    monkeypatch.setattr(socket, "socket", make)
+    return _port_in_use(kind, 52415)
+
+
+def test_port_check_errors_one_by_one(monkeypatch) -> None:
+    tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    # IPv6 absent (no socket, or no address): the IPv4 answer decides
+    assert _port_problem(monkeypatch, tcp, v4=in_use) == IN_USE
+    assert _port_problem(monkeypatch, tcp, v6=OSError(errno.EADDRNOTAVAIL, "x"), v4=in_use) == (
+        IN_USE
+    )
+    assert _port_problem(monkeypatch, tcp, v6=None, v4=None) is None
+    assert _port_problem(monkeypatch, tcp, v6=OSError(errno.EACCES, "x"), v4=None) == (
+        "not allowed for this user (privileged port)"
+    )
+    assert (
+        _port_problem(monkeypatch, tcp, v6=OSError(errno.EPERM, "Operation not permitted"), v4=None)
+        == "Operation not permitted"
+    )
+    assert (
+        _port_problem(monkeypatch, tcp, v6=OSError(errno.EPERM), v4=None) == "1"
+    )  # no strerror: str() of the error
+    # options: IPv6 only on the IPv6 socket; SO_REUSEADDR for TCP (as EXO's listener), not UDP
+    _port_problem(monkeypatch, tcp, v6=None, v4=None)
+    assert [s.options for s in _FakeSocket.made] == [
+        [
+            (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1),
+            (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1),
+        ],
+        [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)],
+    ]
+    _port_problem(monkeypatch, udp, v6=None, v4=None)
+    assert [s.options for s in _FakeSocket.made] == [
+        [(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)],
+        [],
+    ]
