@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,177 @@ def test_field_and_cross_field_problems_come_in_one_pass():
     assert any("noWorker is only meaningful" in p for p in problems)
     assert len(problems) == len(set(problems)) == 4
     assert document["gateway"] == {"port": "x", "listenAddress": "0.0.0.0"}  # not changed
+
+
+TOP_KEYS = (
+    "apiPort, clusterNamespace, environmentVariables, extraArgs, extraModelDirs, gateway, "
+    "hardware, healthCheck, k3s, logLevel, mode, modelsDir, networking, noWorker, offline, "
+    "readOnlyModelDirs, schemaVersion, security"
+)
+ABSOLUTE = (
+    "must be an absolute path without whitespace, control characters or ':' (systemd and "
+    "tmpfiles split their settings at whitespace; EXO's directory lists at ':')"
+)
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ([1], "config: the document must be a JSON object"),
+        ({}, "schemaVersion: required but missing; this tool reads schemaVersion 1"),
+        (
+            {"schemaVersion": 2},
+            "schemaVersion: 2 is not supported; this tool reads schemaVersion 1 "
+            "(upgrade exo-nixos or the module so they match)",
+        ),
+        (
+            {"schemaVersion": 1, "networking": {"zzz": 1}},
+            "networking.zzz: unknown key (known keys: backupInterface, bondInterface, "
+            "discoveryPort, downloadInterfaces, extraInterfaces, networkNamespace, "
+            "rdmaEnabled, restrictInterfaces, ringPorts, zenohPort)",
+        ),
+        ({"schemaVersion": 1, "zzz.y": 1}, f'"zzz.y": unknown key (known keys: {TOP_KEYS})'),
+        ({"schemaVersion": 1, " sp": 1}, f'" sp": unknown key (known keys: {TOP_KEYS})'),
+        ({"schemaVersion": 1, "x\x01": 1}, f'"x\\u0001": unknown key (known keys: {TOP_KEYS})'),
+        (
+            {"schemaVersion": 1, "gateway": {"staticBackends": ["http://10.0.0.1:0"]}},
+            "gateway.staticBackends.0: 'http://10.0.0.1:0': the port must be 1 to 65535",
+        ),
+        (
+            {"schemaVersion": 1, "gateway": {"staticBackends": ["http://10.0.0.1:99999"]}},
+            "gateway.staticBackends.0: 'http://10.0.0.1:99999': the port must be 1 to 65535",
+        ),
+        (
+            {"schemaVersion": 1, "gateway": {"listenAddress": "fe80::1%eth0"}},
+            "gateway.listenAddress: 'fe80::1%eth0': must be an IPv4 or IPv6 address such as "
+            "0.0.0.0 or ::1",
+        ),
+        (
+            {"schemaVersion": 1, "networking": {"extraInterfaces": ["ok", "bad name"]}},
+            "networking.extraInterfaces.1: 'bad name': must be a Linux interface name: 1 to 15 "
+            "printable ASCII characters, no whitespace, '/' or ':'",
+        ),
+        (
+            {"schemaVersion": 1, "networking": {"zenohPortt": 1}},
+            "networking.zenohPortt: unknown key; did you mean 'zenohPort'?",
+        ),
+        (
+            {"schemaVersion": 1, "logLevel": "loud"},
+            "logLevel: 'loud' is not allowed; input should be 'error', 'warning', 'info' or "
+            "'debug'",
+        ),
+        (
+            {"schemaVersion": 1, "gateway": {"tlsCertificateFile": "/a"}},
+            "gateway: tlsCertificateFile and tlsKeyFile must be set together",
+        ),
+        (
+            {"schemaVersion": 1, "networking": {"ringPorts": {"from": 9, "to": 2}}},
+            "networking.ringPorts: 'from' (9) must not be above 'to' (2)",
+        ),
+        (
+            {"schemaVersion": 1, "extraArgs": ["a\0b"]},
+            "extraArgs.0: 'a\\x00b': must not contain a NUL byte (no program can receive one)",
+        ),
+        (
+            {"schemaVersion": 1, "mode": "boss"},
+            "mode: 'boss' is not allowed; input should be 'master', 'worker' or 'auto'",
+        ),
+        (
+            {"schemaVersion": 1, "security": {"dataDir": "/a\0b"}},
+            f"security.dataDir: '/a\\x00b': {ABSOLUTE}",
+        ),
+        (
+            {"schemaVersion": 1, "hardware": {"packages": {"cpu": "relative"}}},
+            f"hardware.packages.cpu: 'relative': {ABSOLUTE}",
+        ),
+    ],
+)
+def test_problems_are_worded_exactly(document, problem):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert str(caught.value) == problem
+    assert caught.value.problems in ([], [problem])
+
+
+def test_nesting_limit_is_exact():
+    from exo_nixos import jsonio
+
+    def nested(levels: int) -> dict[str, Any]:
+        document: dict[str, Any] = {"schemaVersion": 1}
+        inner: dict[str, Any] = document
+        for _ in range(levels - 1):
+            inner["environmentVariables"] = {}
+            inner = inner["environmentVariables"]
+        return document
+
+    at_limit = nested(jsonio.MAX_DEPTH)
+    assert jsonio.depth(at_limit) == jsonio.MAX_DEPTH
+    with pytest.raises(ConfigError) as caught:
+        parse_config(at_limit)
+    assert "levels deep" not in str(caught.value)  # a schema problem, not the depth limit
+    with pytest.raises(ConfigError) as caught:
+        parse_config(nested(jsonio.MAX_DEPTH + 1))
+    assert str(caught.value) == f"config: nested more than {jsonio.MAX_DEPTH} levels deep"
+
+
+def test_urls_lose_trailing_slashes_and_packages_give_executables():
+    from exo_nixos.config import Accelerator
+
+    config = parse_config(
+        {
+            "schemaVersion": 1,
+            "gateway": {"staticBackends": ["http://10.0.0.1:5/", "http://10.0.0.2:6//"]},
+            "hardware": {"packages": {"cpu": "/nix/store/x"}},
+        }
+    )
+    assert config.gateway.static_backends == ["http://10.0.0.1:5", "http://10.0.0.2:6"]
+    assert str(config.hardware.executable(Accelerator.CPU)) == "/nix/store/x/bin/exo"
+    assert config.hardware.executable(Accelerator.CUDA) is None
+
+
+def test_load_config_failures_are_one_line_each(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config("/etc/a\0b")
+    assert str(caught.value) == "--config '/etc/a\\x00b': a path cannot contain a NUL byte"
+    missing = tmp_path / "absent.json"
+    with pytest.raises(ConfigError) as caught:
+        load_config(missing)
+    assert str(caught.value) == (
+        f"{missing}: no such config file; on NixOS set services.exo.enable, "
+        "elsewhere pass --config FILE"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: cannot read the config file: Is a directory"
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"schemaVersion": 1, "mode": "\xe9"}')
+    with pytest.raises(ConfigError) as caught:
+        load_config(latin1)
+    assert str(caught.value).startswith(f"{latin1}: cannot read the config file: 'utf-8' codec")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schemaVersion": 1, "mode": "boss"}')
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    problem = f"{bad}: mode: 'boss' is not allowed; input should be 'master', 'worker' or 'auto'"
+    assert str(caught.value) == problem
+    assert caught.value.problems == [problem]
+
+
+def test_json_schema_is_the_one_in_docs():
+    from pathlib import Path
+
+    from exo_nixos.config import json_schema
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.schema.json"
+    assert json_schema() == json.loads(docs.read_text())
+
+
+def test_addresses_and_the_json_form():
+    config = parse_config(
+        {"schemaVersion": 1, "gateway": {"listenAddress": "::1"}, "extraArgs": ["--x"]}
+    )
+    assert config.gateway.listen_address == "::1"
+    document = config.to_json()
+    assert document["gateway"]["listenAddress"] == "::1"
+    assert document["extraArgs"] == ["--x"]
+    assert parse_config(document) == config

@@ -185,3 +185,156 @@ def test_gateway_urls_bracket_ipv6(tmp_path: Path):
     assert check(config) == "gateway config usable: http://[::1]:52417, no API keys (loopback only)"
     pool = build_gateway(config).pool
     assert pool.local is not None and pool.local.url == "http://127.0.0.1:52415"
+
+
+def test_check_compares_every_digest_through_hmac(tmp_path: Path, monkeypatch):
+    """Constant time: each key's digest goes through hmac.compare_digest, all of them even
+    after a match (never ``==``, which stops at the first differing byte)."""
+    import hmac
+
+    from exo_nixos.gateway import auth
+
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\nbob:{GOOD}b\ncarol:{GOOD}c\n")
+    store = KeyStore(path)
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert store.check(f"{GOOD}a") == "alice"
+    presented = auth._digest(f"{GOOD}a")
+    assert calls == [(presented, k.digest) for k in store._keys]
+    calls.clear()
+    assert store.check(f"{GOOD}z") is None
+    assert len(calls) == 3
+
+    # with compare_digest answering "no", nothing matches: the check has no other path
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: False)
+    assert store.check(f"{GOOD}a") is None
+
+
+def test_check_source_compares_digests_only_with_hmac():
+    """A structural check to go with the one above: no ``==`` on digests in check()."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(KeyStore.check)))
+    compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
+    assert all(not isinstance(op, ast.Eq | ast.NotEq) for c in compares for op in c.ops)
+    calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert "hmac.compare_digest" in calls
+
+
+def test_key_length_limit_is_inclusive():
+    exactly = "k" * 16
+    assert [k.name for k in parse_keys(f"a:{exactly}\n", "keys")] == ["a"]
+    with pytest.raises(UserError, match="shorter than 16"):
+        parse_keys(f"a:{exactly[1:]}\n", "keys")
+
+
+def test_parse_errors_name_the_remedy():
+    for text, message in [
+        (
+            f"a:{GOOD}\x00\n",
+            "keys line 1: key 'a' contains a control character (e.g. NUL); "
+            "a key is printable characters only",
+        ),
+        (
+            "a:short\n",
+            "keys line 1: key 'a' is shorter than 16 characters; "
+            "generate one with `openssl rand -hex 32`",
+        ),
+    ]:
+        with pytest.raises(UserError) as caught:
+            parse_keys(text, "keys")
+        assert str(caught.value) == message
+
+
+def test_key_file_size_limit(tmp_path: Path):
+    from exo_nixos.gateway.auth import MAX_KEY_FILE_BYTES
+
+    key = f"last:{GOOD}x"
+    padding = MAX_KEY_FILE_BYTES - len(key) - 1
+    path = write_keys(tmp_path / "keys", "#" * padding + "\n" + key)
+    assert path.stat().st_size == MAX_KEY_FILE_BYTES
+    # the whole file is read: the key at its very end is intact
+    assert KeyStore(path).check(f"{GOOD}x") == "last"
+    write_keys(path, "#" * (padding + 1) + "\n" + key)
+    with pytest.raises(UserError) as caught:
+        KeyStore(path)
+    assert str(caught.value) == f"{path}: the API key file is over {MAX_KEY_FILE_BYTES} bytes"
+
+
+def test_key_file_that_is_not_utf8_is_one_line(tmp_path: Path):
+    path = write_keys(tmp_path / "keys", "")
+    path.write_bytes(b"a:" + b"\xff" * 20 + b"\n")
+    with pytest.raises(UserError) as caught:
+        KeyStore(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read the API key file: 'utf-8' codec")
+    assert "\n" not in message
+
+
+def test_key_file_read_error_gives_the_reason(tmp_path: Path):
+    # a symlink loop: an OSError with a strerror, which the message gives
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError) as caught:
+        KeyStore(loop)
+    assert str(caught.value) == (
+        f"{loop}: cannot read the API key file: Too many levels of symbolic links"
+    )
+
+
+def test_basic_auth_password_may_hold_colons_and_base64_is_strict():
+    basic = base64.b64encode(f"anyone:{GOOD}:more".encode()).decode()
+    assert presented_key({"Authorization": f"Basic {basic}"}) == f"{GOOD}:more"
+    # characters outside base64's alphabet are refused, not skipped
+    assert presented_key({"Authorization": f"Basic {basic[:4]}!{basic[4:]}"}) is None
+
+
+def test_reload_without_a_key_file_succeeds_and_success_is_logged(tmp_path: Path, caplog):
+    assert asyncio.run(KeyStore(None).reload()) is True
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\n")
+    store = KeyStore(path)
+    write_keys(path, f"alice:{GOOD}a\nbob:{GOOD}b\n")
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(store.reload()) is True
+    assert [r.getMessage() for r in caplog.records] == [f"API keys reloaded from {path}: 2 keys"]
+
+
+def test_a_reload_while_one_is_under_way_is_refused(tmp_path: Path, caplog, monkeypatch):
+    import threading
+
+    from exo_nixos.gateway import auth
+
+    path = write_keys(tmp_path / "keys", f"alice:{GOOD}a\n")
+    store = KeyStore(path)
+    release = threading.Event()
+    real = auth.read_key_file
+
+    def slow_read(p: Path) -> list[auth.ApiKey]:
+        release.wait(10)
+        return real(p)
+
+    monkeypatch.setattr(auth, "read_key_file", slow_read)
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        first = asyncio.create_task(store.reload())
+        await asyncio.sleep(0.05)
+        second = await store.reload()
+        release.set()
+        ok = await first
+        third = await store.reload()  # the flag is cleared once a reload ends
+        return ok, second, third
+
+    with caplog.at_level(logging.ERROR):
+        assert asyncio.run(scenario()) == (True, False, True)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"API keys not reloaded, keeping the 1 loaded: {path}: the previous reload "
+        "has not finished reading it"
+    ]

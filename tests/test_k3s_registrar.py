@@ -583,3 +583,42 @@ def test_stop_abandons_a_hanging_request_and_removes_the_endpoint(tmp_path: Path
 
     api = run_scenario(tmp_path, scenario)
     assert api.get(NS, NAME) is None
+
+
+def test_a_conflict_is_followed_by_a_read_then_a_write_with_the_new_version(
+    tmp_path: Path,
+) -> None:
+    """Step by step, without the loop: after a 409 the registrar reads the object again and
+    writes with the resourceVersion it just read; it neither repeats the stale write nor
+    creates the object anew."""
+
+    async def main() -> tuple[list[tuple[str, int]], str | None, str | None, bool | None]:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+        try:
+            reg.ready = True
+            await reg.sync()
+            assert [(s.method, s.status) for s in api.requests] == [("GET", 404), ("POST", 201)]
+            api.requests.clear()
+
+            def annotate(obj: dict[str, Any]) -> None:
+                obj["metadata"]["annotations"] = {"touched-by": "kubectl"}
+
+            api.modify(NS, NAME, annotate)  # the registrar's resourceVersion is now stale
+            theirs = (api.get(NS, NAME) or {})["metadata"]["resourceVersion"]
+            reg.ready = False
+            await reg.sync()
+            seen = [(s.method, s.status) for s in api.requests]
+            current = reg._current
+            assert current is not None and current.metadata is not None
+            ours = current.metadata.resourceVersion
+            return seen, theirs, ours, api.ready(NS, NAME)
+        finally:
+            await reg.client.close()
+            await api.stop()
+
+    seen, theirs, ours, ready = asyncio.run(main())
+    assert seen == [("PUT", 409), ("GET", 200), ("PUT", 200)]
+    assert ready is False
+    assert ours is not None and theirs is not None and int(ours) > int(theirs)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
 import pwd
 import socket
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -15,6 +17,7 @@ from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, Config, parse_config
 from exo_nixos.hardware import Inventory, detect
 from exo_nixos.preflight import (
+    IN_USE,
     CheckResult,
     DirectorySpec,
     Host,
@@ -109,6 +112,48 @@ def test_tcp_listener_detected(host: Host) -> None:
         result = check_ports(make_config(host.root, apiPort=port))
     assert result.status is Status.FAIL
     assert "(apiPort)" in result.reason
+
+
+def _ipv6_only_socket(kind: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(("::", 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen()
+    return sock
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [(socket.SOCK_STREAM, "apiPort"), (socket.SOCK_DGRAM, "networking.discoveryPort")],
+)
+def test_port_held_only_on_ipv6_fails(host: Host, kind: int, option: str) -> None:
+    """EXO binds every address, IPv6 too: a port held on ``::`` alone (IPV6_V6ONLY), free on
+    0.0.0.0, is in use all the same."""
+    try:
+        busy = _ipv6_only_socket(kind)
+    except OSError as exc:
+        pytest.skip(f"cannot bind an IPv6 socket here: {exc}")
+    with busy:
+        port = busy.getsockname()[1]
+        with socket.socket(socket.AF_INET, kind) as v4:
+            v4.bind(("0.0.0.0", port))  # the IPv4 side of the port is free
+        if option == "apiPort":
+            cfg = make_config(host.root, apiPort=port)
+        else:
+            cfg = make_config(
+                host.root,
+                apiPort=free_port(socket.SOCK_STREAM),
+                networking={"discoveryPort": port, "zenohPort": free_port(socket.SOCK_STREAM)},
+            )
+        result = check_ports(cfg)
+        # this node's own EXO may hold it: then it is not a problem
+        assert check_ports(cfg, exo_running=True).status is Status.OK
+    assert result.status is Status.FAIL
+    proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    assert result.reason == f"{proto} port {port} ({option}) is {IN_USE}"
+    assert result.fix == f"stop what listens there (ss -lntup 'sport = :{port}') or change {option}"
 
 
 def test_no_cluster_interface_is_ok(host: Host) -> None:
@@ -399,3 +444,104 @@ def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
         )
     assert done.returncode == 0, done.stderr
     assert "nobody cannot enter /home/alice, so /home/alice/models" in done.stdout
+
+
+def test_port_check_wording(host: Host) -> None:
+    api, zenoh = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    discovery = free_port(socket.SOCK_DGRAM)
+    cfg = make_config(
+        host.root, apiPort=api, networking={"zenohPort": zenoh, "discoveryPort": discovery}
+    )
+    listed = f"TCP {api}, TCP {zenoh}, UDP {discovery}"
+    assert check_ports(cfg) == CheckResult("ports", Status.OK, f"{listed} are free")
+    assert check_ports(cfg, exo_running=True) == CheckResult(
+        "ports", Status.OK, f"{listed}: free or held by this node's running EXO"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("0.0.0.0", zenoh))
+        busy.listen()
+        result = check_ports(cfg)
+    assert result.check == "ports" and result.status is Status.FAIL
+    assert result.reason == f"TCP port {zenoh} (networking.zenohPort) is {IN_USE}"
+    assert result.to_json() == {
+        "check": "ports",
+        "status": "fail",
+        "reason": result.reason,
+        "fix": result.fix,
+    }
+
+
+class _FakeSocket:
+    """A socket whose bind fails as ``binds[family]`` says (None: it binds)."""
+
+    made: ClassVar[list[_FakeSocket]] = []
+
+    def __init__(self, binds: dict[int, OSError | None], family: int, kind: int) -> None:
+        self.family, self.kind, self.binds = family, kind, binds
+        self.options: list[tuple[int, int, int]] = []
+        _FakeSocket.made.append(self)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+    def bind(self, address: tuple[str, int]) -> None:
+        error = self.binds[self.family]
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> _FakeSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _port_problem(monkeypatch, kind: int, **binds: OSError | None) -> str | None:
+    from exo_nixos.preflight import _port_in_use
+
+    families: dict[str, int] = {"v6": socket.AF_INET6, "v4": socket.AF_INET}
+    table = {families[k]: v for k, v in binds.items()}
+
+    def make(family: int, kind: int) -> _FakeSocket:
+        if family not in table:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return _FakeSocket(table, family, kind)
+
+    _FakeSocket.made = []
+    monkeypatch.setattr(socket, "socket", make)
+    return _port_in_use(kind, 52415)
+
+
+def test_port_check_errors_one_by_one(monkeypatch) -> None:
+    tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    # IPv6 absent (no socket, or no address): the IPv4 answer decides
+    assert _port_problem(monkeypatch, tcp, v4=in_use) == IN_USE
+    assert _port_problem(monkeypatch, tcp, v6=OSError(errno.EADDRNOTAVAIL, "x"), v4=in_use) == (
+        IN_USE
+    )
+    assert _port_problem(monkeypatch, tcp, v6=None, v4=None) is None
+    assert _port_problem(monkeypatch, tcp, v6=OSError(errno.EACCES, "x"), v4=None) == (
+        "not allowed for this user (privileged port)"
+    )
+    assert (
+        _port_problem(monkeypatch, tcp, v6=OSError(errno.EPERM, "Operation not permitted"), v4=None)
+        == "Operation not permitted"
+    )
+    assert (
+        _port_problem(monkeypatch, tcp, v6=OSError(errno.EPERM), v4=None) == "1"
+    )  # no strerror: str() of the error
+    # options: IPv6 only on the IPv6 socket; SO_REUSEADDR for TCP (as EXO's listener), not UDP
+    _port_problem(monkeypatch, tcp, v6=None, v4=None)
+    assert [s.options for s in _FakeSocket.made] == [
+        [
+            (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1),
+            (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1),
+        ],
+        [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)],
+    ]
+    _port_problem(monkeypatch, udp, v6=None, v4=None)
+    assert [s.options for s in _FakeSocket.made] == [
+        [(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)],
+        [],
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,51 @@ def test_ready_only_after_the_api_answers(supervise, tmp_path) -> None:
     assert ready.fields["STATUS"].startswith("worker; ")
     assert "instance" in ready.fields["STATUS"]
     assert run.process.poll() is None
+
+
+def gated_exo_package(root: Path, gate: Path) -> Path:
+    """An ``exo`` that prints two lines at once, then starts the double (whose API answers)
+    only once ``gate`` exists: output long before the API is up."""
+    make_fake_exo_package(root)
+    exe = root / "bin" / "exo"
+    double = exe.read_text().splitlines()
+    exe.write_text(
+        "\n".join(
+            [
+                double[0],
+                "echo 'EXO test double: banner line'",
+                "echo 'EXO test double: loading'",
+                f"while [ ! -e {gate} ]; do sleep 0.05; done",
+                *double[1:],
+            ]
+        )
+        + "\n"
+    )
+    return root
+
+
+def test_ready_waits_for_the_api_not_for_exos_output(supervise, tmp_path) -> None:
+    """Deterministic, not a race: the supervisor handles EXO's lines one after another, so
+    once the second line is in its output, anything the first line could trigger (a READY
+    sent on EXO's first output, say) has been sent. A marker datagram sent then lands in the
+    listener's queue after it; READY must come after the marker, i.e. after the API answers."""
+    gate = tmp_path / "gate"
+    run = supervise(base_config(tmp_path, gated_exo_package(tmp_path / "cpu", gate)))
+    deadline = time.monotonic() + 20
+    while "EXO test double: loading" not in run.log():
+        assert run.process.poll() is None, run.log()
+        assert time.monotonic() < deadline, f"no output from the gated EXO:\n{run.log()}"
+        time.sleep(0.02)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as marker:
+        marker.sendto(b"TEST_MARKER=1", run.listener.address)
+    run.listener.wait_for("TEST_MARKER", "1")
+    assert run.listener.all("READY") == [], "READY=1 before EXO's API was started"
+    gate.touch()
+    ready = run.listener.wait_for("READY", "1", 30)
+    order = [m for m in run.listener.messages if "READY" in m.fields or "TEST_MARKER" in m.fields]
+    assert ["READY" if "READY" in m.fields else "marker" for m in order][:2] == ["marker", "READY"]
+    assert ready.fields["STATUS"].startswith("worker; ")
+    run_coroutine(http_json("GET", f"{run.url}/node_id", within=2))
 
 
 def test_crash_exit_status_propagates(supervise) -> None:
