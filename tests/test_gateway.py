@@ -622,6 +622,13 @@ def test_stream_cut_by_a_dying_backend_is_not_passed_as_complete(keys_file):
             asyncio.run(scenario())
 
 
+def _completion(url: str) -> tuple[int, bytes]:
+    status, _, body = call(
+        "POST", f"{url}/v1/chat/completions", headers=AUTH, body=chat(3, stream=False)
+    )
+    return status, body
+
+
 def test_cut_off_json_200_is_retried_elsewhere_never_passed_on(keys_file):
     # Upstream answers a non-streamed completion whose runner fails with a 200 whose chunked
     # body never ends (the double's "cutoff" fault): it is a failure, not an answer.
@@ -633,12 +640,7 @@ def test_cut_off_json_200_is_retried_elsewhere_never_passed_on(keys_file):
         alone = gateway_config(port=free_port(), keys_file=keys_file, static_backends=[failing.url])
         with run_gateway(alone) as gateway:
             for _ in range(3):
-                status, _, body = call(
-                    "POST",
-                    f"{gateway.url}/v1/chat/completions",
-                    headers=AUTH,
-                    body=chat(3, stream=False),
-                )
+                status, body = _completion(gateway.url)
                 assert status == 502, body
                 assert json.loads(body)["error"]["type"] == "gateway_error"
             assert "response cut off" in gateway.log_text()
@@ -647,12 +649,7 @@ def test_cut_off_json_200_is_retried_elsewhere_never_passed_on(keys_file):
         )
         with run_gateway(both) as gateway:
             for _ in range(6):
-                status, _, body = call(
-                    "POST",
-                    f"{gateway.url}/v1/chat/completions",
-                    headers=AUTH,
-                    body=chat(3, stream=False),
-                )
+                status, body = _completion(gateway.url)
                 assert status == 200, body
                 reply = json.loads(body)["choices"][0]["message"]["content"]
                 assert reply.split()[3] == healthy.node_id[:8]

@@ -17,6 +17,17 @@ NS = "exo-system"
 NAME = "exo-api-node-e2e"
 
 
+def _register(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exo_nixos", "k3s", "register", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=double_env(),
+        check=False,
+        timeout=60,
+    )
+
+
 def test_register_follows_node_health_and_removes_itself_on_sigterm(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("good-token\n")
@@ -94,28 +105,10 @@ def test_register_follows_node_health_and_removes_itself_on_sigterm(tmp_path: Pa
 def test_register_without_credentials_is_a_one_line_error(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"schemaVersion": 1, "k3s": {"integration": True}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "exo_nixos", "k3s", "register", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=double_env(),
-        check=False,
-        timeout=60,
-    )
+    result = _register(config)
     assert result.returncode == 2
     assert result.stderr.startswith("exo-nixos: error: k3s: no credentials")
     assert "Traceback" not in result.stderr
-
-
-def _register(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exo_nixos", "k3s", "register", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=double_env(),
-        check=False,
-        timeout=60,
-    )
 
 
 def _k3s_config(tmp_path: Path, **k3s: object) -> Path:
