@@ -132,28 +132,24 @@ class _Syntax:
         return json_schema
 
 
-def _syntax(kind: str) -> _Syntax:
-    return _Syntax(kind)
-
-
 # the syntaxes of patterns.json, which the NixOS option types (nix/modules/lib/types.nix) read
-InterfaceName = Annotated[str, _syntax("interfaceName")]
-AbsolutePath = Annotated[str, _syntax("absolutePath")]
-GfxVersion = Annotated[str, _syntax("gfxVersion")]
-DriverVersion = Annotated[str, _syntax("driverVersion")]
-ComputeCapability = Annotated[str, _syntax("computeCapability")]
-K8sName = Annotated[str, _syntax("k8sName")]
-NetnsName = Annotated[str, _syntax("netnsName")]
-UserName = Annotated[str, _syntax("userName")]
-PublicPath = Annotated[str, _syntax("publicPath")]
-ClusterNamespace = Annotated[str, _syntax("clusterNamespace")]
-DeviceId = Annotated[str, _syntax("deviceId")]
-K8sSubdomain = Annotated[str, _syntax("k8sSubdomain")]
+InterfaceName = Annotated[str, _Syntax("interfaceName")]
+AbsolutePath = Annotated[str, _Syntax("absolutePath")]
+GfxVersion = Annotated[str, _Syntax("gfxVersion")]
+DriverVersion = Annotated[str, _Syntax("driverVersion")]
+ComputeCapability = Annotated[str, _Syntax("computeCapability")]
+K8sName = Annotated[str, _Syntax("k8sName")]
+NetnsName = Annotated[str, _Syntax("netnsName")]
+UserName = Annotated[str, _Syntax("userName")]
+PublicPath = Annotated[str, _Syntax("publicPath")]
+ClusterNamespace = Annotated[str, _Syntax("clusterNamespace")]
+DeviceId = Annotated[str, _Syntax("deviceId")]
+K8sSubdomain = Annotated[str, _Syntax("k8sSubdomain")]
 MemoryLimitText = Annotated[str, AfterValidator(_memory_limit)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Url = Annotated[str, AfterValidator(_url)]
 # what execve and systemd take as a variable name (systemd: env_name_is_valid)
-EnvName = Annotated[str, _syntax("envName")]
+EnvName = Annotated[str, _Syntax("envName")]
 NoNul = Annotated[str, AfterValidator(_no_nul)]
 
 

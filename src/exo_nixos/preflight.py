@@ -218,6 +218,12 @@ def _owner_ids(user: str, group: str) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def _parents(path: str) -> list[str]:
+    """The directories above ``path``, from ``/`` down: each must be searchable to reach it."""
+    parts = Path(path).parts
+    return [str(Path(*parts[:depth])) for depth in range(1, len(parts))]
+
+
 def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str, str] | None:
     """Where ``user`` is stopped on the way to ``path`` (read, or write with ``write``), and
     how that was judged; None when it gets there.
@@ -245,9 +251,7 @@ def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str,
         return info.st_mode & bits == bits
 
     judged = f"judged from permission bits for {user}; run as {user} for ACLs"
-    parts = Path(path).parts
-    for depth in range(1, len(parts)):
-        parent = str(Path(*parts[:depth]))
+    for parent in _parents(path):
         try:
             if not allows(host.path(parent).stat(), 0o1):
                 return parent, judged
@@ -275,8 +279,7 @@ def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckRes
         )
     except OSError as exc:
         if exc.errno == errno.EACCES:
-            parts = Path(spec.path).parts
-            parents = (str(Path(*parts[:depth])) for depth in range(1, len(parts)))
+            parents = _parents(spec.path)
             where = next((p for p in parents if not os.access(host.path(p), os.X_OK)), None)
             if where is not None:
                 me = pwd.getpwuid(os.geteuid()).pw_name

@@ -40,25 +40,10 @@ let
     && lib.all hexGroup hex
     && (if builtins.length halves == 2 then width <= 7 else width == 8);
 in
-{
+# one type per syntax of patterns.json (absolutePath, memoryLimit, ...), plus ipAddress
+lib.genAttrs (lib.filter (n: !lib.hasPrefix "_" n) (builtins.attrNames patterns)) matching
+// {
   inherit patterns;
-  inherit (lib.genAttrs (lib.filter (n: !lib.hasPrefix "_" n) (builtins.attrNames patterns)) matching)
-    absolutePath
-    memoryLimit
-    interfaceName
-    k8sName
-    url
-    driverVersion
-    computeCapability
-    gfxVersion
-    netnsName
-    userName
-    k8sSubdomain
-    envName
-    publicPath
-    clusterNamespace
-    deviceId
-    ;
   ipAddress = types.addCheck types.str (text: ipv4 text || ipv6 text) // {
     name = "ipAddress";
     description = "an IPv4 or IPv6 address such as 0.0.0.0 or ::1";
