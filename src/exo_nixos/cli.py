@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "supervise an EXO node under systemd (Type=notify, watchdog)"),
     "gateway": ("gateway", "serve the authenticated, health-aware API gateway"),
     "k3s": ("k3s", "render K3s manifests or keep this node registered in an EndpointSlice"),
+    "models": ("models", "declared models: list, pull, place, remove, reconcile, verify the cache"),
 }
 
 

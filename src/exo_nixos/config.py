@@ -150,6 +150,7 @@ IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Url = Annotated[str, AfterValidator(_url)]
 # what execve and systemd take as a variable name (systemd: env_name_is_valid)
 EnvName = Annotated[str, _Syntax("envName")]
+ModelId = Annotated[str, _Syntax("modelId")]
 NoNul = Annotated[str, AfterValidator(_no_nul)]
 
 
@@ -370,6 +371,65 @@ class HealthCheck(_Section):
     failures: StrictInt = Field(3, ge=1, le=100, description="Failed probes before 'down'.")
 
 
+class Sharding(StrEnum):
+    """Upstream's ``Sharding`` (src/exo/shared/types/worker/shards.py)."""
+
+    PIPELINE = "Pipeline"
+    TENSOR = "Tensor"
+
+
+class InstanceMeta(StrEnum):
+    """Upstream's ``InstanceMeta`` (src/exo/shared/types/worker/instances.py). ``MlxJaccl``
+    (RDMA over Thunderbolt) runs on macOS nodes only."""
+
+    MLX_RING = "MlxRing"
+    MLX_JACCL = "MlxJaccl"
+
+
+class DeclaredModel(_Section):
+    """One entry of ``models``: a model the cluster keeps downloaded, and maybe running."""
+
+    running: StrictBool = Field(
+        True,
+        description="Keep one instance running (placed with the parameters below); false: "
+        "keep it downloaded only.",
+    )
+    sharding: Sharding = Field(Sharding.PIPELINE, description="Upstream's placement sharding.")
+    instance_meta: InstanceMeta = Field(
+        InstanceMeta.MLX_RING, description="Upstream's instance kind (MlxRing on Linux)."
+    )
+    min_nodes: StrictInt = Field(1, ge=1, le=1024, description="Fewest nodes to place it on.")
+    custom: StrictBool = Field(
+        False,
+        description="Not in EXO's catalogue: add its card from Hugging Face first "
+        "(upstream's POST /models/add).",
+    )
+
+
+class ModelReconciler(_Section):
+    enable: StrictBool = Field(
+        True,
+        description="Run exo-models.service where models are declared; it acts only while "
+        "its node is the elected master.",
+    )
+    interval_sec: StrictFloat = Field(
+        30.0, gt=0, le=86400, description="Seconds between comparisons once converged."
+    )
+    place_timeout_sec: StrictFloat = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description="Seconds a placed instance may take to appear and become ready before "
+        "it counts as failed (downloads included).",
+    )
+    repair_cache: StrictBool = Field(
+        True, description="Quarantine damaged files of the local model cache before placing."
+    )
+    quarantine_dir: AbsolutePath | None = Field(
+        None, description="Where damaged model files are moved; default dataDir/quarantine."
+    )
+
+
 class Config(_Section):
     schema_version: Literal[1] = Field(description="Version of this contract (required).")
     mode: Mode = Mode.AUTO
@@ -396,6 +456,12 @@ class Config(_Section):
     security: Security = Field(default_factory=lambda: Security.model_validate({}))
     gateway: Gateway = Field(default_factory=lambda: Gateway.model_validate({}))
     health_check: HealthCheck = Field(default_factory=lambda: HealthCheck.model_validate({}))
+    models: dict[ModelId, DeclaredModel] = Field(
+        default_factory=dict, description="Models by EXO model id that the cluster keeps."
+    )
+    model_reconciler: ModelReconciler = Field(
+        default_factory=lambda: ModelReconciler.model_validate({})
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -413,11 +479,21 @@ class Config(_Section):
             raise ValueError("k3s.tokenFile needs k3s.apiServer (the API server URL)")
         if self.k3s.kubeconfig_file and self.k3s.token_file:
             raise ValueError("set k3s.kubeconfigFile or k3s.tokenFile, not both")
+        custom = [m for m, spec in self.models.items() if spec.custom]
+        if self.offline and custom:
+            raise ValueError(
+                f"models.{json.dumps(custom[0])}.custom fetches the model card from Hugging "
+                "Face, which offline forbids: set offline = false or drop custom"
+            )
         return self
 
     @property
     def effective_models_dir(self) -> str:
         return self.models_dir or f"{self.security.data_dir}/models"
+
+    @property
+    def effective_quarantine_dir(self) -> str:
+        return self.model_reconciler.quarantine_dir or f"{self.security.data_dir}/quarantine"
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -12,6 +12,7 @@ import ipaddress
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,49 @@ def _tagged(name: str, body: JSON) -> JSON:
 
 
 @dataclass
+class Placed:
+    """One instance: given with ``--instance`` (ready from the start) or placed over the API."""
+
+    instance_id: str
+    model_id: str
+    nodes: list[str]
+    runner_ids: dict[str, str]
+    index: int
+    created: float
+    ready_at: float | None
+    """When its runners report ``RunnerReady``; ``None``: never (the never-ready fault)."""
+
+
+@dataclass
+class Download:
+    """One node's download of one model (upstream's ``DownloadProgress`` variants)."""
+
+    node_id: str
+    model_id: str
+    started: float
+    fails: bool = False
+
+
+@dataclass
+class ModelFaults:
+    """How downloads and placements go (double-only flags)."""
+
+    download_s: float = 2.0
+    """Seconds a model download takes; progress advances linearly over them."""
+    load_s: float = 0.3
+    """Seconds from a finished download to ``RunnerReady``."""
+    place_delay_s: float = 0.3
+    """Seconds between ``POST /place_instance`` and the instance in the state (the master
+    handles commands asynchronously)."""
+    fail_download: frozenset[str] = frozenset()
+    never_ready: frozenset[str] = frozenset()
+    too_big: frozenset[str] = frozenset()
+    hub_models: frozenset[str] = frozenset()
+    """Models the (pretended) Hugging Face hub knows beyond the catalogue."""
+    hub_down: bool = False
+
+
+@dataclass
 class Cluster:
     """What this node believes about its cluster."""
 
@@ -175,15 +219,76 @@ class Cluster:
     no_worker: bool = False
     no_edges: bool = False
     started: float = field(default_factory=time.time)
+    faults: ModelFaults = field(default_factory=ModelFaults)
 
     def __post_init__(self) -> None:
         self._event_ids = [str(uuid.uuid4()) for _ in range(self._event_count())]
-        self._instance_ids = [str(uuid.uuid4()) for _ in self.instance_models]
-        self._runner_ids = {
-            (model_index, node): str(uuid.uuid4())
-            for model_index in range(len(self.instance_models))
-            for node in self.instance_nodes
-        }
+        self.placed: dict[str, Placed] = {}
+        self.downloads: dict[str, dict[str, Download]] = {}
+        self.custom_models: list[str] = []
+        self._next_index = 0
+        for model_id in self.instance_models:
+            self.add_instance(model_id, ready_at=self.started)
+
+    def add_instance(self, model_id: str, *, ready_at: float | None) -> Placed | None:
+        """Put an instance of ``model_id`` over the instance nodes (none: no instance)."""
+        nodes = self.instance_nodes
+        if not nodes:
+            return None
+        instance = Placed(
+            instance_id=str(uuid.uuid4()),
+            model_id=model_id,
+            nodes=list(nodes),
+            runner_ids={node: str(uuid.uuid4()) for node in nodes},
+            index=self._next_index,
+            created=time.time(),
+            ready_at=ready_at,
+        )
+        self._next_index += 1
+        self.placed[instance.instance_id] = instance
+        return instance
+
+    def live_models(self) -> list[str]:
+        return list(dict.fromkeys(p.model_id for p in self.placed.values()))
+
+    def known_to_hub(self, model_id: str) -> bool:
+        return not self.faults.hub_down and (
+            model_id in CATALOGUE or model_id in self.faults.hub_models
+        )
+
+    def knows(self, model_id: str) -> bool:
+        """``ModelCard.load`` finds a card: catalogue, custom cards, placed, or the hub."""
+        return (
+            model_id in self.catalogue()
+            or model_id in self.custom_models
+            or self.known_to_hub(model_id)
+        )
+
+    def start_download(self, node_id: str, model_id: str) -> None:
+        """A node starts downloading ``model_id`` unless it has or is getting it already."""
+        current = self.downloads.setdefault(node_id, {}).get(model_id)
+        if current is not None and not current.fails:
+            return
+        self.downloads[node_id][model_id] = Download(
+            node_id, model_id, time.time(), fails=model_id in self.faults.fail_download
+        )
+
+    def download_fraction(self, node_id: str, model_id: str, now: float) -> float | None:
+        """0..1 of the download done; ``None``: none started, or it failed."""
+        download = self.downloads.get(node_id, {}).get(model_id)
+        if download is None or download.fails:
+            return None
+        if self.faults.download_s <= 0:
+            return 1.0
+        return min(1.0, (now - download.started) / self.faults.download_s)
+
+    def placement_error(self, model_id: str, min_nodes: int) -> str | None:
+        """Why placement fails, in upstream's words (src/exo/master/placement.py)."""
+        if model_id in self.faults.too_big:
+            return "No cycles found with sufficient memory"
+        if min_nodes > len(self.instance_nodes):
+            return "No cycles found with sufficient memory"
+        return None
 
     @property
     def all_nodes(self) -> list[str]:
@@ -201,10 +306,11 @@ class Cluster:
     def catalogue(self) -> list[str]:
         models = list(CATALOGUE)
         models.extend(m for m in self.instance_models if m not in models)
+        models.extend(m for m in self.custom_models if m not in models)
         return models
 
     def has_instance(self, model_id: str) -> bool:
-        return self.synced and model_id in self.instance_models and bool(self.instance_nodes)
+        return self.synced and model_id in self.live_models()
 
     def peer_ids(self) -> list[str]:
         return list(dict.fromkeys(peer.node_id for peer in self.peers))
@@ -239,54 +345,71 @@ class Cluster:
             connections.setdefault(source, {}).setdefault(sink, []).append(edge)
         return {"nodes": self.all_nodes, "connections": connections}
 
+    def shard(self, model_id: str, nodes: list[str], rank: int) -> JSON:
+        """``PipelineShardMetadata`` of rank ``rank`` over ``nodes`` (tagged, camelCase)."""
+        card = model_card(model_id)
+        n_layers = int(card["nLayers"])
+        per_node = max(1, n_layers // len(nodes))
+        start = min(rank * per_node, n_layers)
+        end = n_layers if rank == len(nodes) - 1 else min(start + per_node, n_layers)
+        return _tagged(
+            "PipelineShardMetadata",
+            {
+                "modelCard": card,
+                "deviceRank": rank,
+                "worldSize": len(nodes),
+                "immediateException": False,
+                "shouldTimeout": None,
+                "startLayer": start,
+                "endLayer": end,
+                "nLayers": n_layers,
+            },
+        )
+
+    def instance_json(
+        self,
+        model_id: str,
+        nodes: list[str],
+        runner_ids: dict[str, str],
+        instance_id: str,
+        index: int,
+    ) -> JSON:
+        """``MlxRingInstance`` as ``/state`` and ``GET /instance/{id}`` serialise it."""
+        runner_to_shard: JSON = {}
+        node_to_runner: JSON = {}
+        for rank, node in enumerate(nodes):
+            runner_to_shard[runner_ids[node]] = self.shard(model_id, nodes, rank)
+            node_to_runner[node] = runner_ids[node]
+        hosts = {node: [{"ip": self._host_of(node), "port": 50000 + index}] for node in nodes}
+        return _tagged(
+            "MlxRingInstance",
+            {
+                "instanceId": instance_id,
+                "shardAssignments": {
+                    "modelId": model_id,
+                    "runnerToShard": runner_to_shard,
+                    "nodeToRunner": node_to_runner,
+                },
+                "hostsByNode": hosts,
+                "ephemeralPort": 50000 + index,
+            },
+        )
+
+    def preview(self, model_id: str) -> JSON:
+        """What ``GET /instance/placement`` answers: an instance not in the state."""
+        nodes = self.instance_nodes
+        runner_ids = {node: str(uuid.uuid4()) for node in nodes}
+        return self.instance_json(model_id, nodes, runner_ids, str(uuid.uuid4()), self._next_index)
+
     def instances(self) -> JSON:
         if not self.synced:
             return {}
-        result: JSON = {}
-        nodes = self.instance_nodes
-        for index, (model_id, instance_id) in enumerate(
-            zip(self.instance_models, self._instance_ids, strict=True)
-        ):
-            if not nodes:
-                continue
-            card = model_card(model_id)
-            n_layers = int(card["nLayers"])
-            per_node = max(1, n_layers // len(nodes))
-            runner_to_shard: JSON = {}
-            node_to_runner: JSON = {}
-            for rank, node in enumerate(nodes):
-                runner_id = self._runner_ids[(index, node)]
-                start = min(rank * per_node, n_layers)
-                end = n_layers if rank == len(nodes) - 1 else min(start + per_node, n_layers)
-                runner_to_shard[runner_id] = _tagged(
-                    "PipelineShardMetadata",
-                    {
-                        "modelCard": card,
-                        "deviceRank": rank,
-                        "worldSize": len(nodes),
-                        "immediateException": False,
-                        "shouldTimeout": None,
-                        "startLayer": start,
-                        "endLayer": end,
-                        "nLayers": n_layers,
-                    },
-                )
-                node_to_runner[node] = runner_id
-            hosts = {node: [{"ip": self._host_of(node), "port": 50000 + index}] for node in nodes}
-            result[instance_id] = _tagged(
-                "MlxRingInstance",
-                {
-                    "instanceId": instance_id,
-                    "shardAssignments": {
-                        "modelId": model_id,
-                        "runnerToShard": runner_to_shard,
-                        "nodeToRunner": node_to_runner,
-                    },
-                    "hostsByNode": hosts,
-                    "ephemeralPort": 50000 + index,
-                },
+        return {
+            p.instance_id: self.instance_json(
+                p.model_id, p.nodes, p.runner_ids, p.instance_id, p.index
             )
-        return result
+            for p in self.placed.values()
+        }
 
     def _host_of(self, node: str) -> str:
         """The address a node's ring uses: its first IPv4 address."""
@@ -303,13 +426,96 @@ class Cluster:
             for address in addresses
         ]
 
+    def _runner_status(self, placed: Placed, node: str, now: float) -> JSON:
+        """Upstream's runner states (src/exo/shared/types/worker/runners.py) over time:
+        idle while the node downloads its shard, loading, then ready."""
+        n_layers = int(model_card(placed.model_id)["nLayers"])
+        if placed.ready_at is not None and now >= placed.ready_at:
+            return _tagged("RunnerReady", {"prefillServerPort": None})
+        fraction = self.download_fraction(node, placed.model_id, now)
+        if fraction is None or fraction < 1.0:
+            return _tagged("RunnerIdle", {})
+        return _tagged("RunnerLoading", {"layersLoaded": 0, "totalLayers": n_layers})
+
+    def tick(self, now: float) -> None:
+        """Advance placed instances: ready once every node's download is done (+ load time)."""
+        for placed in self.placed.values():
+            if placed.ready_at is not None or placed.model_id in self.faults.never_ready:
+                continue
+            fractions = [self.download_fraction(n, placed.model_id, now) for n in placed.nodes]
+            if all(f is not None and f >= 1.0 for f in fractions):
+                done = max(
+                    self.downloads[n][placed.model_id].started + self.faults.download_s
+                    for n in placed.nodes
+                )
+                placed.ready_at = max(done, placed.created) + self.faults.load_s
+
     def runners(self) -> JSON:
         if not self.synced:
             return {}
+        now = time.time()
+        self.tick(now)
         return {
-            runner_id: _tagged("RunnerReady", {"prefillServerPort": None})
-            for runner_id in self._runner_ids.values()
+            placed.runner_ids[node]: self._runner_status(placed, node, now)
+            for placed in self.placed.values()
+            for node in placed.nodes
         }
+
+    def downloads_json(self) -> JSON:
+        """``State.downloads``: per node, a list of tagged ``DownloadProgress``
+        (src/exo/shared/types/worker/downloads.py; FrozenModel: camelCase)."""
+        if not self.synced:
+            return {}
+        now = time.time()
+        result: JSON = {}
+        for node, models in self.downloads.items():
+            entries: list[JSON] = []
+            for model_id, download in models.items():
+                total = int(model_card(model_id)["storageSize"]["inBytes"])
+                base = {
+                    "nodeId": node,
+                    "shardMetadata": self.shard(model_id, [node], 0),
+                    "modelDirectory": f"/var/lib/exo/models/{model_id.replace('/', '--')}",
+                }
+                if download.fails:
+                    entries.append(
+                        _tagged(
+                            "DownloadFailed",
+                            {**base, "errorMessage": f"double: download of {model_id} failed"},
+                        )
+                    )
+                    continue
+                fraction = self.download_fraction(node, model_id, now) or 0.0
+                if fraction >= 1.0:
+                    entries.append(
+                        _tagged(
+                            "DownloadCompleted",
+                            {**base, "total": {"inBytes": total}, "readOnly": False},
+                        )
+                    )
+                    continue
+                done = int(total * fraction)
+                speed = total / self.faults.download_s
+                entries.append(
+                    _tagged(
+                        "DownloadOngoing",
+                        {
+                            **base,
+                            "downloadProgress": {
+                                "total": {"inBytes": total},
+                                "downloaded": {"inBytes": done},
+                                "downloadedThisSession": {"inBytes": done},
+                                "completedFiles": 0,
+                                "totalFiles": 4,
+                                "speed": speed,
+                                "etaMs": int((total - done) / speed * 1000),
+                                "files": {},
+                            },
+                        },
+                    )
+                )
+            result[node] = entries
+        return result
 
     def state(self) -> JSON:
         """``GET /state``: upstream's ``State`` with every top-level key it has."""
@@ -323,7 +529,7 @@ class Cluster:
         return {
             "instances": self.instances(),
             "runners": self.runners(),
-            "downloads": {},
+            "downloads": self.downloads_json(),
             "tasks": {},
             "lastSeen": {node: seen for node in nodes},
             "topology": self.topology(),
@@ -369,14 +575,23 @@ class Cluster:
             "thunderboltBridgeCycles": [],
             "instanceLinks": {},
             "prefillServerPorts": {},
-            "customModelCards": {},
+            "customModelCards": {m: model_card(m) for m in self.custom_models},
         }
+
+    def _ids(self) -> Iterator[str]:
+        """Stable event ids, one more for every event that appears later (placements)."""
+        index = 0
+        while True:
+            if index == len(self._event_ids):
+                self._event_ids.append(str(uuid.uuid4()))
+            yield self._event_ids[index]
+            index += 1
 
     def events(self) -> list[JSON]:
         """``GET /events``: the API's event log as one JSON array of tagged events."""
         if not self.synced:
             return []
-        ids = iter(self._event_ids)
+        ids = self._ids()
         events: list[JSON] = []
         for node in self.all_nodes:
             events.append(

@@ -26,7 +26,14 @@ from typing import Any, TextIO
 
 from aiohttp import web
 
-from tests.exo_double.cluster import Cluster, PeerSpec, model_list_entry, random_node_id
+from tests.exo_double.cluster import (
+    Cluster,
+    ModelFaults,
+    PeerSpec,
+    model_list_entry,
+    random_node_id,
+)
+from tests.exo_double.model_routes import add_routes as add_model_routes
 
 JSON = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -119,6 +126,13 @@ class Options:
     exit_code: int = 1
     stream_delay: float = 0.0
     env_dump: Path | None = None
+    download_seconds: float = 2.0
+    place_delay: float = 0.3
+    fail_download: list[str] = field(default_factory=list)
+    never_ready: list[str] = field(default_factory=list)
+    too_big: list[str] = field(default_factory=list)
+    hub_model: list[str] = field(default_factory=list)
+    hub_down: bool = False
 
     @property
     def effective_master(self) -> str | None:
@@ -210,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     double.add_argument("--exit-code", type=int, default=1, metavar="N")
     double.add_argument("--stream-delay", type=float, default=0.0, metavar="SECS")
     double.add_argument("--env-dump", type=Path, default=None, metavar="FILE")
+    models = parser.add_argument_group("test double only: downloads and placement")
+    models.add_argument("--download-seconds", type=float, default=2.0, metavar="SECS")
+    models.add_argument("--place-delay", type=float, default=0.3, metavar="SECS")
+    for flag, text in (
+        ("--fail-download", "this model's downloads fail (DownloadFailed)"),
+        ("--never-ready", "instances of this model never leave RunnerLoading"),
+        ("--too-big", "placing this model fails: no cycle with sufficient memory"),
+        ("--hub-model", "a model the hub knows beyond the catalogue (/models/add finds it)"),
+    ):
+        models.add_argument(flag, action="append", default=[], metavar="MODEL_ID", help=text)
+    models.add_argument("--hub-down", action="store_true", help="Hugging Face unreachable")
     return parser
 
 
@@ -249,6 +274,7 @@ class Double:
     cluster: Cluster
     fault: Fault = field(default_factory=Fault)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    background: set[asyncio.Future[None]] = field(default_factory=set)
 
     def exit_now(self, code: int) -> None:
         """Die like a crashed exo: one critical line, no clean-up, exit ``code``."""
@@ -351,7 +377,15 @@ async def models(request: web.Request) -> web.Response:
     created = int(time.time())
     ids = cluster.catalogue()
     if request.query.get("status") == "downloaded":
-        ids = [m for m in ids if m in cluster.instance_models]
+        downloaded = set(cluster.instance_models) | {
+            entry["DownloadCompleted"]["shardMetadata"]["PipelineShardMetadata"]["modelCard"][
+                "modelId"
+            ]
+            for entries in cluster.downloads_json().values()
+            for entry in entries
+            if "DownloadCompleted" in entry
+        }
+        ids = [m for m in ids if m in downloaded]
     return web.json_response(
         {"object": "list", "data": [model_list_entry(m, created) for m in ids]}
     )
@@ -608,6 +642,7 @@ def build_app(double: Double) -> web.Application:
     app.router.add_get("/index.html", dashboard)
     app.router.add_post(CONTROL_PREFIX + "fault", set_fault)
     app.router.add_get(CONTROL_PREFIX + "fault", get_fault)
+    add_model_routes(app, CONTROL_PREFIX)
     return app
 
 
@@ -733,6 +768,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         synced=not options.no_master,
         no_worker=options.no_worker,
         no_edges=options.no_edges,
+        faults=ModelFaults(
+            download_s=options.download_seconds,
+            place_delay_s=options.place_delay,
+            fail_download=frozenset(options.fail_download),
+            never_ready=frozenset(options.never_ready),
+            too_big=frozenset(options.too_big),
+            hub_models=frozenset(options.hub_model),
+            hub_down=options.hub_down,
+        ),
     )
 
     async def run() -> int:

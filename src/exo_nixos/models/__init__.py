@@ -1,0 +1,1 @@
+"""Declared models: the cache's integrity, upstream's model routes, the reconciler."""
