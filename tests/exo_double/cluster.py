@@ -163,6 +163,56 @@ def _tagged(name: str, body: JSON) -> JSON:
     return {name: body}
 
 
+# Upstream's runner states (src/exo/shared/types/worker/runners.py), in lifecycle order.
+RUNNER_STATES = (
+    "RunnerIdle",
+    "RunnerConnecting",
+    "RunnerConnected",
+    "RunnerLoading",
+    "RunnerLoaded",
+    "RunnerWarmingUp",
+    "RunnerReady",
+    "RunnerRunning",
+    "RunnerShuttingDown",
+    "RunnerShutdown",
+    "RunnerFailed",
+)
+# Upstream's Backend enum (src/exo/shared/types/backends.py).
+BACKENDS = ("MlxMetal", "MlxCpu", "MlxCuda", "Vllm")
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DownloadSpec:
+    """``--download MODEL=PERCENT``: this node fetching a model, ``100`` when done."""
+
+    model_id: str
+    percent: float
+
+    @classmethod
+    def parse(cls, text: str) -> DownloadSpec:
+        model_id, sep, percent = text.rpartition("=")
+        try:
+            value = float(percent)
+        except ValueError:
+            value = -1.0
+        if not sep or not model_id or not 0 <= value <= 100:
+            raise ValueError(f"--download {text!r}: expected MODEL=PERCENT, PERCENT 0 to 100")
+        return cls(model_id=model_id, percent=value)
+
+
+def _runner_body(status: str, n_layers: int) -> JSON:
+    """The fields of each runner state (src/exo/shared/types/worker/runners.py)."""
+    if status == "RunnerReady":
+        return {"prefillServerPort": None}
+    if status == "RunnerLoading":
+        return {"layersLoaded": n_layers // 2, "totalLayers": n_layers}
+    if status == "RunnerFailed":
+        return {"errorMessage": "runner process exited", "diagnostics": []}
+    return {}
+
+
 @dataclass
 class Cluster:
     """What this node believes about its cluster."""
@@ -175,6 +225,15 @@ class Cluster:
     no_worker: bool = False
     no_edges: bool = False
     started: float = field(default_factory=time.time)
+    runner_status: str = "RunnerReady"
+    downloads: list[DownloadSpec] = field(default_factory=list)
+    backends: list[str] = field(default_factory=lambda: ["MlxCpu"])
+    ram_total: int = 64 * GIB
+    ram_available: int = 48 * GIB
+    override_memory_mb: int | None = None
+    """``OVERRIDE_MEMORY_MB`` of this node's environment: upstream reports it as this node's
+    ``ramAvailable`` (``MemoryUsage.from_psutil`` in src/exo/shared/types/profiling.py,
+    read in src/exo/utils/info_gatherer/info_gatherer.py)."""
 
     def __post_init__(self) -> None:
         self._event_ids = [str(uuid.uuid4()) for _ in range(self._event_count())]
@@ -306,9 +365,79 @@ class Cluster:
     def runners(self) -> JSON:
         if not self.synced:
             return {}
+        result: JSON = {}
+        for (model_index, _node), runner_id in self._runner_ids.items():
+            n_layers = int(_card_facts(self.instance_models[model_index])["nLayers"])
+            body = _runner_body(self.runner_status, n_layers)
+            result[runner_id] = _tagged(self.runner_status, body)
+        return result
+
+    def _shard(self, model_id: str) -> JSON:
+        card = model_card(model_id)
+        n_layers = int(card["nLayers"])
+        return _tagged(
+            "PipelineShardMetadata",
+            {
+                "modelCard": card,
+                "deviceRank": 0,
+                "worldSize": 1,
+                "immediateException": False,
+                "shouldTimeout": None,
+                "startLayer": 0,
+                "endLayer": n_layers,
+                "nLayers": n_layers,
+            },
+        )
+
+    def _download(self, node: str, model_id: str, percent: float) -> JSON:
+        """One ``DownloadProgress`` (src/exo/shared/types/worker/downloads.py)."""
+        total = int(_card_facts(model_id)["storageBytes"])
+        base: JSON = {"nodeId": node, "shardMetadata": self._shard(model_id), "modelDirectory": ""}
+        if percent >= 100:
+            return _tagged("DownloadCompleted", {**base, "total": {"inBytes": total}})
+        if percent <= 0:
+            return _tagged(
+                "DownloadPending",
+                {**base, "downloaded": {"inBytes": 0}, "total": {"inBytes": total}},
+            )
+        done = int(total * percent / 100)
+        speed = 50.0 * MIB
+        progress = {
+            "total": {"inBytes": total},
+            "downloaded": {"inBytes": done},
+            "downloadedThisSession": {"inBytes": done},
+            "completedFiles": 1,
+            "totalFiles": 3,
+            "speed": speed,
+            "etaMs": int((total - done) / speed * 1000),
+            "files": {},
+        }
+        return _tagged("DownloadOngoing", {**base, "downloadProgress": progress})
+
+    def downloads_doc(self) -> JSON:
+        """``State.downloads``: per node, its downloads. A node running an instance has
+        the model's download completed; ``--download`` adds this node's own."""
+        if not self.synced:
+            return {}
+        result: dict[str, list[JSON]] = {}
+        for model_id in self.instance_models:
+            for node in self.instance_nodes:
+                result.setdefault(node, []).append(self._download(node, model_id, 100))
+        for spec in self.downloads:
+            result.setdefault(self.node_id, []).append(
+                self._download(self.node_id, spec.model_id, spec.percent)
+            )
+        return result
+
+    def _memory(self, node: str) -> JSON:
+        available = self.ram_available
+        if node == self.node_id and self.override_memory_mb is not None:
+            available = self.override_memory_mb * MIB
         return {
-            runner_id: _tagged("RunnerReady", {"prefillServerPort": None})
-            for runner_id in self._runner_ids.values()
+            "ramTotal": {"inBytes": self.ram_total},
+            "ramAvailable": {"inBytes": available},
+            "swapTotal": {"inBytes": 0},
+            "swapAvailable": {"inBytes": 0},
         }
 
     def state(self) -> JSON:
@@ -319,11 +448,11 @@ class Cluster:
         else:
             seen = ""
             nodes = []
-        gib = 1 << 30
+        gib = GIB
         return {
             "instances": self.instances(),
             "runners": self.runners(),
-            "downloads": {},
+            "downloads": self.downloads_doc(),
             "tasks": {},
             "lastSeen": {node: seen for node in nodes},
             "topology": self.topology(),
@@ -338,15 +467,7 @@ class Cluster:
                 }
                 for node in nodes
             },
-            "nodeMemory": {
-                node: {
-                    "ramTotal": {"inBytes": 64 * gib},
-                    "ramAvailable": {"inBytes": 48 * gib},
-                    "swapTotal": {"inBytes": 0},
-                    "swapAvailable": {"inBytes": 0},
-                }
-                for node in nodes
-            },
+            "nodeMemory": {node: self._memory(node) for node in nodes},
             "nodeDisk": {
                 node: {"total": {"inBytes": 512 * gib}, "available": {"inBytes": 256 * gib}}
                 for node in nodes
@@ -365,7 +486,7 @@ class Cluster:
             "nodeThunderbolt": {},
             "nodeThunderboltBridge": {},
             "nodeRdmaCtl": {},
-            "nodeBackends": {node: ["MlxCpu"] for node in nodes},
+            "nodeBackends": {node: list(self.backends) for node in nodes},
             "thunderboltBridgeCycles": [],
             "instanceLinks": {},
             "prefillServerPorts": {},
