@@ -496,6 +496,47 @@ def test_peer_flag_validated():
     assert b"expected ID=ADDRESS" in result.stderr
 
 
+def test_download_flag_validated():
+    result = subprocess.run(
+        [*_python_m(), "--download", "some/model=150"],
+        env=double_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"expected MODEL=PERCENT" in result.stderr
+
+
+def test_state_serves_runner_states_downloads_backends_and_memory():
+    args = ["--instance", MODEL, "--runner-status", "RunnerLoading", "--backend", "MlxCuda"]
+    args += ["--download", "mlx-community/Qwen3-0.6B-4bit=50", "--download", "other/m=0"]
+    with run_double(*args, "--ram-total-gib", "8", env={"OVERRIDE_MEMORY_MB": "512"}) as double:
+        status, state = get(f"{double.url}/state")
+    assert status == 200
+    (runner,) = state["runners"].values()
+    assert runner == {"RunnerLoading": {"layersLoaded": 8, "totalLayers": 16}}
+    assert state["nodeBackends"][double.node_id] == ["MlxCuda"]
+    memory = state["nodeMemory"][double.node_id]
+    assert memory["ramTotal"] == {"inBytes": 8 << 30}
+    assert memory["ramAvailable"] == {"inBytes": 512 << 20}
+    kinds = [next(iter(d)) for d in state["downloads"][double.node_id]]
+    assert kinds == ["DownloadCompleted", "DownloadOngoing", "DownloadPending"]
+    ongoing = state["downloads"][double.node_id][1]["DownloadOngoing"]
+    assert set(ongoing) == {"nodeId", "shardMetadata", "modelDirectory", "downloadProgress"}
+    assert set(ongoing["downloadProgress"]) == {
+        "total",
+        "downloaded",
+        "downloadedThisSession",
+        "completedFiles",
+        "totalFiles",
+        "speed",
+        "etaMs",
+        "files",
+    }
+    assert "PipelineShardMetadata" in ongoing["shardMetadata"]
+
+
 async def _cors(url: str) -> tuple[dict[str, str], dict[str, str]]:
     origin = {"Origin": "https://evil.example"}
     async with aiohttp.ClientSession() as session:

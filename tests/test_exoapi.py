@@ -20,12 +20,13 @@ from exo_nixos.exoapi import (
     normalize_url,
     parse_log_line,
     parse_state,
+    parse_state_doc,
     probe,
     probe_sync,
     read_master_hint,
     write_master_hint,
 )
-from tests.exo_double.cluster import Cluster, PeerSpec
+from tests.exo_double.cluster import Cluster, DownloadSpec, PeerSpec
 from tests.exo_double.fixture import free_port, run_double
 
 MODEL = "mlx-community/Qwen3-0.6B-4bit"
@@ -362,3 +363,80 @@ def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
         assert "did not answer JSON" in str(caught.value)
     finally:
         server.shutdown()
+
+
+# -- the /state models: what status, the exporter and a model reconciler read -------------
+
+OTHER = "mlx-community/Llama-3.2-1B-Instruct-4bit"
+
+
+def test_state_models_read_memory_backends_runners_and_downloads():
+    cluster = Cluster(
+        node_id="self1",
+        api_port=52415,
+        peers=[PeerSpec("peer2", "10.0.0.2")],
+        instance_models=[MODEL],
+        runner_status="RunnerLoading",
+        downloads=[DownloadSpec(OTHER, 40.0)],
+        backends=["MlxCuda"],
+        override_memory_mb=2048,
+    )
+    state = parse_state_doc(copy.deepcopy(cluster.state()))
+    assert state.synced
+    assert state.node_ids() == ("self1", "peer2")
+    mine, theirs = state.node_memory["self1"], state.node_memory["peer2"]
+    assert mine.ram_available.in_bytes == 2048 << 20  # OVERRIDE_MEMORY_MB, as upstream
+    assert mine.ram_used_bytes == mine.ram_total.in_bytes - (2048 << 20)
+    assert theirs.ram_total.in_bytes == 64 << 30
+    assert state.node_backends["peer2"] == ["MlxCuda"]
+    (instance,) = state.instances.values()
+    assert (instance.model_id, instance.meta, instance.sharding) == (MODEL, "MlxRing", "Pipeline")
+    assert instance.node_ids == ("self1", "peer2")
+    runner = state.runner_of("peer2", instance)
+    assert runner is not None
+    assert (runner.name, runner.layers_loaded, runner.total_layers) == ("Loading", 14, 28)
+    by_model = {d.model_id: d for d in state.downloads["self1"]}
+    assert by_model[MODEL].status == "Completed"
+    assert by_model[MODEL].fraction == 1.0
+    ongoing = by_model[OTHER]
+    assert ongoing.status == "Ongoing"
+    assert ongoing.total_bytes == 729808896
+    assert ongoing.fraction == pytest.approx(0.4, abs=0.001)
+    assert [d.model_id for d in state.downloads["peer2"]] == [MODEL]
+
+
+def test_state_models_accept_snake_case_and_ignore_unknown_fields():
+    doc = {
+        "node_memory": {"n1": {"ram_total": {"in_bytes": 8}, "ram_available": {"inBytes": 3}}},
+        "last_event_applied_idx": 4,
+        "downloads": {
+            "n1": [{"DownloadFailed": {"node_id": "n1", "error_message": "disk full", "x": 1}}]
+        },
+        "somethingNew": [1],
+    }
+    state = parse_state_doc(doc)
+    assert state.node_memory["n1"].ram_used_bytes == 5
+    assert state.synced
+    (failed,) = state.downloads["n1"]
+    assert (failed.status, failed.error_message, failed.fraction) == ("Failed", "disk full", 0.0)
+
+
+def test_state_models_name_a_wrong_nested_field():
+    doc = sample_state()
+    doc["nodeMemory"]["peer2"]["ramTotal"] = {"inBytes": "many"}
+    with pytest.raises(ExoApiError, match=r"nodeMemory\.peer2\.ramTotal\.inBytes is str"):
+        parse_state(doc, "self1")
+
+
+def test_probe_keeps_the_whole_state_of_a_real_double():
+    args = ("--instance", MODEL, "--download", f"{OTHER}=25", "--runner-status", "RunnerFailed")
+    with run_double(*args, env={"OVERRIDE_MEMORY_MB": "1000"}) as double:
+        view = probe_sync(double.url, 5.0)
+    assert view.state is not None
+    assert view.state.node_memory[double.node_id].ram_available.in_bytes == 1000 << 20
+    (instance,) = view.state.instances.values()
+    runner = view.state.runner_of(double.node_id, instance)
+    assert runner is not None
+    assert (runner.name, runner.error_message) == ("Failed", "runner process exited")
+    fractions = {d.model_id: d.fraction for d in view.state.downloads[double.node_id]}
+    assert fractions[OTHER] == pytest.approx(0.25, abs=0.001)

@@ -164,6 +164,56 @@ def _tagged(name: str, body: JSON) -> JSON:
     return {name: body}
 
 
+# Upstream's runner states (src/exo/shared/types/worker/runners.py), in lifecycle order.
+RUNNER_STATES = (
+    "RunnerIdle",
+    "RunnerConnecting",
+    "RunnerConnected",
+    "RunnerLoading",
+    "RunnerLoaded",
+    "RunnerWarmingUp",
+    "RunnerReady",
+    "RunnerRunning",
+    "RunnerShuttingDown",
+    "RunnerShutdown",
+    "RunnerFailed",
+)
+# Upstream's Backend enum (src/exo/shared/types/backends.py).
+BACKENDS = ("MlxMetal", "MlxCpu", "MlxCuda", "Vllm")
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DownloadSpec:
+    """``--download MODEL=PERCENT``: this node fetching a model, ``100`` when done."""
+
+    model_id: str
+    percent: float
+
+    @classmethod
+    def parse(cls, text: str) -> DownloadSpec:
+        model_id, sep, percent = text.rpartition("=")
+        try:
+            value = float(percent)
+        except ValueError:
+            value = -1.0
+        if not sep or not model_id or not 0 <= value <= 100:
+            raise ValueError(f"--download {text!r}: expected MODEL=PERCENT, PERCENT 0 to 100")
+        return cls(model_id=model_id, percent=value)
+
+
+def _runner_body(status: str, n_layers: int) -> JSON:
+    """The fields of each runner state (src/exo/shared/types/worker/runners.py)."""
+    if status == "RunnerReady":
+        return {"prefillServerPort": None}
+    if status == "RunnerLoading":
+        return {"layersLoaded": n_layers // 2, "totalLayers": n_layers}
+    if status == "RunnerFailed":
+        return {"errorMessage": "runner process exited", "diagnostics": []}
+    return {}
+
+
 @dataclass
 class Placed:
     """One instance: given with ``--instance`` (ready from the start) or placed over the API."""
@@ -175,7 +225,9 @@ class Placed:
     index: int
     created: float
     ready_at: float | None
-    """When its runners report ``RunnerReady``; ``None``: never (the never-ready fault)."""
+    """When its runners report ``RunnerReady``; ``None``: not known yet."""
+    static: bool = False
+    """Given with ``--instance``: its runners are in ``--runner-status`` throughout."""
 
 
 @dataclass
@@ -220,17 +272,28 @@ class Cluster:
     no_edges: bool = False
     started: float = field(default_factory=time.time)
     faults: ModelFaults = field(default_factory=ModelFaults)
+    runner_status: str = "RunnerReady"
+    downloads: list[DownloadSpec] = field(default_factory=list)
+    backends: list[str] = field(default_factory=lambda: ["MlxCpu"])
+    ram_total: int = 64 * GIB
+    ram_available: int = 48 * GIB
+    override_memory_mb: int | None = None
+    """``OVERRIDE_MEMORY_MB`` of this node's environment: upstream reports it as this node's
+    ``ramAvailable`` (``MemoryUsage.from_psutil`` in src/exo/shared/types/profiling.py,
+    read in src/exo/utils/info_gatherer/info_gatherer.py)."""
 
     def __post_init__(self) -> None:
         self._event_ids = [str(uuid.uuid4()) for _ in range(self._event_count())]
         self.placed: dict[str, Placed] = {}
-        self.downloads: dict[str, dict[str, Download]] = {}
+        self.transfers: dict[str, dict[str, Download]] = {}
         self.custom_models: list[str] = []
         self._next_index = 0
         for model_id in self.instance_models:
-            self.add_instance(model_id, ready_at=self.started)
+            self.add_instance(model_id, ready_at=self.started, static=True)
 
-    def add_instance(self, model_id: str, *, ready_at: float | None) -> Placed | None:
+    def add_instance(
+        self, model_id: str, *, ready_at: float | None, static: bool = False
+    ) -> Placed | None:
         """Put an instance of ``model_id`` over the instance nodes (none: no instance)."""
         nodes = self.instance_nodes
         if not nodes:
@@ -243,6 +306,7 @@ class Cluster:
             index=self._next_index,
             created=time.time(),
             ready_at=ready_at,
+            static=static,
         )
         self._next_index += 1
         self.placed[instance.instance_id] = instance
@@ -266,21 +330,31 @@ class Cluster:
 
     def start_download(self, node_id: str, model_id: str) -> None:
         """A node starts downloading ``model_id`` unless it has or is getting it already."""
-        current = self.downloads.setdefault(node_id, {}).get(model_id)
+        current = self.transfers.setdefault(node_id, {}).get(model_id)
         if current is not None and not current.fails:
             return
-        self.downloads[node_id][model_id] = Download(
+        if self.download_fraction(node_id, model_id, time.time()) == 1.0:
+            return  # already on this node
+        self.transfers[node_id][model_id] = Download(
             node_id, model_id, time.time(), fails=model_id in self.faults.fail_download
         )
 
     def download_fraction(self, node_id: str, model_id: str, now: float) -> float | None:
         """0..1 of the download done; ``None``: none started, or it failed."""
-        download = self.downloads.get(node_id, {}).get(model_id)
-        if download is None or download.fails:
-            return None
-        if self.faults.download_s <= 0:
+        download = self.transfers.get(node_id, {}).get(model_id)
+        if download is not None:
+            if download.fails:
+                return None
+            if self.faults.download_s <= 0:
+                return 1.0
+            return min(1.0, (now - download.started) / self.faults.download_s)
+        if node_id == self.node_id:
+            for spec in self.downloads:
+                if spec.model_id == model_id:
+                    return spec.percent / 100
+        if model_id in self.instance_models and node_id in self.instance_nodes:
             return 1.0
-        return min(1.0, (now - download.started) / self.faults.download_s)
+        return None
 
     def placement_error(self, model_id: str, min_nodes: int) -> str | None:
         """Why placement fails, in upstream's words (src/exo/master/placement.py)."""
@@ -430,6 +504,8 @@ class Cluster:
         """Upstream's runner states (src/exo/shared/types/worker/runners.py) over time:
         idle while the node downloads its shard, loading, then ready."""
         n_layers = int(model_card(placed.model_id)["nLayers"])
+        if placed.static:
+            return _tagged(self.runner_status, _runner_body(self.runner_status, n_layers))
         if placed.ready_at is not None and now >= placed.ready_at:
             return _tagged("RunnerReady", {"prefillServerPort": None})
         fraction = self.download_fraction(node, placed.model_id, now)
@@ -445,8 +521,12 @@ class Cluster:
             fractions = [self.download_fraction(n, placed.model_id, now) for n in placed.nodes]
             if all(f is not None and f >= 1.0 for f in fractions):
                 done = max(
-                    self.downloads[n][placed.model_id].started + self.faults.download_s
-                    for n in placed.nodes
+                    (
+                        self.transfers[n][placed.model_id].started + self.faults.download_s
+                        for n in placed.nodes
+                        if placed.model_id in self.transfers.get(n, {})
+                    ),
+                    default=placed.created,
                 )
                 placed.ready_at = max(done, placed.created) + self.faults.load_s
 
@@ -461,61 +541,93 @@ class Cluster:
             for node in placed.nodes
         }
 
-    def downloads_json(self) -> JSON:
-        """``State.downloads``: per node, a list of tagged ``DownloadProgress``
-        (src/exo/shared/types/worker/downloads.py; FrozenModel: camelCase)."""
+    def _shard(self, model_id: str) -> JSON:
+        card = model_card(model_id)
+        n_layers = int(card["nLayers"])
+        return _tagged(
+            "PipelineShardMetadata",
+            {
+                "modelCard": card,
+                "deviceRank": 0,
+                "worldSize": 1,
+                "immediateException": False,
+                "shouldTimeout": None,
+                "startLayer": 0,
+                "endLayer": n_layers,
+                "nLayers": n_layers,
+            },
+        )
+
+    def _download(self, node: str, model_id: str, fraction: float, *, failed: bool = False) -> JSON:
+        """One ``DownloadProgress`` (src/exo/shared/types/worker/downloads.py; FrozenModel:
+        camelCase): pending at 0, ongoing, completed at 1, or failed."""
+        total = int(_card_facts(model_id)["storageBytes"])
+        base: JSON = {
+            "nodeId": node,
+            "shardMetadata": self._shard(model_id),
+            "modelDirectory": f"/var/lib/exo/models/{model_id.replace('/', '--')}",
+        }
+        if failed:
+            message = f"double: download of {model_id} failed"
+            return _tagged("DownloadFailed", {**base, "errorMessage": message})
+        if fraction >= 1.0:
+            return _tagged("DownloadCompleted", {**base, "total": {"inBytes": total}})
+        if fraction <= 0:
+            return _tagged(
+                "DownloadPending",
+                {**base, "downloaded": {"inBytes": 0}, "total": {"inBytes": total}},
+            )
+        done = int(total * fraction)
+        speed = total / self.faults.download_s if self.faults.download_s > 0 else 50.0 * MIB
+        progress = {
+            "total": {"inBytes": total},
+            "downloaded": {"inBytes": done},
+            "downloadedThisSession": {"inBytes": done},
+            "completedFiles": 1,
+            "totalFiles": 3,
+            "speed": speed,
+            "etaMs": int((total - done) / speed * 1000),
+            "files": {},
+        }
+        return _tagged("DownloadOngoing", {**base, "downloadProgress": progress})
+
+    def downloads_doc(self) -> JSON:
+        """``State.downloads``: per node, its downloads. A node running a ``--instance`` has
+        the model's download completed; ``--download`` adds this node's own, fixed; downloads
+        started over the API (placement, ``/download/start``) advance with time."""
         if not self.synced:
             return {}
         now = time.time()
-        result: JSON = {}
-        for node, models in self.downloads.items():
-            entries: list[JSON] = []
-            for model_id, download in models.items():
-                total = int(model_card(model_id)["storageSize"]["inBytes"])
-                base = {
-                    "nodeId": node,
-                    "shardMetadata": self.shard(model_id, [node], 0),
-                    "modelDirectory": f"/var/lib/exo/models/{model_id.replace('/', '--')}",
-                }
-                if download.fails:
-                    entries.append(
-                        _tagged(
-                            "DownloadFailed",
-                            {**base, "errorMessage": f"double: download of {model_id} failed"},
-                        )
-                    )
-                    continue
+        result: dict[str, list[JSON]] = {}
+        for node in self.all_nodes:
+            for model_id in self._downloading(node):
+                transfer = self.transfers.get(node, {}).get(model_id)
                 fraction = self.download_fraction(node, model_id, now) or 0.0
-                if fraction >= 1.0:
-                    entries.append(
-                        _tagged(
-                            "DownloadCompleted",
-                            {**base, "total": {"inBytes": total}, "readOnly": False},
-                        )
-                    )
-                    continue
-                done = int(total * fraction)
-                speed = total / self.faults.download_s
-                entries.append(
-                    _tagged(
-                        "DownloadOngoing",
-                        {
-                            **base,
-                            "downloadProgress": {
-                                "total": {"inBytes": total},
-                                "downloaded": {"inBytes": done},
-                                "downloadedThisSession": {"inBytes": done},
-                                "completedFiles": 0,
-                                "totalFiles": 4,
-                                "speed": speed,
-                                "etaMs": int((total - done) / speed * 1000),
-                                "files": {},
-                            },
-                        },
-                    )
+                failed = transfer is not None and transfer.fails
+                result.setdefault(node, []).append(
+                    self._download(node, model_id, fraction, failed=failed)
                 )
-            result[node] = entries
         return result
+
+    def _downloading(self, node: str) -> list[str]:
+        models: list[str] = []
+        if node in self.instance_nodes:
+            models += self.instance_models
+        if node == self.node_id:
+            models += [spec.model_id for spec in self.downloads]
+        models += list(self.transfers.get(node, {}))
+        return list(dict.fromkeys(models))
+
+    def _memory(self, node: str) -> JSON:
+        available = self.ram_available
+        if node == self.node_id and self.override_memory_mb is not None:
+            available = self.override_memory_mb * MIB
+        return {
+            "ramTotal": {"inBytes": self.ram_total},
+            "ramAvailable": {"inBytes": available},
+            "swapTotal": {"inBytes": 0},
+            "swapAvailable": {"inBytes": 0},
+        }
 
     def state(self) -> JSON:
         """``GET /state``: upstream's ``State`` with every top-level key it has."""
@@ -525,11 +637,11 @@ class Cluster:
         else:
             seen = ""
             nodes = []
-        gib = 1 << 30
+        gib = GIB
         return {
             "instances": self.instances(),
             "runners": self.runners(),
-            "downloads": self.downloads_json(),
+            "downloads": self.downloads_doc(),
             "tasks": {},
             "lastSeen": {node: seen for node in nodes},
             "topology": self.topology(),
@@ -544,15 +656,7 @@ class Cluster:
                 }
                 for node in nodes
             },
-            "nodeMemory": {
-                node: {
-                    "ramTotal": {"inBytes": 64 * gib},
-                    "ramAvailable": {"inBytes": 48 * gib},
-                    "swapTotal": {"inBytes": 0},
-                    "swapAvailable": {"inBytes": 0},
-                }
-                for node in nodes
-            },
+            "nodeMemory": {node: self._memory(node) for node in nodes},
             "nodeDisk": {
                 node: {"total": {"inBytes": 512 * gib}, "available": {"inBytes": 256 * gib}}
                 for node in nodes
@@ -571,7 +675,7 @@ class Cluster:
             "nodeThunderbolt": {},
             "nodeThunderboltBridge": {},
             "nodeRdmaCtl": {},
-            "nodeBackends": {node: ["MlxCpu"] for node in nodes},
+            "nodeBackends": {node: list(self.backends) for node in nodes},
             "thunderboltBridgeCycles": [],
             "instanceLinks": {},
             "prefillServerPorts": {},

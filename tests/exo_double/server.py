@@ -27,7 +27,11 @@ from typing import Any, TextIO
 from aiohttp import web
 
 from tests.exo_double.cluster import (
+    BACKENDS,
+    GIB,
+    RUNNER_STATES,
     Cluster,
+    DownloadSpec,
     ModelFaults,
     PeerSpec,
     model_list_entry,
@@ -133,6 +137,10 @@ class Options:
     too_big: list[str] = field(default_factory=list)
     hub_model: list[str] = field(default_factory=list)
     hub_down: bool = False
+    runner_status: str = "RunnerReady"
+    downloads: list[DownloadSpec] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)
+    ram_total_gib: float = 64.0
 
     @property
     def effective_master(self) -> str | None:
@@ -235,7 +243,43 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         models.add_argument(flag, action="append", default=[], metavar="MODEL_ID", help=text)
     models.add_argument("--hub-down", action="store_true", help="Hugging Face unreachable")
+    double.add_argument(
+        "--runner-status",
+        choices=RUNNER_STATES,
+        default="RunnerReady",
+        help="the state of every runner of every instance (default RunnerReady)",
+    )
+    double.add_argument(
+        "--download",
+        action="append",
+        default=[],
+        metavar="MODEL=PERCENT",
+        dest="downloads",
+        help="this node downloading MODEL, PERCENT done (100: completed; repeatable)",
+    )
+    double.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        default=[],
+        dest="backends",
+        help="a backend every node reports in nodeBackends (repeatable; default MlxCpu)",
+    )
+    double.add_argument(
+        "--ram-total-gib",
+        type=float,
+        default=64.0,
+        metavar="GIB",
+        help="every node's ramTotal (ramAvailable is 3/4 of it, or OVERRIDE_MEMORY_MB here)",
+    )
     return parser
+
+
+def _override_memory_mb() -> int | None:
+    """``OVERRIDE_MEMORY_MB`` as upstream reads it (``int(...)`` when set and not empty,
+    src/exo/utils/info_gatherer/info_gatherer.py)."""
+    text = os.environ.get("OVERRIDE_MEMORY_MB")
+    return int(text) if text else None
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -243,6 +287,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     ns = parser.parse_args(list(argv))
     try:
         peers = [PeerSpec.parse(p) for p in ns.peers]
+        downloads = [DownloadSpec.parse(d) for d in ns.downloads]
     except ValueError as exc:
         parser.error(str(exc))
     if ns.api_port <= 0:
@@ -251,6 +296,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         parser.error("--bind takes an IPv4 address: upstream's API never listens on IPv6")
     values = vars(ns)
     values["peers"] = peers
+    values["downloads"] = downloads
     values["node_id"] = ns.node_id or random_node_id()
     return Options(**values)
 
@@ -381,7 +427,7 @@ async def models(request: web.Request) -> web.Response:
             entry["DownloadCompleted"]["shardMetadata"]["PipelineShardMetadata"]["modelCard"][
                 "modelId"
             ]
-            for entries in cluster.downloads_json().values()
+            for entries in cluster.downloads_doc().values()
             for entry in entries
             if "DownloadCompleted" in entry
         }
@@ -777,6 +823,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_models=frozenset(options.hub_model),
             hub_down=options.hub_down,
         ),
+        runner_status=options.runner_status,
+        downloads=options.downloads,
+        backends=options.backends or ["MlxCpu"],
+        ram_total=int(options.ram_total_gib * GIB),
+        ram_available=int(options.ram_total_gib * GIB * 3 / 4),
+        override_memory_mb=_override_memory_mb(),
     )
 
     async def run() -> int:
