@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import trustme
 
+from exo_nixos.backoff import Backoff
 from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
-from exo_nixos.k3s.registrar import Backoff, Registrar, slice_name
+from exo_nixos.k3s.registrar import Registrar, slice_name
 from exo_nixos.k3s.service import build_registrar
 from tests.kube_double import Fault, KubeApiDouble, until
 

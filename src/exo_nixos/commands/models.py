@@ -130,7 +130,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.action == "verify":
         return _verify(args)
-    raise UserError(f"models {args.action}: not available in this build yet")
+    if args.action == "reconcile":
+        from exo_nixos.models.reconcile import main as reconcile_main
+
+        return reconcile_main(args)
+    from exo_nixos.models.people import main as people_main
+
+    return people_main(args)
 
 
 # -- verify ------------------------------------------------------------------------------------

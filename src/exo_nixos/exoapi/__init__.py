@@ -15,7 +15,7 @@ One concern per module:
 The names below are the public interface; import them from ``exo_nixos.exoapi``.
 """
 
-from exo_nixos.exoapi.client import get_json, probe, probe_sync
+from exo_nixos.exoapi.client import get_json, probe, probe_sync, request_json
 from exo_nixos.exoapi.errors import ExoApiError
 from exo_nixos.exoapi.hint import MASTER_HINT_FILE, read_master_hint, write_master_hint
 from exo_nixos.exoapi.logs import LogEvent, parse_log_line
@@ -49,6 +49,7 @@ __all__ = [
     "probe",
     "probe_sync",
     "read_master_hint",
+    "request_json",
     "run_coroutine",
     "short_id",
     "summarize",

@@ -44,16 +44,61 @@ async def get_json(
     """GET ``base+path`` and decode JSON; every failure is an ExoApiError with one line.
 
     ``headers`` go with the request (an ``Authorization`` to pass a gateway)."""
+    return await request_json(session, "GET", base, path, limit_s, headers)
+
+
+def _reason(text: str) -> str:
+    """Upstream's reason in an error body: ``{"error": {"message"}}`` (its HTTPException
+    handler) or FastAPI's ``{"detail": ...}``; ``""`` for anything else."""
+    try:
+        doc = jsonio.loads(text)
+    except ValueError:
+        return ""
+    if isinstance(doc, Mapping):
+        error = doc.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+            return " ".join(error["message"].split())
+        detail = doc.get("detail")
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list) and detail and isinstance(detail[0], Mapping):
+            where = ".".join(str(p) for p in detail[0].get("loc", []))
+            return f"{where}: {detail[0].get('msg', '')}".strip(": ")
+    return ""
+
+
+async def request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    base: str,
+    path: str,
+    limit_s: float,
+    headers: Mapping[str, str] | None = None,
+    body: Any = None,
+    *,
+    with_reason: bool = False,
+) -> Any:
+    """``method`` ``base+path`` (with a JSON ``body``) and decode the JSON answer.
+
+    Every failure is an ExoApiError with one line; ``with_reason`` adds upstream's reason
+    from an error answer's body (``HTTP 400 from /instance/placement: No cycles ...``)."""
     url = base + path
     try:
-        async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=limit_s), headers=headers
+        async with session.request(
+            method,
+            url,
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=limit_s),
+            headers=headers,
         ) as response:
-            if response.status != 200:
-                raise ExoApiError(
-                    f"HTTP {response.status} from {path}", kind="http", status=response.status
-                )
             text = await response.text(errors="replace")
+            if response.status != 200:
+                reason = _reason(text) if with_reason else ""
+                raise ExoApiError(
+                    f"HTTP {response.status} from {path}" + (f": {reason}" if reason else ""),
+                    kind="http",
+                    status=response.status,
+                )
     except ExoApiError:
         raise
     except TimeoutError:

@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,7 @@ from lightkube.models.discovery_v1 import Endpoint, EndpointConditions, Endpoint
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.discovery_v1 import EndpointSlice
 
+from exo_nixos.backoff import Backoff
 from exo_nixos.k3s.render import MANAGED_BY, MANAGED_BY_LABEL, PORT_NAME, SERVICE_NAME_LABEL
 
 HealthCheck = Callable[[], Awaitable[bool]]
@@ -64,24 +64,6 @@ def retry_after(exc: BaseException) -> float | None:
     except ValueError:
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
-
-
-class Backoff:
-    """Capped exponential backoff with jitter: about initial, 2x, 4x ... up to ``cap``."""
-
-    def __init__(self, initial: float = 1.0, cap: float = 60.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * 2**self.attempt)
-        self.attempt += 1
-        # Jitter keeps many nodes from hitting a recovering API server at the same instant.
-        return float(delay * (0.5 + random.random() / 2))  # noqa: S311 - not for security
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass(frozen=True)

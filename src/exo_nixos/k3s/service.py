@@ -7,9 +7,10 @@ import ipaddress
 import logging
 import signal
 
+from exo_nixos.backoff import Backoff
 from exo_nixos.config import Config
 from exo_nixos.errors import UserError
-from exo_nixos.k3s.registrar import Backoff, HealthCheck, Registrar, SliceSpec
+from exo_nixos.k3s.registrar import HealthCheck, Registrar, SliceSpec
 
 log = logging.getLogger("exo_nixos.k3s")
 
