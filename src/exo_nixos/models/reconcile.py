@@ -150,6 +150,8 @@ def plan(
             else:
                 actions.append(Action("place", model_id, "declared running, no instance"))
             continue
+        # the placement landed: a later teardown is placed again at once
+        memory.placed_at.pop(model_id, None)
         keep, *extra = instances
         actions += [
             Action(
