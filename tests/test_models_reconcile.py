@@ -278,3 +278,37 @@ def test_nothing_declared_exits_at_once(tmp_path: Path, declared: dict[str, Any]
     )
     assert done.returncode == 0
     assert "no models declared" in done.stderr
+
+
+def test_concurrent_passes_on_one_host_take_turns(tmp_path: Path) -> None:
+    """Two passes at the same instant (same lock file): one places, the other stands back."""
+    import asyncio
+
+    import aiohttp
+
+    from exo_nixos.config import DeclaredModel
+    from exo_nixos.models.api import ModelsApi
+    from exo_nixos.models.reconcile import Reconciler
+
+    declared = {LLAMA: DeclaredModel.model_validate({})}
+
+    async def race(url: str) -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            passes = [
+                Reconciler(
+                    ModelsApi(session, url),
+                    declared,
+                    hint_dir=None,
+                    lock_path=tmp_path / "models.lock",
+                    place_timeout_s=60,
+                )
+                for _ in range(2)
+            ]
+            results = await asyncio.gather(*(p.run_pass() for p in passes))
+            return [r.status for r in results]
+
+    with run_double(*FAST) as node:
+        statuses = run_coroutine(race(node.url))
+        assert "another reconciler on this host holds the lock" in statuses
+        time.sleep(0.5)
+        assert len(instances(node)) == 1
