@@ -6,5 +6,6 @@
     ./exo-networking.nix
     ./exo-k3s.nix
     ./exo-api.nix
+    ./exo-models.nix
   ];
 }
