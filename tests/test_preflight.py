@@ -545,3 +545,18 @@ def test_port_check_errors_one_by_one(monkeypatch) -> None:
         [(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)],
         [],
     ]
+
+
+def test_a_damaged_model_cache_warns(tmp_path: Path, host: Host) -> None:
+    from exo_nixos.preflight import check_model_cache
+    from tests.models_cache import make_model, truncate
+
+    cfg = make_config(tmp_path)
+    assert check_model_cache(cfg, host) == []
+    model = make_model(tmp_path / "var/lib/exo/models", shards=1)
+    assert check_model_cache(cfg, host) == []
+    truncate(model / "model-00001-of-00001.safetensors")
+    [result] = check_model_cache(cfg, host)
+    assert result.status is Status.WARN
+    assert "truncated" in result.reason
+    assert "models verify --repair" in result.fix

@@ -175,6 +175,27 @@ def check_downloads(config: Config, host: Host) -> list[CheckResult]:
     ]
 
 
+def check_model_cache(config: Config, host: Host) -> list[CheckResult]:
+    """The fast part of ``exo-nixos models verify`` (headers and sizes, no hashing) over the
+    model dirs: damage only warns, EXO downloads what it finds missing or unusable."""
+    from exo_nixos.models.verify import verify
+
+    dirs = [config.effective_models_dir, *config.extra_model_dirs, *config.read_only_model_dirs]
+    roots = [host.path(d) for d in dirs if host.path(d).is_dir()]
+    reports = [r for r in verify(roots) if not r.clean]
+    if not reports:
+        return []
+    damage = [d for r in reports for d in r.damage]
+    first = damage[0]
+    return [
+        _warn(
+            "model cache",
+            f"{len(damage)} problem(s) in {len(reports)} model dir(s), first: {first.line()}",
+            "exo-nixos models verify --repair (moves damaged files to quarantine, never deletes)",
+        )
+    ]
+
+
 # ---------------------------------------------------------------- directories
 
 
@@ -497,6 +518,7 @@ def run_checks(
         results += check_interface(config, host)
     results += check_downloads(config, host)
     results += [check_directory(spec, host, config) for spec in directory_specs(config)]
+    results += check_model_cache(config, host)
     results += [
         check_disk(config, inventory.disk),
         check_memory(config, inventory.memory.total_bytes),
