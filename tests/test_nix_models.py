@@ -125,3 +125,17 @@ def test_bad_model_entries_are_refused_by_the_options() -> None:
         evaluate(exo(models={LLAMA: {"minNodes": 0}}))
     with pytest.raises(NixEvalError, match="sharding"):
         evaluate(exo(models={LLAMA: {"sharding": "Diagonal"}}))
+
+
+def test_the_readme_first_model_block_declares_a_running_model() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Your first model", 1)[1].split("\n### ", 1)[0]
+    [block] = re.findall(r"```nix\n(.*?)```", section, re.DOTALL)
+    result = evaluate(block)
+    assert result["assertions"] == []
+    assert "exo-models" in result["services"]
+    config = parse_config(result["exo"]["configDocument"])
+    assert config.models["mlx-community/Llama-3.2-1B-Instruct-4bit"].running
+    assert config.gateway.listen_address == "127.0.0.1"  # the curl in the README uses it
