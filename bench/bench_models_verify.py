@@ -89,7 +89,9 @@ def main() -> None:
             size_gib = reports[0].bytes / (1024 * MIB)
             verify_s = median_s(lambda r=root: verify([r]), args.n)
             cli = [sys.executable, "-m", "exo_nixos", "models", "verify", str(root)]
-            cli_s = median_s(lambda: subprocess.run(cli, capture_output=True, check=True), args.n)
+            cli_s = median_s(
+                lambda c=cli: subprocess.run(c, capture_output=True, check=True), args.n
+            )
             hash_s = median_s(lambda r=root: hash_all(r), max(1, args.n // 2))
             print(
                 f"{label:<18} {verify_s:>9.4f} {verify_s / size_gib:>13.4f} "
