@@ -312,3 +312,21 @@ def test_concurrent_passes_on_one_host_take_turns(tmp_path: Path) -> None:
         assert "another reconciler on this host holds the lock" in statuses
         time.sleep(0.5)
         assert len(instances(node)) == 1
+
+
+def test_a_custom_card_the_hub_lacks_blocks_only_that_model(tmp_path: Path) -> None:
+    with run_double(*FAST) as node:
+        config = write_config(tmp_path, "a", {"acme/Missing": {"custom": True}, LLAMA: {}})
+        master_hint(config, node.node_id, node.node_id)
+        with reconciler(config, node.url) as log:
+            wait_until(lambda: ready(node, LLAMA), what="the other model running")
+            wait_until(
+                lambda: (
+                    "1/2 declared models in place; acme/Missing: cannot add its card"
+                    in log.read_text()
+                ),
+                what="the reason in the status",
+            )
+        text = log.read_text()
+        assert "HTTP 400 from /models/add: Failed to fetch model" in text
+        assert instances(node, "acme/Missing") == []

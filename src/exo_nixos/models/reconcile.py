@@ -53,7 +53,7 @@ LOCK_FILE = "models.lock"
 RepairFn = Callable[[str], None]
 """Quarantine the damaged files of one model (by id) in the local cache."""
 
-ActionKind = Literal["place", "delete", "download", "add-card", "wait", "ok", "failed"]
+ActionKind = Literal["place", "delete", "download", "wait", "ok", "failed"]
 
 
 @dataclass(frozen=True)
@@ -293,16 +293,19 @@ class Reconciler:
         state = await self.api.state()
         if not state.synced:
             return PassResult(False, "waiting: the node has reached no master yet")
-        await self._add_cards()
-        actions = plan(
-            self.declared,
-            state,
-            self.memory,
-            now=time.monotonic(),
-            place_timeout_s=self.place_timeout_s,
-        )
-        acted = False
         problems: list[str] = []
+        blocked = await self._add_cards(problems)
+        actions = [
+            Action("failed", a.model_id, blocked[a.model_id]) if a.model_id in blocked else a
+            for a in plan(
+                self.declared,
+                state,
+                self.memory,
+                now=time.monotonic(),
+                place_timeout_s=self.place_timeout_s,
+            )
+        ]
+        acted = False
         for action in actions:
             try:
                 acted |= await self._do(action)
@@ -311,15 +314,26 @@ class Reconciler:
                 log.warning("cannot %s %s: %s; retrying", action.kind, action.model_id, exc)
         return self._summary(actions, problems, acted)
 
-    async def _add_cards(self) -> None:
+    async def _add_cards(self, problems: list[str]) -> dict[str, str]:
+        """Add the cards of custom models EXO does not list; model -> why it could not."""
         custom = [m for m, spec in self.declared.items() if spec.custom]
         if not custom:
-            return
+            return {}
         known = await self.api.model_ids()
+        blocked: dict[str, str] = {}
         for model_id in custom:
-            if model_id not in known:
-                log.info("add-card %s: declared custom, not in EXO's model list", model_id)
+            if model_id in known:
+                continue
+            log.info("add-card %s: declared custom, not in EXO's model list", model_id)
+            try:
                 await self.api.add_custom(model_id)
+            except ExoApiError as exc:
+                if exc.kind != "http":
+                    raise  # the node itself is gone: the whole pass waits
+                blocked[model_id] = f"cannot add its card: {exc}"
+                problems.append(f"{model_id}: {blocked[model_id]}")
+                log.warning("cannot add-card %s: %s; retrying", model_id, exc)
+        return blocked
 
     def _placement(self, model_id: str) -> Placement:
         spec = self.declared[model_id]
@@ -331,8 +345,9 @@ class Reconciler:
         )
 
     async def _do(self, action: Action) -> bool:
-        if action.kind in ("ok", "wait"):
-            self._say(action)
+        if action.kind in ("ok", "wait", "failed"):
+            if action.kind != "failed":  # failures were logged where they happened
+                self._say(action)
             return False
         self._say(action)
         if action.kind == "delete" and action.instance_id is not None:
@@ -376,7 +391,12 @@ class Reconciler:
             status += f"; {problems[0]}"
         elif pending:
             first = next(a for a in actions if a.model_id in pending and a.kind != "ok")
-            status += f"; {first.model_id}: {first.reason}"
+            reason = {
+                "place": "placed, waiting for the instance",
+                "download": "downloads started",
+                "delete": "deleted an instance",
+            }.get(first.kind, first.reason)
+            status += f"; {first.model_id}: {reason}"
         return PassResult(not pending and not problems, status, acted)
 
 
@@ -423,10 +443,7 @@ async def serve(
             result = PassResult(False, f"waiting for the node API: {exc}")
             delay = backoff.next()
         if result.status != last_status:
-            level = logging.INFO if result.converged else logging.WARNING
-            if result.status.startswith(("waiting", "standby")) or result.converged:
-                level = logging.INFO
-            log.log(level, "%s", result.status)
+            log.info("%s", result.status)
             last_status = result.status
         if notify is not None:
             notify(result.status)
