@@ -544,7 +544,9 @@ def _format_error(error: Any) -> str:
     if isinstance(error.get("input"), dict) and kind == "value_error":
         return f"{path}: {message}"
     if kind in {"enum", "literal_error"}:
-        return f"{path}: {describe_value(error['input'])} is not allowed; {message.lower()}"
+        # "Input should be 'Pipeline' ..." -> "input should be 'Pipeline' ...": values as written
+        message = message[:1].lower() + message[1:]
+        return f"{path}: {describe_value(error['input'])} is not allowed; {message}"
     return f"{path}: {describe_value(error['input'])}: {message}"
 
 

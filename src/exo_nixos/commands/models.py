@@ -72,14 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "--no-progress", action="store_true", help="plain lines even on a terminal"
         )
         if name == "place":
-            from exo_nixos.config import InstanceMeta, Sharding
-
-            action.add_argument(
-                "--sharding", choices=[s.value for s in Sharding], default="Pipeline"
-            )
-            action.add_argument(
-                "--instance-meta", choices=[m.value for m in InstanceMeta], default="MlxRing"
-            )
+            # checked against the config model's enums when used (no pydantic at start-up)
+            action.add_argument("--sharding", default="Pipeline", help="Pipeline or Tensor")
+            action.add_argument("--instance-meta", default="MlxRing", help="MlxRing or MlxJaccl")
             action.add_argument("--min-nodes", type=int, default=1, metavar="N")
 
     remove = sub.add_parser("remove", help="delete the model's instances (its files stay)")

@@ -68,12 +68,7 @@ async def _dispatch(args: argparse.Namespace, api: ModelsApi, config: Config | N
         return await list_models(api, config, as_json=args.json, out=sys.stdout)
     if args.action == "remove":
         return await remove(api, config, args.model, out=sys.stdout)
-    placement = Placement(
-        model_id=args.model,
-        sharding=getattr(args, "sharding", "Pipeline"),
-        instance_meta=getattr(args, "instance_meta", "MlxRing"),
-        min_nodes=getattr(args, "min_nodes", 1),
-    )
+    placement = _placement(args)
     view = progress_view(sys.stdout, plain=args.no_progress)
     try:
         if args.action == "pull":
@@ -81,6 +76,33 @@ async def _dispatch(args: argparse.Namespace, api: ModelsApi, config: Config | N
         return await place(api, placement, wait_s=args.wait, view=view)
     finally:
         view.close()
+
+
+def _placement(args: argparse.Namespace) -> Placement:
+    """The command line's placement, judged by the config model's rules for ``models``."""
+    from exo_nixos.config import DeclaredModel
+    from exo_nixos.errors import ConfigError
+
+    entry = {
+        "sharding": getattr(args, "sharding", "Pipeline"),
+        "instanceMeta": getattr(args, "instance_meta", "MlxRing"),
+        "minNodes": getattr(args, "min_nodes", 1),
+    }
+    try:
+        from exo_nixos.config import parse_config
+
+        spec: DeclaredModel = parse_config(
+            {"schemaVersion": 1, "models": {args.model: entry}}
+        ).models[args.model]
+    except ConfigError as exc:
+        problem = (exc.problems or [str(exc)])[0]
+        raise UserError(problem.replace("(document): ", "")) from None
+    return Placement(
+        model_id=args.model,
+        sharding=str(spec.sharding),
+        instance_meta=str(spec.instance_meta),
+        min_nodes=spec.min_nodes,
+    )
 
 
 # -- list ----------------------------------------------------------------------------------
