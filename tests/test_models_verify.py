@@ -170,3 +170,36 @@ def test_cli_json(tmp_path: Path) -> None:
     doc = json.loads(done.stdout)
     assert doc["clean"] is False
     assert doc["models"][0]["damage"][0]["kind"] == "truncated"
+
+
+def test_cli_with_a_config_checks_its_dirs_and_never_repairs_read_only_ones(
+    tmp_path: Path,
+) -> None:
+    import grp
+    import pwd
+
+    writable = tmp_path / "models"
+    shared = tmp_path / "shared"
+    good = make_model(writable, shards=1)
+    truncate(make_model(shared, shards=1) / "model-00001-of-00001.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "schemaVersion": 1,
+                "modelsDir": str(writable),
+                "readOnlyModelDirs": [str(shared)],
+                "security": {
+                    "user": pwd.getpwuid(os.getuid()).pw_name,
+                    "group": grp.getgrgid(os.getgid()).gr_name,
+                    "dataDir": str(tmp_path / "data"),
+                },
+            }
+        )
+    )
+    done = run_cli("--config", str(config), "--repair")
+    assert done.returncode == 1
+    assert f"ok      {good}" in done.stdout
+    assert "truncated" in done.stdout
+    assert "0 file(s) moved" in done.stdout  # the read-only dir is left as it is
+    assert (shared / "mlx-community--Tiny-4bit" / "model-00001-of-00001.safetensors").exists()
