@@ -330,3 +330,20 @@ def test_a_custom_card_the_hub_lacks_blocks_only_that_model(tmp_path: Path) -> N
         text = log.read_text()
         assert "HTTP 400 from /models/add: Failed to fetch model" in text
         assert instances(node, "acme/Missing") == []
+
+
+def test_repair_failures_are_logged_and_placing_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from exo_nixos.config import parse_config
+    from exo_nixos.models.reconcile import repair_function
+
+    data = tmp_path / "data"
+    model = make_model(data / "models", name=LLAMA.replace("/", "--"), shards=1)
+    truncate(model / "model-00001-of-00001.safetensors")
+    (data / "quarantine").write_text("a file where the quarantine directory should be")
+    config = parse_config({"schemaVersion": 1, "security": {"dataDir": str(data)}})
+    with caplog.at_level("WARNING"):
+        repair_function(config)(LLAMA)  # does not raise
+    assert "cannot quarantine damaged files" in caplog.text
+    assert (model / "model-00001-of-00001.safetensors").exists()

@@ -411,7 +411,17 @@ def repair_function(config: Config) -> RepairFn:
         name = model_id.replace("/", "--")  # ModelId.normalize upstream
         reports = [check_model_dir(r / name) for r in roots if (r / name).is_dir()]
         if any(not r.clean for r in reports):
-            moved = quarantine(reports, target)
+            try:
+                moved = quarantine(reports, target)
+            except OSError as exc:
+                log.warning(
+                    "cache %s: cannot quarantine damaged files in %s: %s; placing anyway "
+                    "(run exo-nixos models verify --repair as the service user)",
+                    model_id,
+                    target,
+                    exc.strerror or exc,
+                )
+                return
             for report in reports:
                 for damage in report.damage:
                     log.warning("cache %s: %s", model_id, damage.line())
