@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+from pydantic import ValidationError
 
 from exo_nixos import jsonio
 from exo_nixos.errors import UserError
@@ -148,7 +149,12 @@ class ModelsApi:
         raw = await self._call("GET", f"/instance/placement?{query}")
         if not isinstance(raw, Mapping):
             raise ExoApiError("unexpected /instance/placement answer", kind="shape")
-        return Preview(Instance.model_validate(raw), raw)
+        try:
+            return Preview(Instance.model_validate(raw), raw)
+        except ValidationError:
+            raise ExoApiError(
+                "unexpected /instance/placement answer (not an instance)", kind="shape"
+            ) from None
 
     async def delete_instance(self, instance_id: str) -> None:
         await self._call("DELETE", f"/instance/{instance_id}")
