@@ -6,5 +6,7 @@
     ./exo-networking.nix
     ./exo-k3s.nix
     ./exo-api.nix
+    ./exo-exporter.nix
+    ./exo-resources.nix
   ];
 }

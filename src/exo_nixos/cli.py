@@ -22,11 +22,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("config", "validate a config file or print its JSON Schema"),
     "preflight": ("preflight", "check ports, interfaces, directories, memory and devices"),
     "health": ("health", "probe an EXO node's API (exit 0 healthy, 1 degraded, 2 down)"),
-    "status": ("status", "show this node, the master, peers and running instances"),
+    "status": ("status", "show the cluster: nodes, memory, instances, downloads, pressure"),
     "detect": ("detect", "detect GPUs, CPU and memory and choose the accelerator"),
     "net": ("net", "inspect interfaces, bonds, Thunderbolt and RDMA; pick the cluster link"),
     "run": ("run", "supervise an EXO node under systemd (Type=notify, watchdog)"),
     "gateway": ("gateway", "serve the authenticated, health-aware API gateway"),
+    "exporter": ("exporter", "serve the cluster's state as Prometheus metrics"),
+    "record-stop": ("record_stop", "record how the node's run ended (ExecStopPost; OOM back-off)"),
     "k3s": ("k3s", "render K3s manifests or keep this node registered in an EndpointSlice"),
 }
 
