@@ -59,7 +59,7 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         f"{node}.service": render_unit(result["services"][node]),
         "exo.target": render_unit(result["targets"]["exo"], "target"),
     }
-    for extra in ("exo-api", "exo-netns"):  # the gateway; the network namespace's unit
+    for extra in ("exo-api", "exo-netns", "exo-exporter"):  # gateway, namespace, exporter
         if extra in result["services"]:
             units[f"{extra}.service"] = render_unit(result["services"][extra])
     document = result["etc"]["exo/config.json"]
