@@ -15,6 +15,7 @@ import pytest
 
 from exo_nixos.cli import main
 from exo_nixos.exoapi import ExoApiError, probe_sync, write_master_hint
+from exo_nixos.monitoring.facts import SupervisorFacts, write_facts
 from tests.asuser import as_nobody, open_tmp
 from tests.exo_double.fixture import free_port, run_double
 
@@ -270,7 +271,10 @@ def test_status_as_an_admin_says_the_hint_is_unreadable_not_just_unknown():
             config.chmod(0o644)
             write_master_hint(runtime, "ee55", "ee55")
             (runtime / "master.json").chmod(0o600)
+            write_facts(runtime, SupervisorFacts("worker", "cpu"))
             done = as_nobody("-m", "exo_nixos", "status", "--config", str(config))
     assert "Traceback" not in done.stderr, done.stderr
-    assert "cannot read" in done.stdout, done.stdout
-    assert "run as root or the service user" in done.stdout
+    out = " ".join(done.stdout.split())  # the table may wrap long lines
+    assert "not seen: master unknown: cannot read" in out, out
+    assert "not seen: accelerator and memory offer unknown: cannot read" in out, out
+    assert "run as root or the service user" in out
