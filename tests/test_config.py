@@ -120,9 +120,9 @@ def test_field_and_cross_field_problems_come_in_one_pass():
 
 
 TOP_KEYS = (
-    "apiPort, clusterNamespace, environmentVariables, extraArgs, extraModelDirs, gateway, "
-    "hardware, healthCheck, k3s, logLevel, mode, modelReconciler, models, modelsDir, networking, "
-    "noWorker, offline, readOnlyModelDirs, schemaVersion, security"
+    "apiPort, clusterNamespace, environmentVariables, exporter, extraArgs, extraModelDirs, "
+    "gateway, hardware, healthCheck, k3s, logLevel, mode, modelReconciler, models, modelsDir, "
+    "networking, noWorker, offline, readOnlyModelDirs, schemaVersion, security"
 )
 ABSOLUTE = (
     "must be an absolute path without whitespace, control characters or ':' (systemd and "

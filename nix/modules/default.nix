@@ -7,5 +7,7 @@
     ./exo-k3s.nix
     ./exo-api.nix
     ./exo-models.nix
+    ./exo-exporter.nix
+    ./exo-resources.nix
   ];
 }

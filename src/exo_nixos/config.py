@@ -63,6 +63,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 GATEWAY_PORT = 52417
+EXPORTER_PORT = 52418
 
 
 class Mode(StrEnum):
@@ -365,6 +366,16 @@ class Gateway(_Section):
         return self
 
 
+class Exporter(_Section):
+    enable: StrictBool = Field(
+        False, description="Serve the cluster's state as Prometheus metrics (exo-exporter)."
+    )
+    listen_address: IPAddress = Field(
+        "127.0.0.1", description="Address /metrics is served on (loopback unless scraped remotely)."
+    )
+    port: Port = Field(EXPORTER_PORT, description="TCP port /metrics is served on.")
+
+
 class HealthCheck(_Section):
     interval_sec: StrictFloat = Field(5.0, gt=0, le=3600)
     timeout_sec: StrictFloat = Field(3.0, gt=0, le=600)
@@ -462,6 +473,7 @@ class Config(_Section):
     model_reconciler: ModelReconciler = Field(
         default_factory=lambda: ModelReconciler.model_validate({})
     )
+    exporter: Exporter = Field(default_factory=lambda: Exporter.model_validate({}))
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -470,6 +482,8 @@ class Config(_Section):
         tcp = {"apiPort": self.api_port, "networking.zenohPort": self.networking.zenoh_port}
         if self.gateway.enable:
             tcp["gateway.port"] = self.gateway.port
+        if self.exporter.enable:
+            tcp["exporter.port"] = self.exporter.port
         seen: dict[int, str] = {}
         for name, port in tcp.items():
             if port in seen:

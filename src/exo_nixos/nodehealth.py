@@ -13,6 +13,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.config import DEFAULT_CONFIG_PATH, Config, load_config
 from exo_nixos.exoapi import (
     DEFAULT_URL,
@@ -20,10 +23,11 @@ from exo_nixos.exoapi import (
     ExoApiError,
     NodeView,
     normalize_url,
-    probe_sync,
+    probe,
     read_master_hint,
-    short_id,
+    run_coroutine,
 )
+from exo_nixos.supervisor.environment import role_for
 
 DEFAULT_TIMEOUT_S = 3.0
 
@@ -46,10 +50,19 @@ class Target:
     timeout_s: float
     hint_dir: Path | None = None
     """Where the supervisor leaves the master it read from exo's log (the runtime dir)."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Sent with each request: ``Authorization`` when the URL is the gateway."""
+    api_port: int = EXO_API_PORT
+    """The cluster's API port (the peers' ``/node_id`` is asked there)."""
+    node_unit: str | None = None
+    """This host's node unit, when the config says this host runs one."""
 
 
 def resolve_target(
-    url: str | None, config_path: str | None, timeout_s: float | None = None
+    url: str | None,
+    config_path: str | None,
+    timeout_s: float | None = None,
+    api_key: str | None = None,
 ) -> Target:
     """``--url`` wins; else ``http://127.0.0.1:{apiPort}`` from the config; else port 52415.
 
@@ -66,7 +79,14 @@ def resolve_target(
     if timeout_s is None:
         timeout_s = config.health_check.timeout_sec if config else DEFAULT_TIMEOUT_S
     hint_dir = Path(config.security.runtime_dir) if config else None
-    return Target(url=url, timeout_s=timeout_s, hint_dir=hint_dir)
+    return Target(
+        url=url,
+        timeout_s=timeout_s,
+        hint_dir=hint_dir,
+        headers=(("Authorization", f"Bearer {api_key}"),) if api_key else (),
+        api_port=config.api_port if config else EXO_API_PORT,
+        node_unit=f"exo-{role_for(config)}" if config else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -97,9 +117,16 @@ class HealthReport:
 
 def assess(target: Target) -> HealthReport:
     """Probe the node once and give the verdict. Only a malformed URL raises (ExoApiError)."""
+    return run_coroutine(assess_async(target))
+
+
+async def assess_async(
+    target: Target, session: aiohttp.ClientSession | None = None
+) -> HealthReport:
+    """:func:`assess` for callers with an event loop (the exporter)."""
     url = normalize_url(target.url)
     try:
-        view = probe_sync(url, target.timeout_s)
+        view = await probe(url, target.timeout_s, session, headers=dict(target.headers) or None)
     except ExoApiError as exc:
         return HealthReport(verdict=Verdict.DOWN, url=url, reason=str(exc))
     unread = None
@@ -124,41 +151,3 @@ def _unreadable(path: Path) -> str | None:
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
     return None
-
-
-def render_status(report: HealthReport) -> str:
-    """The human text of ``exo-nixos status``: one fact per line, problems last."""
-    lines = [f"status     {report.verdict.value} ({report.url})"]
-    view = report.view
-    if view is None:
-        lines.append(f"problem    {report.reason}")
-        return "\n".join(lines) + "\n"
-    lines.append(f"node       {view.node_id}")
-    if view.master_id is None and report.master_unread:
-        lines.append(f"master     unknown ({report.master_unread})")
-    elif view.master_id is None:
-        lines.append("master     unknown (exo's API does not name the master)")
-    elif view.is_master:
-        lines.append("master     yes (this node)")
-    else:
-        lines.append(f"master     no (master is {view.master_id})")
-    if not view.state_ok:
-        lines.append("peers      unknown (/state did not answer)")
-    elif not view.peers:
-        lines.append("peers      none")
-    else:
-        lines.append(f"peers      {len(view.peers)}")
-        for peer in view.peers:
-            where = ", ".join(peer.api_urls or peer.addresses) or "address unknown"
-            name = f" {peer.friendly_name}" if peer.friendly_name else ""
-            lines.append(f"  {peer.node_id}{name} ({where})")
-    if view.state_ok:
-        lines.append(f"instances  {len(view.instances) or 'none'}")
-        for instance in view.instances:
-            nodes = ", ".join(short_id(n) for n in instance.node_ids) or "no nodes"
-            states = sorted({s for _, s in instance.runner_status})
-            state = f" [{', '.join(states)}]" if states else ""
-            lines.append(f"  {instance.model_id or '(unknown model)'} on {nodes}{state}")
-    lines.append(f"models     {len(view.model_ids) if view.models_ok else 'unavailable'}")
-    lines.extend(f"problem    {p}" for p in view.problems)
-    return "\n".join(lines) + "\n"

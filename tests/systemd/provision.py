@@ -59,7 +59,7 @@ def provision(root: Path, module: str) -> dict[str, Any]:
         f"{node}.service": render_unit(result["services"][node]),
         "exo.target": render_unit(result["targets"]["exo"], "target"),
     }
-    for extra in ("exo-api", "exo-netns", "exo-models"):  # gateway, namespace, models
+    for extra in ("exo-api", "exo-netns", "exo-models", "exo-exporter"):
         if extra in result["services"]:
             units[f"{extra}.service"] = render_unit(result["services"][extra])
     document = result["etc"]["exo/config.json"]

@@ -50,8 +50,9 @@ MODULE = """
     hardware.packages = { cpu = pkgs.exo-complete; cuda = pkgs.exo-cuda; };
     hardware.preferredAccelerator = "cuda";
     environmentVariables.EXO_SANDBOX_REPORT = "/run/exo/sandbox.json";
-    # this guest tests the node unit alone (the gateway has its own guest)
+    # this guest tests the node unit (the gateway has its own guest), and the exporter beside it
     gateway.enable = false;
+    exporter.enable = true;
   };
 }
 """
@@ -191,6 +192,49 @@ def test_exposure_is_recorded_and_low(guest: Guest) -> None:
     if record:
         Path(record).write_text(out)
     assert exposure <= EXPOSURE_LIMIT, out
+
+
+def test_exporter_reads_the_node_units_cgroup_and_is_tight(running: Guest) -> None:
+    """The exporter as installed: its sandbox lets it read the node unit's real cgroup, the
+    supervisor's facts and run record; its exposure stays at the gateway's."""
+    guest = running
+    exporter = "exo-exporter.service"
+    _wait_until(
+        lambda: unit_props(guest, exporter, "ActiveState")["ActiveState"] == "active",
+        60,
+        "the exporter to become active",
+        guest,
+        exporter,
+    )
+    status, text = http(guest, "http://127.0.0.1:52418/metrics", timeout=10)
+    assert status == 200, text
+    assert re.search(r"^exo_up 1\.0$", text, re.M), text
+    some = r'^exo_node_unit_memory_pressure_ratio\{kind="some",window="60s"\} [0-9.e-]+$'
+    assert re.search(some, text, re.M), text
+    # PSI files are the cgroup core's; memory.current exists only where the memory controller
+    # is enabled for the slice, which the nspawn guest does not do
+    stalled = r'^exo_node_unit_memory_stalled_seconds_total\{kind="full"\} [0-9.e+-]+$'
+    assert re.search(stalled, text, re.M), text
+    starts = re.search(r"^exo_node_starts_total ([0-9.]+)$", text, re.M)
+    assert starts and float(starts.group(1)) >= 1, text
+    accelerator = re.search(r"^exo_accelerator_info\{(.*)\} 1\.0$", text, re.M)
+    assert accelerator, text
+    assert 'accelerator="cpu"' in accelerator.group(1)
+    assert 'fallback="1"' in accelerator.group(1)
+    out = guest.run(["systemd-analyze", "security", "--no-pager", "exo-exporter.service"]).stdout
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out
+    assert float(match.group(1)) <= 1.5, out
+
+
+def test_exec_stop_post_records_how_the_run_ended(running: Guest) -> None:
+    guest = running
+    guest.run(["systemctl", "stop", f"{UNIT}.service"], timeout=60)
+    wait_until(lambda: show(guest, "ActiveState")["ActiveState"] == "inactive", 60, "stopped")
+    record = json.loads(guest.run(["cat", "/var/lib/exo/exo-nixos/runs.json"]).stdout)
+    assert record["lastResult"] == "success", record
+    assert record["starts"] >= 1, record
+    assert record["oomKills"] == 0, record
 
 
 def _restarts(guest: Guest) -> int:

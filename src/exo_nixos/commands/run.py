@@ -52,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError, describe_value
+    from exo_nixos.monitoring.psi import own_cgroup
     from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
     from exo_nixos.supervisor.logs import setup_logging
     from exo_nixos.supervisor.notify import Notifier
@@ -76,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
     launch = build_launch(config, role, root=host_root)
     if args.dry_run:
         return _dry_run(launch)
+    _record_start(config, role, launch)
     hc = config.health_check
     settings = Settings(
         role=role,
@@ -94,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
         hint_dir=Path(config.security.runtime_dir),
     )
     supervisor.links = _link_monitor(config, supervisor, host_root)
+    supervisor.memory_cgroup = own_cgroup(host_root / "sys/fs/cgroup")
     try:
         status = asyncio.run(supervisor.run())
     finally:
@@ -106,6 +109,30 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
     return status
+
+
+def _record_start(config: Config, role: str, launch: Launch) -> None:
+    """Count the start and leave the facts ``status`` and the exporter read (never fatal)."""
+    import logging
+    import time
+
+    from exo_nixos.monitoring.facts import SupervisorFacts, write_facts
+    from exo_nixos.supervisor import oom
+
+    record = oom.record_start(oom.record_path(config.security.data_dir))
+    facts = SupervisorFacts(
+        role=role,
+        accelerator=launch.selection.accelerator.value,
+        fallback=launch.selection.fallback,
+        memory_offer_mb=launch.memory_mb,
+        memory_backoff_steps=record.steps_at(time.time()),
+        started_at=time.time(),
+    )
+    try:
+        Path(config.security.runtime_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+        write_facts(config.security.runtime_dir, facts)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("cannot write %s: %s", config.security.runtime_dir, exc)
 
 
 def _dry_run(launch: Launch) -> int:

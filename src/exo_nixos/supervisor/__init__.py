@@ -4,4 +4,5 @@
 - :mod:`.environment`: the EXO command line and environment built from the config.
 - :mod:`.snapshot`: crash-safe topology snapshots in the state directory.
 - :mod:`.runner`: runs EXO as a child, probes its API, forwards signals.
+- :mod:`.oom`: the run record and the smaller memory offer after an OOM kill.
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.config import Accelerator, Config, Mode
+from exo_nixos.supervisor import oom
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision
@@ -201,6 +202,7 @@ def build_launch(
     env.pop("OVERRIDE_MEMORY_MB", None)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(chosen.env)  # device selection, OVERRIDE_MEMORY_MB (limit and cgroup)
+    oom.apply(env, config.security.data_dir, root)  # less memory after an OOM kill
     env.update(config.environment_variables)
     memory = env.get("OVERRIDE_MEMORY_MB")
     memory_mb = int(memory) if memory and memory.isdigit() else None

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import aiohttp
 
 from exo_nixos import exoapi
+from exo_nixos.monitoring import psi
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
@@ -224,6 +225,8 @@ class Supervisor:
         self.hint_dir = hint_dir
         self.output = output if output is not None else sys.stderr.buffer
         self.links: LinkSource | None = None
+        self.memory_cgroup: Path | None = None
+        """The node unit's cgroup: sustained memory pressure there shows in STATUS."""
         self.state = _State()
         self.child: Child | None = None
         self._kill_task: asyncio.Task[None] | None = None
@@ -469,4 +472,8 @@ class Supervisor:
             text += f"; degraded: {self.state.problem}"
         if self.state.link:
             text += f"; link {self.state.link}"
+        if self.memory_cgroup is not None:
+            pressure = psi.read_cgroup_memory(self.memory_cgroup).pressure
+            if pressure is not None and pressure.degraded:
+                text += f"; degraded: {pressure.degraded}"
         return text

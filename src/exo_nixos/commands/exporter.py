@@ -1,0 +1,35 @@
+"""``exo-nixos exporter --config FILE``: serve the cluster's state as Prometheus metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cgroup-root",
+        default="/sys/fs/cgroup",
+        metavar="DIR",
+        help="where the node unit's cgroup is read (default %(default)s)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from exo_nixos.config import load_config
+    from exo_nixos.monitoring.exporter import serve
+
+    config = load_config(args.config)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config, Path(args.cgroup_root)))
+    return 0

@@ -1,0 +1,50 @@
+"""``exo-nixos record-stop --config FILE``: the node unit's ``ExecStopPost``.
+
+systemd tells ``ExecStopPost`` how the run ended in ``$SERVICE_RESULT`` (``success``,
+``exit-code``, ``signal``, ``watchdog``, ``oom-kill``, ...). An ``oom-kill`` makes the next
+start offer EXO less memory (:mod:`exo_nixos.supervisor.oom`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
+    )
+    parser.add_argument(
+        "--result",
+        default=None,
+        help="how the run ended, as systemd's $SERVICE_RESULT names it (default: that variable)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from exo_nixos.config import load_config
+    from exo_nixos.supervisor import oom
+    from exo_nixos.supervisor.logs import setup_logging
+
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    result = args.result if args.result is not None else os.environ.get("SERVICE_RESULT", "")
+    path = oom.record_path(config.security.data_dir)
+    try:
+        record = oom.record_stop(path, result)
+    except OSError as exc:
+        logging.getLogger(__name__).error("cannot record the stop in %s: %s", path, exc)
+        return 1
+    if result == oom.OOM_RESULT:
+        logging.getLogger(__name__).warning(
+            "EXO was killed for lack of memory (%d kill(s) recorded): the next start offers "
+            "it %d%% less memory than the hardware decision",
+            record.oom_kills,
+            round(record.steps * oom.STEP * 100),
+        )
+    return 0
