@@ -27,8 +27,7 @@ def call(method: str, url: str, body: Any = None) -> tuple[int, Any]:
     return run_coroutine(http_json(method, url, body))
 
 
-def instances(node: DoubleProcess, model: str = LLAMA) -> list[str]:
-    _, doc = call("GET", f"{node.url}/state/instances")
+def _of_model(doc: dict[str, Any], model: str) -> list[str]:
     return [
         i
         for i, tagged in doc.items()
@@ -36,13 +35,19 @@ def instances(node: DoubleProcess, model: str = LLAMA) -> list[str]:
     ]
 
 
+def instances(node: DoubleProcess, model: str = LLAMA) -> list[str]:
+    _, doc = call("GET", f"{node.url}/state/instances")
+    return _of_model(doc, model)
+
+
 def ready(node: DoubleProcess, model: str = LLAMA) -> bool:
+    # instances and runners from one answer: a second request could see another placement
     _, state = call("GET", f"{node.url}/state")
-    ids = instances(node, model)
+    ids = _of_model(state["instances"], model)
     if not ids:
         return False
     runners = state["instances"][ids[0]]["MlxRingInstance"]["shardAssignments"]["nodeToRunner"]
-    return all("RunnerReady" in state["runners"][r] for r in runners.values())
+    return all("RunnerReady" in state["runners"].get(r, {}) for r in runners.values())
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
