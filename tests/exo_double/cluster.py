@@ -558,9 +558,12 @@ class Cluster:
             },
         )
 
-    def _download(self, node: str, model_id: str, fraction: float, *, failed: bool = False) -> JSON:
+    def _download(
+        self, node: str, model_id: str, fraction: float, *, failed: bool = False, fixed: bool
+    ) -> JSON:
         """One ``DownloadProgress`` (src/exo/shared/types/worker/downloads.py; FrozenModel:
-        camelCase): pending at 0, ongoing, completed at 1, or failed."""
+        camelCase): pending at 0, ongoing, completed at 1, or failed. A ``fixed`` one
+        (``--download``) reports 50 MiB/s; one that advances, the rate it advances at."""
         total = int(_card_facts(model_id)["storageBytes"])
         base: JSON = {
             "nodeId": node,
@@ -578,7 +581,8 @@ class Cluster:
                 {**base, "downloaded": {"inBytes": 0}, "total": {"inBytes": total}},
             )
         done = int(total * fraction)
-        speed = total / self.faults.download_s if self.faults.download_s > 0 else 50.0 * MIB
+        advancing = not fixed and self.faults.download_s > 0
+        speed = total / self.faults.download_s if advancing else 50.0 * MIB
         progress = {
             "total": {"inBytes": total},
             "downloaded": {"inBytes": done},
@@ -605,7 +609,7 @@ class Cluster:
                 fraction = self.download_fraction(node, model_id, now) or 0.0
                 failed = transfer is not None and transfer.fails
                 result.setdefault(node, []).append(
-                    self._download(node, model_id, fraction, failed=failed)
+                    self._download(node, model_id, fraction, failed=failed, fixed=transfer is None)
                 )
         return result
 
