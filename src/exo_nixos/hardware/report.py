@@ -24,6 +24,8 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "memoryLimitBytes": decision.memory_limit_bytes,
         "env": decision.env,
         "reasons": decision.reasons,
+        "findings": [f.to_json() for f in decision.findings],
+        "cpuReason": decision.cpu_reason.value if decision.cpu_reason else None,
     }
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.config import Accelerator, Config, Mode
+from exo_nixos.findings import Finding, Severity
+from exo_nixos.hardware.decide import CpuReason
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision
@@ -33,9 +35,15 @@ class Selection:
 
     accelerator: Accelerator
     executable: str
-    reasons: list[str] = field(default_factory=list)
+    findings: tuple[Finding, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     fallback: str | None = None  # set when the wanted accelerator could not be used
+    fallback_reason: CpuReason | None = None  # the code of ``fallback``
+    memory_limit_bytes: int | None = None  # what EXO plans with (OVERRIDE_MEMORY_MB)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f.line() for f in self.findings]
 
 
 @dataclass(frozen=True)
@@ -97,21 +105,12 @@ def select_executable(config: Config, root: Path = Path("/")) -> Selection:
     return selection_for(config, choose(config, inventory))
 
 
-def _why_cpu(reasons: list[str]) -> str:
-    for reason in reasons:
-        if "cannot be used" in reason:
-            return reason
-    for reason in reasons:
-        if reason.endswith(": using cpu"):
-            return reason.removesuffix(": using cpu")
-    return "no usable GPU"
-
-
 def selection_for(config: Config, decision: Decision) -> Selection:
     """Turn the hardware decision into what to run; fall back to CPU when the GPU is unusable.
 
     "Wanted" is ``hardware.preferredAccelerator``, else any GPU variant that is installed.
-    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS.
+    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS; the CPU
+    asked for by ``preferredAccelerator = "cpu"`` is none.
     """
     hw = config.hardware
     preferred = hw.preferred_accelerator
@@ -119,19 +118,22 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         wanted = [preferred]
     else:
         wanted = [a for a in hw.packages if a is not Accelerator.CPU]
-    reasons = list(decision.reasons)
+    findings = list(decision.findings)
     env = dict(decision.env)
     accelerator = decision.accelerator
     fallback: str | None = None
+    reason: CpuReason | None = None
     executable = decision.executable
     if accelerator is not Accelerator.CPU and (executable is None or not executable.exists()):
         missing = f"{executable} does not exist" if executable else "no variant installed"
         fallback = f"{accelerator.value} unusable ({missing}); running on CPU"
-        reasons.append(f"{accelerator.value}: {missing}")
+        reason = CpuReason.EXECUTABLE_MISSING
+        findings.append(Finding(Severity.PROBLEM, f"{accelerator.value}: {missing}", code=reason))
         accelerator = Accelerator.CPU
-    elif accelerator is Accelerator.CPU and wanted:
+    elif decision.cpu is not None and decision.cpu_reason is not CpuReason.PREFERRED and wanted:
         names = "/".join(a.value for a in wanted)
-        fallback = f"{names} unusable ({_why_cpu(reasons)}); running on CPU"
+        fallback = f"{names} unusable ({decision.cpu.text}); running on CPU"
+        reason = decision.cpu_reason
     if accelerator is Accelerator.CPU:
         for name in _GPU_ENV:
             env.pop(name, None)
@@ -139,7 +141,15 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         cpu = hw.executable(Accelerator.CPU)
         executable = cpu if cpu is not None else Path(shutil.which("exo") or "exo")
     assert executable is not None
-    return Selection(accelerator, str(executable), reasons, env, fallback)
+    return Selection(
+        accelerator,
+        str(executable),
+        tuple(findings),
+        env,
+        fallback,
+        reason,
+        decision.memory_limit_bytes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
