@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from exo_nixos.config import Accelerator, Config, parse_config
-from exo_nixos.hardware.decide import CpuReason
+from exo_nixos.hardware.decide import CpuReason, MemoryBasis
 from exo_nixos.supervisor.environment import (
     build_launch,
     exo_argv,
@@ -233,3 +233,24 @@ def test_each_way_to_the_cpu_has_its_code(tmp_path, hardware, expected) -> None:
     sel = select_executable(config, FIXTURES / "nvidia-rtx4090-desktop")
     assert sel.accelerator is Accelerator.CPU
     assert sel.fallback_reason is expected
+
+
+def test_a_cuda_run_plans_with_the_gpus_memory_and_says_so_in_status(tmp_path) -> None:
+    packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
+    sel = select_executable(cfg(hardware={"packages": packages}), FIXTURES / "nvidia-h100-real")
+    assert sel.accelerator is Accelerator.CUDA
+    assert sel.memory.basis is MemoryBasis.GPU
+    assert sel.env["OVERRIDE_MEMORY_MB"] == str(sel.memory.limit_bytes // (1 << 20))
+    assert sel.label() == "cuda, plans with 64 GiB of GPU memory"
+
+
+def test_a_fallback_after_the_decision_drops_the_gpus_memory(tmp_path) -> None:
+    packages = {"cuda": str(tmp_path / "pkgs/absent"), "cpu": variant(tmp_path, "cpu")}
+    config = cfg(hardware={"packages": packages})
+    sel = select_executable(config, FIXTURES / "nvidia-h100-real")
+    assert sel.fallback_reason is CpuReason.EXECUTABLE_MISSING
+    assert sel.memory.basis is MemoryBasis.SYSTEM
+    assert "OVERRIDE_MEMORY_MB" not in sel.env
+    assert sel.label() == "cpu"
+    launch = build_launch(config, "worker", base_env={}, selection=sel)
+    assert launch.memory_mb is None

@@ -8,7 +8,7 @@ import pytest
 
 from exo_nixos.basetypes import Accelerator
 from exo_nixos.config import parse_config
-from exo_nixos.findings import Severity
+from exo_nixos.findings import Finding, Severity
 from exo_nixos.hardware import (
     Cpu,
     Gpu,
@@ -21,23 +21,32 @@ from exo_nixos.hardware import (
     decide,
     detect,
 )
-from exo_nixos.hardware.decide import Code, CpuReason
+from exo_nixos.hardware.decide import Code, CpuReason, Decision, MemoryBasis
 from exo_nixos.hardware.model import AppleSilicon
 from tests.hardware.conftest import fixture
 
 GiB = 1 << 30
+MiB = 1 << 20
 ALL = HardwareSettings()
 CUDA = Accelerator.CUDA
 CPU = Accelerator.CPU
+
+
+def finding(decision: Decision, code: str) -> Finding:
+    (found,) = [f for f in decision.findings if f.code == code]
+    return found
 
 
 def test_datacenter_node_chooses_cuda_with_every_gpu():
     decision = decide(ALL, detect(fixture("nvidia-dgx-h100")))
     assert decision.accelerator is CUDA
     assert len(decision.devices) == 8
-    assert decision.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    assert decision.reasons[0] == "no config given: assuming every EXO variant is installed"
-    assert decision.reasons[-1].startswith("chose cuda: 8x NVIDIA H100 80GB HBM3")
+    # EXO computes on the first GPU: it offers that GPU's memory, less the margin
+    assert decision.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OVERRIDE_MEMORY_MB": "65247"}
+    assert decision.memory.basis is MemoryBasis.GPU
+    assert decision.findings[0].code == Code.ASSUMED_INSTALLED
+    assert finding(decision, Code.CHOSEN).text.startswith("chose cuda: 8x NVIDIA H100 80GB HBM3")
+    assert finding(decision, Code.ONE_GPU_COMPUTES).severity is Severity.WARNING
     assert decision.executable is None
 
 
@@ -237,7 +246,7 @@ def test_several_accelerators_most_usable_memory_wins(nvidia_gib, amd_gib, expec
     supported = frozenset(Accelerator)
     decision = decide(ALL, inventory, supported)
     assert decision.accelerator == expected
-    assert "(the most usable memory)" in decision.reasons[-1]
+    assert "(the most usable memory)" in finding(decision, Code.CHOSEN).text
 
 
 # --- a GPU that vanished or stopped answering -------------------------------------------
@@ -444,7 +453,11 @@ def test_dgx_spark_runs_cuda_13_on_its_unified_memory():
     decision = decide(CUDA13, detect(fixture("nvidia-dgx-spark-gb10")))
     assert decision.accelerator is CUDA
     assert decision.devices == ["000f:01:00.0"]
-    assert decision.reasons[-1] == "chose cuda: NVIDIA GB10 (122 GiB)"
+    assert finding(decision, Code.CHOSEN).text == "chose cuda: NVIDIA GB10 (122 GiB)"
+    # unified memory: the system's, measured by EXO itself
+    assert finding(decision, Code.MEMORY_UNIFIED)
+    assert decision.memory.basis is MemoryBasis.SYSTEM
+    assert "OVERRIDE_MEMORY_MB" not in decision.env
 
 
 def _memory_error(root, code, message):

@@ -30,6 +30,27 @@ GPU_ACCELERATORS = (Accelerator.CUDA, Accelerator.ROCM, Accelerator.MLX)
 MiB = 1 << 20
 GiB = 1 << 30
 
+# The share of a GPU's memory the node offers EXO for placement. EXO places a model where its
+# weights fit the memory a node reports, and nothing more (master/placement_utils.py,
+# filter_cycles_by_memory, compares the sum of ram_available with the model's storage_size);
+# the GPU must also hold the CUDA context, the KV cache and activations. Upstream's own line for
+# how full MLX lets a device get before it evicts KV caches (worker/engines/mlx/cache.py,
+# _default_memory_threshold: 0.85 from 128 GB, 0.80 from 64 GB, 0.75 from 32 GB, else 0.70)
+# is the share used here, applied to the GPU's memory rather than the host's: weights placed
+# below that line leave the GPU the room upstream itself plans to keep free.
+GPU_MEMORY_SHARE: tuple[tuple[int, float], ...] = (
+    (128 * GiB, 0.85),
+    (64 * GiB, 0.80),
+    (32 * GiB, 0.75),
+    (0, 0.70),
+)
+
+
+def gpu_memory_offer(memory_bytes: int) -> tuple[int, float]:
+    """What a GPU of ``memory_bytes`` offers EXO, and the share that is."""
+    share = next(share for floor, share in GPU_MEMORY_SHARE if memory_bytes >= floor)
+    return int(memory_bytes * share), share
+
 
 @dataclass(frozen=True)
 class HardwareSettings:
@@ -95,7 +116,50 @@ class Code(StrEnum):
     MEMORY_LIMIT = "memory-limit"  # memoryLimit sets what EXO plans with
     MEMORY_LIMIT_UNRESOLVED = "memory-limit-unresolved"
     MEMORY_CGROUP = "memory-cgroup"  # the cgroup limit caps it
+    MEMORY_GPU = "memory-gpu"  # the GPU's own memory, less the margin, is what EXO plans with
+    MEMORY_UNIFIED = "memory-unified"  # a unified-memory GPU: the system's memory
+    MEMORY_GPU_UNKNOWN = "memory-gpu-unknown"  # NVML gave no figure: the system's memory
+    MEMORY_LIMIT_ABOVE_GPU = "memory-limit-above-gpu"  # memoryLimit is not the cap
+    ONE_GPU_COMPUTES = "one-gpu-computes"  # EXO uses one of several GPUs
     MISSING_VARIANT = "missing-variant"  # the decided accelerator has no installed variant
+
+
+class MemoryBasis(StrEnum):
+    """Where the memory EXO plans with comes from."""
+
+    SYSTEM = "system"  # nothing set: EXO measures the host's memory itself
+    GPU = "gpu"  # the GPU's memory less the margin (GPU_MEMORY_SHARE)
+    LIMIT = "memoryLimit"
+    CGROUP = "cgroup"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory EXO plans placement with (``OVERRIDE_MEMORY_MB``), where it comes from, why."""
+
+    limit_bytes: int | None  # None: EXO measures the host's memory itself
+    basis: MemoryBasis
+    findings: tuple[Finding, ...] = ()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return (
+            {} if self.limit_bytes is None else {"OVERRIDE_MEMORY_MB": str(self.limit_bytes // MiB)}
+        )
+
+    def label(self) -> str | None:
+        """For STATUS: ``64 GiB of GPU memory``; None where EXO measures itself."""
+        if self.limit_bytes is None:
+            return None
+        source = {
+            MemoryBasis.GPU: "of GPU memory",
+            MemoryBasis.LIMIT: "by memoryLimit",
+            MemoryBasis.CGROUP: "by the cgroup limit",
+        }.get(self.basis, "")
+        return f"plans with {_size(self.limit_bytes)} {source}".rstrip()
+
+
+SYSTEM_MEMORY = MemoryPlan(None, MemoryBasis.SYSTEM)  # nothing set: EXO measures itself
 
 
 @dataclass(frozen=True)
@@ -105,8 +169,15 @@ class Decision:
     findings: tuple[Finding, ...]
     env: dict[str, str]  # for exo's environment: CUDA_VISIBLE_DEVICES, OVERRIDE_MEMORY_MB...
     devices: list[str] = field(default_factory=list)  # PCI addresses used, or "apple-silicon"
-    memory_limit_bytes: int | None = None  # what EXO plans with; None: EXO measures itself
+    memory: MemoryPlan = SYSTEM_MEMORY
     cpu: Finding | None = None  # on the CPU: why (its code a CpuReason)
+    # what a CPU run of this host plans with, for a fallback after the decision
+    cpu_memory: MemoryPlan = SYSTEM_MEMORY
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """What EXO plans with; None: EXO measures itself."""
+        return self.memory.limit_bytes
 
     @property
     def reasons(self) -> list[str]:
@@ -449,10 +520,10 @@ def _finish(
     if option is not None:
         devices = [g.address for g in option.devices] or ["apple-silicon"]
         env.update(_device_env(settings, inventory, option))
-    limit, memory_findings = _memory_limit(settings, inventory)
-    findings.extend(memory_findings)
-    if limit is not None:
-        env["OVERRIDE_MEMORY_MB"] = str(limit // MiB)
+    cpu_memory = _memory_plan(settings, inventory, None)
+    memory = _memory_plan(settings, inventory, option) if option is not None else cpu_memory
+    findings.extend(memory.findings)
+    env.update(memory.env)
     executable = settings.executable(accelerator)
     if settings.packages is not None and executable is None:
         findings.append(
@@ -463,7 +534,7 @@ def _finish(
                 Code.MISSING_VARIANT,
             )
         )
-    return Decision(accelerator, executable, tuple(findings), env, devices, limit, cpu)
+    return Decision(accelerator, executable, tuple(findings), env, devices, memory, cpu, cpu_memory)
 
 
 def _no_accelerator(inventory: Inventory) -> Finding:
@@ -497,13 +568,64 @@ def _device_env(
     return env
 
 
-def _memory_limit(
-    settings: HardwareSettings, inventory: Inventory
-) -> tuple[int | None, list[Finding]]:
+def _gpu_memory(option: _Option | None) -> tuple[int | None, list[Finding]]:
+    """What the GPU EXO computes on offers, for the CUDA variant; None: the system's rule.
+
+    EXO computes on one device, MLX's default GPU: the first the CUDA runtime lists, which is
+    the first of the chosen devices (PCI order, or the order of ``visibleDevices``).
+    """
+    if option is None or option.accelerator is not Accelerator.CUDA or not option.devices:
+        return None, []
+    gpu = option.devices[0]
+    findings: list[Finding] = []
+    if len(option.devices) > 1:
+        findings.append(
+            Finding(
+                Severity.WARNING,
+                f"EXO computes on one GPU, {gpu.label}; the other {len(option.devices) - 1} "
+                "sit idle",
+                code=Code.ONE_GPU_COMPUTES,
+            )
+        )
+    if gpu.memory_source == "unified":
+        findings.append(
+            Finding(
+                Severity.NOTE,
+                f"{gpu.label} shares the system's memory: EXO plans with the system's",
+                code=Code.MEMORY_UNIFIED,
+            )
+        )
+        return None, findings
+    if gpu.memory_source != "nvml" or not gpu.memory_bytes:
+        findings.append(
+            Finding(
+                Severity.WARNING,
+                f"{gpu.label}: memory not known from NVML; EXO plans with the system's memory, "
+                "which may be more than the GPU holds",
+                code=Code.MEMORY_GPU_UNKNOWN,
+            )
+        )
+        return None, findings
+    offer, share = gpu_memory_offer(gpu.memory_bytes)
+    findings.append(
+        _reason(
+            f"EXO plans with {_size(offer)}: {share:.0%} of the {_size(gpu.memory_bytes)} of "
+            f"{gpu.label}, the GPU it computes on (the rest for the CUDA context, KV cache "
+            "and activations)",
+            Code.MEMORY_GPU,
+        )
+    )
+    return offer, findings
+
+
+def _memory_plan(
+    settings: HardwareSettings, inventory: Inventory, option: _Option | None
+) -> MemoryPlan:
+    """The GPU's memory for CUDA, else none; capped by memoryLimit, then the cgroup limit."""
     physical = inventory.memory.total_bytes
     cgroup = inventory.memory.cgroup_limit_bytes
-    findings: list[Finding] = []
-    limit: int | None = None
+    limit, findings = _gpu_memory(option)
+    basis = MemoryBasis.SYSTEM if limit is None else MemoryBasis.GPU
     if settings.memory_limit is not None:
         parsed = MemoryLimit.parse(settings.memory_limit)
         if parsed.percent is not None and physical is None:
@@ -514,8 +636,17 @@ def _memory_limit(
                     code=Code.MEMORY_LIMIT_UNRESOLVED,
                 )
             )
+        elif limit is not None and parsed.resolve(physical or 0) >= limit:
+            findings.append(
+                Finding(
+                    Severity.NOTE,
+                    f"memoryLimit {settings.memory_limit} "
+                    f"({_size(parsed.resolve(physical or 0))}) is above what the GPU offers",
+                    code=Code.MEMORY_LIMIT_ABOVE_GPU,
+                )
+            )
         else:
-            limit = parsed.resolve(physical or 0)
+            limit, basis = parsed.resolve(physical or 0), MemoryBasis.LIMIT
             findings.append(
                 _reason(
                     f"memoryLimit {settings.memory_limit}: EXO plans with {_size(limit)}",
@@ -530,8 +661,8 @@ def _memory_limit(
                 Code.MEMORY_CGROUP,
             )
         )
-        limit = cgroup
-    return limit, findings
+        limit, basis = cgroup, MemoryBasis.CGROUP
+    return MemoryPlan(limit, basis, tuple(findings))
 
 
 def choose(

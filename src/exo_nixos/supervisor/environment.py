@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from exo_nixos.config import Accelerator, Config, Mode
 from exo_nixos.findings import Finding, Severity
-from exo_nixos.hardware.decide import CpuReason
+from exo_nixos.hardware.decide import SYSTEM_MEMORY, CpuReason, MemoryPlan
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision
@@ -39,11 +39,20 @@ class Selection:
     env: dict[str, str] = field(default_factory=dict)
     fallback: str | None = None  # set when the wanted accelerator could not be used
     fallback_reason: CpuReason | None = None  # the code of ``fallback``
-    memory_limit_bytes: int | None = None  # what EXO plans with (OVERRIDE_MEMORY_MB)
+    memory: MemoryPlan = SYSTEM_MEMORY  # OVERRIDE_MEMORY_MB and why
 
     @property
     def reasons(self) -> list[str]:
         return [f.line() for f in self.findings]
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return self.memory.limit_bytes
+
+    def label(self) -> str:
+        """The accelerator and the memory EXO plans with, for STATUS."""
+        memory = self.memory.label()
+        return f"{self.accelerator.value}, {memory}" if memory else self.accelerator.value
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ def selection_for(config: Config, decision: Decision) -> Selection:
     accelerator = decision.accelerator
     fallback: str | None = None
     reason: CpuReason | None = None
+    memory = decision.memory
     executable = decision.executable
     if accelerator is not Accelerator.CPU and (executable is None or not executable.exists()):
         missing = f"{executable} does not exist" if executable else "no variant installed"
@@ -130,6 +140,10 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         reason = CpuReason.EXECUTABLE_MISSING
         findings.append(Finding(Severity.PROBLEM, f"{accelerator.value}: {missing}", code=reason))
         accelerator = Accelerator.CPU
+        # the GPU's memory no longer applies: what a CPU run of this host plans with
+        memory = decision.cpu_memory
+        env.pop("OVERRIDE_MEMORY_MB", None)
+        env.update(memory.env)
     elif decision.cpu is not None and decision.cpu_reason is not CpuReason.PREFERRED and wanted:
         names = "/".join(a.value for a in wanted)
         fallback = f"{names} unusable ({decision.cpu.text}); running on CPU"
@@ -148,7 +162,7 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         env,
         fallback,
         reason,
-        decision.memory_limit_bytes,
+        memory,
     )
 
 
