@@ -240,6 +240,7 @@ def test_a_cuda_run_plans_with_the_gpus_memory_and_says_so_in_status(tmp_path) -
     sel = select_executable(cfg(hardware={"packages": packages}), FIXTURES / "nvidia-h100-real")
     assert sel.accelerator is Accelerator.CUDA
     assert sel.memory.basis is MemoryBasis.GPU
+    assert sel.memory.limit_bytes is not None
     assert sel.env["OVERRIDE_MEMORY_MB"] == str(sel.memory.limit_bytes // (1 << 20))
     assert sel.label() == "cuda, plans with 64 GiB of GPU memory"
 
