@@ -217,6 +217,36 @@ class Networking(_Section):
         return list(dict.fromkeys(["lo", *named, *self.download_interfaces]))
 
 
+GpuMinor = Annotated[StrictInt, Field(ge=0, le=255)]  # /dev/nvidia<minor>
+
+
+class NodePerGpu(_Section):
+    enable: StrictBool = Field(
+        False, description="Run one EXO node per GPU group, each in its own network namespace."
+    )
+    groups: list[list[GpuMinor]] = Field(
+        default_factory=list,
+        description="The GPUs of each node by NVIDIA device minor (/dev/nvidiaN): [[0], [1]].",
+    )
+    cpu_fallback: StrictBool = Field(
+        False, description="A node whose GPUs are unusable runs on the CPU instead of stopping."
+    )
+
+    @model_validator(mode="after")
+    def _groups(self) -> NodePerGpu:
+        if self.enable and not self.groups:
+            raise ValueError("enable needs groups: the GPU device minors of each node")
+        seen: set[int] = set()
+        for group in self.groups:
+            if not group:
+                raise ValueError("a group names no GPU")
+            for minor in group:
+                if minor in seen:
+                    raise ValueError(f"GPU {minor} is in two groups")
+                seen.add(minor)
+        return self
+
+
 class Hardware(_Section):
     auto_detect: StrictBool = Field(
         True, description="Choose the accelerator from what is detected."
@@ -244,6 +274,10 @@ class Hardware(_Section):
     cuda_minimum_compute_capability: ComputeCapability | None = Field(
         None,
         description="Oldest GPU generation the installed CUDA variant runs on; older GPUs: unused.",
+    )
+    node_per_gpu: NodePerGpu = Field(
+        default_factory=lambda: NodePerGpu.model_validate({}),
+        description="One EXO node per GPU (group) instead of one node that computes on one GPU.",
     )
 
     def executable(self, accelerator: Accelerator) -> Path | None:
@@ -413,6 +447,16 @@ class Config(_Section):
             raise ValueError("k3s.tokenFile needs k3s.apiServer (the API server URL)")
         if self.k3s.kubeconfig_file and self.k3s.token_file:
             raise ValueError("set k3s.kubeconfigFile or k3s.tokenFile, not both")
+        if self.hardware.node_per_gpu.enable:
+            if self.mode is Mode.MASTER:
+                raise ValueError(
+                    "hardware.nodePerGpu needs mode 'worker' or 'auto': the nodes elect a master"
+                )
+            if not self.networking.bond_interface:
+                raise ValueError(
+                    "hardware.nodePerGpu needs networking.bondInterface: each node gets a "
+                    "macvlan on it"
+                )
         return self
 
     @property

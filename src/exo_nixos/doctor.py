@@ -110,7 +110,8 @@ def _accelerator_section(
     config: Config, installed: bool, inventory: Inventory
 ) -> tuple[Section, Decision]:
     from exo_nixos.hardware import HardwareSettings, decide
-    from exo_nixos.hardware.report import text_lines
+    from exo_nixos.hardware.instances import instances, plan
+    from exo_nixos.hardware.report import node_lines, text_lines
 
     settings = HardwareSettings.from_config(config.hardware)
     if not installed:
@@ -121,6 +122,10 @@ def _accelerator_section(
     # detection warnings (garbled files, NVML) count as warnings, and are not listed twice
     section.lines += [line for line in text_lines(inventory, decision) if "warning: " not in line]
     section.add(Severity.WARNING, inventory.warnings)
+    # how many nodes this host runs (hardware.nodePerGpu), and what stands in their way
+    nodes = plan(instances(config.hardware.node_per_gpu), inventory)
+    section.lines += node_lines(nodes)
+    section.findings += of(nodes.findings, Severity.WARNING)
     return section, decision
 
 

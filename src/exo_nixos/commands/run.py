@@ -1,4 +1,5 @@
-"""``exo-nixos run --config FILE --role master|worker``: the ExecStart of the EXO node unit."""
+"""``exo-nixos run --config FILE --role master|worker [--instance gpuN]``: the ExecStart of the
+EXO node unit, or of one instance of it on a host that runs a node per GPU."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="read /dev, /proc and /sys below DIR when choosing the variant (default /)",
     )
     parser.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="run the node of one GPU group (hardware.nodePerGpu), e.g. gpu0: its GPUs only, "
+        "its own directories",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the EXO command line and environment it would use, then exit",
@@ -52,7 +59,13 @@ def main(args: argparse.Namespace) -> int:
 
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError, describe_value
-    from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
+    from exo_nixos.hardware.instances import instance_for
+    from exo_nixos.supervisor.environment import (
+        build_launch,
+        instance_dirs,
+        role_for,
+        snapshot_path,
+    )
     from exo_nixos.supervisor.logs import setup_logging
     from exo_nixos.supervisor.notify import Notifier
     from exo_nixos.supervisor.runner import Settings, Supervisor
@@ -72,13 +85,14 @@ def main(args: argparse.Namespace) -> int:
     host_root = Path(args.host_root)
     if not host_root.is_dir():
         raise UserError(f"--host-root {host_root}: not a directory; pass / or a captured tree")
+    instance = instance_for(config, args.instance) if args.instance is not None else None
     setup_logging(config.log_level)
-    launch = build_launch(config, role, root=host_root)
+    launch = build_launch(config, role, root=host_root, instance=instance)
     if args.dry_run:
         return _dry_run(launch)
     hc = config.health_check
     settings = Settings(
-        role=role,
+        role=role if instance is None else f"{role}@{instance.name}",
         api_url=f"http://127.0.0.1:{config.api_port}",
         interval=hc.interval_sec,
         timeout=hc.timeout_sec,
@@ -90,8 +104,8 @@ def main(args: argparse.Namespace) -> int:
         launch,
         settings,
         notifier,
-        SnapshotStore(snapshot_path(config)),
-        hint_dir=Path(config.security.runtime_dir),
+        SnapshotStore(snapshot_path(config, instance)),
+        hint_dir=Path(instance_dirs(config, instance)[2]),
     )
     supervisor.links = _link_monitor(config, supervisor, host_root)
     try:

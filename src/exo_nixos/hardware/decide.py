@@ -65,6 +65,8 @@ class HardwareSettings:
     # what the installed CUDA variant needs: the oldest driver and GPU generation it runs on
     cuda_minimum_driver: str | None = None
     cuda_minimum_compute_capability: str | None = None
+    # nodes sharing the host (hardware.nodePerGpu): each plans with its share of memoryLimit
+    memory_divisor: int = 1
 
     @classmethod
     def from_config(cls, hardware: Hardware) -> HardwareSettings:
@@ -626,8 +628,10 @@ def _memory_plan(
     cgroup = inventory.memory.cgroup_limit_bytes
     limit, findings = _gpu_memory(option)
     basis = MemoryBasis.SYSTEM if limit is None else MemoryBasis.GPU
+    divisor = max(settings.memory_divisor, 1)
     if settings.memory_limit is not None:
         parsed = MemoryLimit.parse(settings.memory_limit)
+        share = parsed.resolve(physical or 0) // divisor
         if parsed.percent is not None and physical is None:
             findings.append(
                 Finding(
@@ -636,20 +640,21 @@ def _memory_plan(
                     code=Code.MEMORY_LIMIT_UNRESOLVED,
                 )
             )
-        elif limit is not None and parsed.resolve(physical or 0) >= limit:
+        elif limit is not None and share >= limit:
             findings.append(
                 Finding(
                     Severity.NOTE,
-                    f"memoryLimit {settings.memory_limit} "
-                    f"({_size(parsed.resolve(physical or 0))}) is above what the GPU offers",
+                    f"memoryLimit {settings.memory_limit} ({_size(share)}) is above what the "
+                    "GPU offers",
                     code=Code.MEMORY_LIMIT_ABOVE_GPU,
                 )
             )
         else:
-            limit, basis = parsed.resolve(physical or 0), MemoryBasis.LIMIT
+            limit, basis = share, MemoryBasis.LIMIT
+            split = f" (its share of {divisor} nodes)" if divisor > 1 else ""
             findings.append(
                 _reason(
-                    f"memoryLimit {settings.memory_limit}: EXO plans with {_size(limit)}",
+                    f"memoryLimit {settings.memory_limit}: EXO plans with {_size(limit)}{split}",
                     Code.MEMORY_LIMIT,
                 )
             )

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.config import Accelerator, Config, Mode
+from exo_nixos.errors import UserError
 from exo_nixos.findings import Finding, Severity
 from exo_nixos.hardware.decide import SYSTEM_MEMORY, CpuReason, MemoryPlan
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision
+    from exo_nixos.hardware.instances import Instance
 
 MASTER = "master"
 WORKER = "worker"
@@ -77,19 +79,37 @@ def _xdg_home(directory: str) -> str:
     return str(path.parent) if path.name == "exo" else str(path)
 
 
-def state_paths(config: Config) -> dict[str, str]:
+INSTANCES = "instances"  # sub-directory of the state and cache directories, one per instance
+
+
+def instance_dirs(config: Config, instance: Instance | None) -> tuple[str, str, str]:
+    """The data, cache and runtime directories of a node: the configured ones, or an instance's
+    own below them. EXO keeps one node per cache directory: its pid file and its node identity
+    (``exo.pid``, ``node_zid``) live there (upstream ``shared/constants.py``)."""
     sec = config.security
+    if instance is None:
+        return sec.data_dir, sec.cache_dir, sec.runtime_dir
+    return (
+        str(Path(sec.data_dir) / INSTANCES / instance.name),
+        str(Path(sec.cache_dir) / INSTANCES / instance.name),
+        str(Path(sec.runtime_dir) / instance.name),
+    )
+
+
+def state_paths(config: Config, instance: Instance | None = None) -> dict[str, str]:
+    data, cache, runtime = instance_dirs(config, instance)
     return {
-        "XDG_DATA_HOME": _xdg_home(sec.data_dir),
-        "XDG_CACHE_HOME": _xdg_home(sec.cache_dir),
+        "XDG_DATA_HOME": _xdg_home(data),
+        "XDG_CACHE_HOME": _xdg_home(cache),
         # config.toml is touched at start; the configuration directory itself stays read-only
-        "XDG_CONFIG_HOME": str(Path(sec.data_dir) / "config"),
-        "EXO_RUNTIME_DIR": sec.runtime_dir,
+        "XDG_CONFIG_HOME": str(Path(data) / "config"),
+        "EXO_RUNTIME_DIR": runtime,
     }
 
 
-def snapshot_path(config: Config) -> Path:
-    return Path(config.security.data_dir) / SUPERVISOR_STATE / "topology.json"
+def snapshot_path(config: Config, instance: Instance | None = None) -> Path:
+    data, _, _ = instance_dirs(config, instance)
+    return Path(data) / SUPERVISOR_STATE / "topology.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,15 +123,31 @@ _GPU_ENV = (
 )
 
 
-def select_executable(config: Config, root: Path = Path("/")) -> Selection:
+def select_executable(
+    config: Config, root: Path = Path("/"), instance: Instance | None = None
+) -> Selection:
     """Detect the hardware below ``root`` and choose the EXO variant to start.
 
-    The one place the supervisor depends on :mod:`exo_nixos.hardware`.
+    The one place the supervisor depends on :mod:`exo_nixos.hardware`. An instance of a node
+    per GPU sees its own GPUs only; when they cannot be used it stays down (a UserError, so
+    the unit fails and systemd retries) unless ``nodePerGpu.cpuFallback`` lets it run on the
+    CPU. The other instances are not touched.
     """
-    from exo_nixos.hardware import choose, detect
+    from exo_nixos.hardware import HardwareSettings, decide, detect
+    from exo_nixos.hardware.instances import settings_for
 
     inventory = detect(root, models_dir=config.effective_models_dir)
-    return selection_for(config, choose(config, inventory))
+    settings = HardwareSettings.from_config(config.hardware)
+    if instance is not None:
+        settings = settings_for(settings, inventory, instance)
+    selection = selection_for(config, decide(settings, inventory))
+    if instance is not None and selection.fallback and not instance.cpu_fallback:
+        raise UserError(
+            f"{instance.name}: {selection.fallback.removesuffix('; running on CPU')}; "
+            "hardware.nodePerGpu.cpuFallback is off, so this node stays down until its GPU "
+            "works (systemd retries the start)"
+        )
+    return selection
 
 
 def selection_for(config: Config, decision: Decision) -> Selection:
@@ -204,13 +240,14 @@ def build_launch(
     base_env: Mapping[str, str] | None = None,
     root: Path = Path("/"),
     selection: Selection | None = None,
+    instance: Instance | None = None,
 ) -> Launch:
     """Everything needed to start EXO: argv, environment, the chosen variant, memory."""
-    chosen = selection or select_executable(config, root)
+    chosen = selection or select_executable(config, root, instance)
     env = dict(os.environ if base_env is None else base_env)
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EXO_HOME", "LISTEN_FDS"):
         env.pop(name, None)  # the supervisor talks to systemd, EXO does not
-    env.update(state_paths(config))
+    env.update(state_paths(config, instance))
     env["EXO_DEFAULT_MODELS_DIR"] = config.effective_models_dir
     if config.extra_model_dirs:
         env["EXO_MODELS_DIRS"] = ":".join(config.extra_model_dirs)
