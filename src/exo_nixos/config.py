@@ -231,11 +231,30 @@ class NodePerGpu(_Section):
     cpu_fallback: StrictBool = Field(
         False, description="A node whose GPUs are unusable runs on the CPU instead of stopping."
     )
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="Each node's IPv4 address with prefix on the cluster link, in group order "
+        "(EXO's API listens on IPv4 only); empty: an IPv4 link-local address per node.",
+    )
 
     @model_validator(mode="after")
     def _groups(self) -> NodePerGpu:
         if self.enable and not self.groups:
             raise ValueError("enable needs groups: the GPU device minors of each node")
+        if self.addresses and len(self.addresses) != len(self.groups):
+            raise ValueError(
+                f"addresses has {len(self.addresses)} entries for {len(self.groups)} groups: "
+                "give one per group, or none"
+            )
+        for text in self.addresses:
+            try:
+                address = ipaddress.IPv4Interface(text)
+            except ValueError:
+                raise ValueError(
+                    f"addresses: {text!r} is not an IPv4 address with a prefix, e.g. 10.0.0.11/24"
+                ) from None
+            if address.network.prefixlen == 32 or address.ip == address.network.network_address:
+                raise ValueError(f"addresses: {text!r} is not a host address in a network")
         seen: set[int] = set()
         for group in self.groups:
             if not group:

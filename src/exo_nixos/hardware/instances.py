@@ -61,6 +61,7 @@ class Instance:
     minors: tuple[int, ...]
     count: int  # how many instances the host runs: the host's memory limit is split by it
     cpu_fallback: bool = False
+    address: str | None = None  # IPv4 with prefix on the cluster link; None: link-local
 
     @property
     def device_nodes(self) -> list[str]:
@@ -71,9 +72,10 @@ def instances(node_per_gpu: NodePerGpu) -> list[Instance]:
     if not node_per_gpu.enable:
         return []
     count = len(node_per_gpu.groups)
+    addresses: list[str | None] = [*node_per_gpu.addresses] or [None] * count
     return [
-        Instance(instance_name(group), tuple(group), count, node_per_gpu.cpu_fallback)
-        for group in node_per_gpu.groups
+        Instance(instance_name(group), tuple(group), count, node_per_gpu.cpu_fallback, address)
+        for group, address in zip(node_per_gpu.groups, addresses, strict=True)
     ]
 
 
