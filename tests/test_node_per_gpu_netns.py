@@ -196,3 +196,30 @@ def test_instance_net_without_node_per_gpu_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "hardware.nodePerGpu is off" in result.stderr
+
+
+def _instance_checks(ns: Netns, namespace: str) -> dict[str, dict[str, str]]:
+    code = (
+        "import json, sys; from pathlib import Path;"
+        "from exo_nixos.hardware.instances import Instance;"
+        "from exo_nixos.network import instance_checks as c;"
+        "i = Instance('gpu0', (0,), 1);"
+        f"r = [c.check_namespace(i, Path('/run/netns'), {namespace!r}), c.check_link(i, 'eth0')];"
+        "print(json.dumps({x.check: x.to_json() for x in r}))"
+    )
+    result = ns.python("-c", code)
+    assert result.returncode == 0, result.stderr
+    data: dict[str, dict[str, str]] = json.loads(result.stdout)
+    return data
+
+
+def test_preflight_sees_the_instances_namespace_and_link(segment: Segment) -> None:
+    gpu0 = segment.instances["gpu0"]
+    inside = _instance_checks(gpu0, gpu0.name)
+    assert inside["gpu0 namespace"]["status"] == "ok"
+    assert inside["gpu0 link"]["status"] == "ok"
+    assert segment.addresses["gpu0"] in inside["gpu0 link"]["reason"]
+    # the host's namespace is not the node's, and has no eth0 of the node's kind there
+    outside = _instance_checks(segment.far, gpu0.name)
+    assert outside["gpu0 namespace"]["status"] == "fail"
+    assert outside["gpu0 link"]["status"] == "fail"

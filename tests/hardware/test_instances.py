@@ -222,3 +222,23 @@ def test_run_dry_run_of_one_instance(tmp_path, capsys):
     assert main([*common, "--instance", "gpu7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a configured instance" in err
+
+
+def test_preflight_of_an_instance_checks_its_gpu(tmp_path, capsys):
+    from exo_nixos.cli import main
+
+    root = h100_host(tmp_path, 2)
+    _lose(root, 1)
+    cfg = config(tmp_path, [[0], [1]])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_json()))
+    common = ["preflight", "--config", str(path), "--root", str(root), "--json"]
+    main([*common, "--instance", "gpu0"])
+    first = {r["check"]: r for r in json.loads(capsys.readouterr().out)}
+    assert first["gpu0 GPU"]["status"] == "ok"
+    assert uuid(0) in first["gpu0 GPU"]["reason"]
+    assert "gpu0 namespace" not in first, "the namespace is only looked at on the live host"
+    assert main([*common, "--instance", "gpu1"]) == 1
+    second = {r["check"]: r for r in json.loads(capsys.readouterr().out)}
+    assert second["gpu1 GPU"]["status"] == "fail"
+    assert "cpuFallback" in second["gpu1 GPU"]["fix"]

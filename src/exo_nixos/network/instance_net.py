@@ -23,8 +23,12 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exo_nixos.errors import UserError
+
+if TYPE_CHECKING:
+    from exo_nixos.config import Config
 
 HOST_LINK = "exo-host"  # the host's own macvlan on the cluster interface
 LINK_LOCAL_V4 = ipaddress.IPv4Network("169.254.0.0/16")
@@ -147,3 +151,21 @@ def host_up(
     for node in nodes:
         host = ipaddress.IPv4Interface(node).ip
         run("route", "replace", f"{host}/32", "dev", HOST_LINK)
+
+
+def node_urls(config: Config, machine_id: str | None = None) -> list[str]:
+    """The API URLs of this host's nodes (hardware.nodePerGpu), as the host reaches them
+    through ``exo-host``; empty when the option is off. The gateway's and the registrar's."""
+    from exo_nixos.exoapi import url_for
+    from exo_nixos.hardware.instances import instances
+
+    nodes = instances(config.hardware.node_per_gpu)
+    if not nodes:
+        return []
+    machine = machine_id if machine_id is not None else read_machine_id()
+    urls: list[str] = []
+    for node in nodes:
+        address = node.address or (link_local_v4(machine, node.name) if machine else None)
+        if address is not None:
+            urls.append(url_for(str(ipaddress.IPv4Interface(address).ip), config.api_port))
+    return urls
