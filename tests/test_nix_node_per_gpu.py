@@ -154,3 +154,32 @@ def test_without_a_cuda_variant_it_warns() -> None:
 }"""
     )
     assert any("no cuda variant is installed" in w for w in result["warnings"])
+
+
+def test_template_and_instance_drop_in_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    services = _host([0, 1], 'services.exo.hardware.memoryLimit = "80%";')["services"]
+    # the store paths of the evaluation's stand-in packages do not exist here
+    exec_lines = re.compile(r"^(ExecStart(?:Pre)?|ExecStop)=.*$", re.MULTILINE)
+    for name in ("exo-worker@", "exo-netns@"):
+        text = exec_lines.sub(r"\1=/bin/true", render_unit(services[name]))
+        (tmp_path / f"{name}.service").write_text(text)
+    dropin = tmp_path / "exo-worker@gpu1.service.d"
+    dropin.mkdir()
+    (dropin / "overrides.conf").write_text(render_unit(services["exo-worker@gpu1"]))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "exo-worker@gpu1.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"},
+    )
+    noise = re.compile(r"Unknown key '(RestartSteps|RestartMaxDelaySec)'|bond0\.device")
+    errors = [line for line in result.stderr.splitlines() if not noise.search(line)]
+    assert errors == [], result.stderr

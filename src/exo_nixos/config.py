@@ -476,6 +476,11 @@ class Config(_Section):
                     "hardware.nodePerGpu needs networking.bondInterface: each node gets a "
                     "macvlan on it"
                 )
+            if self.networking.network_namespace:
+                raise ValueError(
+                    "hardware.nodePerGpu gives each node a network namespace of its own: "
+                    "remove networking.networkNamespace"
+                )
         return self
 
     @property

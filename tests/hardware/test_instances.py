@@ -193,6 +193,37 @@ def test_each_instance_has_its_own_directories_and_shares_the_models(tmp_path):
             {"mode": "master", "hardware": {"nodePerGpu": {"enable": True, "groups": [[0]]}}},
             "needs mode 'worker' or 'auto'",
         ),
+        (
+            {
+                "networking": {"bondInterface": "bond0", "networkNamespace": "exo"},
+                "hardware": {"nodePerGpu": {"enable": True, "groups": [[0]]}},
+            },
+            "remove networking.networkNamespace",
+        ),
+        (
+            {"hardware": {"nodePerGpu": {"enable": True, "groups": [[0]], "addresses": ["a"]}}},
+            "is not an IPv4 address with a prefix",
+        ),
+        (
+            {
+                "hardware": {
+                    "nodePerGpu": {
+                        "enable": True,
+                        "groups": [[0], [1]],
+                        "addresses": ["10.0.0.1/24"],
+                    }
+                }
+            },
+            "give one per group",
+        ),
+        (
+            {
+                "hardware": {
+                    "nodePerGpu": {"enable": True, "groups": [[0]], "addresses": ["10.0.0.0/24"]}
+                }
+            },
+            "not a host address",
+        ),
     ],
 )
 def test_node_per_gpu_config_rules(document, message):
