@@ -118,7 +118,9 @@ let
     ProtectClock = true;
     ProtectHostname = true;
     RemoveIPC = true;
-    UMask = "0077";
+    # `ip netns add` makes /run/netns when it is missing: 0755, so each node's own pre-flight
+    # (as the exo user) can look at its namespace there
+    UMask = "0022";
   };
 
   gpuUnits = [ "systemd-modules-load.service" ]

@@ -447,6 +447,9 @@ in
     };
 
     systemd.tmpfiles.rules =
-      map (d: "d ${d} 0750 ${sec.user} ${sec.group} - -") (unmanagedDirs ++ writableModelDirs);
+      map (d: "d ${d} 0750 ${sec.user} ${sec.group} - -") (unmanagedDirs ++ writableModelDirs)
+      # a node per GPU: each instance's RuntimeDirectory is <runtimeDir>/<name>, and systemd
+      # would make their parent root's; it stays, since no instance may remove it for all
+      ++ lib.optional (perGpu && runtimeManaged) "d ${sec.runtimeDir} 0750 ${sec.user} ${sec.group} - -";
   };
 }
