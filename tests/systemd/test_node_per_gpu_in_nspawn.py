@@ -9,6 +9,7 @@ taken out of their copies in the guest, the only change to the rendered units.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 
@@ -60,7 +61,7 @@ def test_every_node_is_ready_in_its_own_namespace(guest: Guest) -> None:
         unit = f"exo-worker@{name}"
         namespace_unit = f"exo-netns@{name}"
         assert _active(guest, namespace_unit), unit_journal(guest, namespace_unit)
-        wait_until(lambda unit=unit: _active(guest, unit), 60, unit, guest, unit)
+        wait_until(functools.partial(_active, guest, unit), 60, unit, guest, unit)
         status = unit_props(guest, unit, "StatusText")["StatusText"]
         assert status.startswith(f"worker@{name}; "), status
         link = json.loads(
