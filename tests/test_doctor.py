@@ -48,6 +48,21 @@ def test_gpu_tree_picks_cuda(tmp_path, monkeypatch, capsys):
     assert rc == 1
 
 
+def test_doctor_says_how_many_nodes_and_why(tmp_path, capsys):
+    root = FIXTURES / "hardware" / "nvidia-dgx-h100"
+    document = {
+        "schemaVersion": 1,
+        "networking": {"bondInterface": "bond0"},
+        "hardware": {"nodePerGpu": {"enable": True, "groups": [[0], [1], [8]]}},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(document))
+    main(["doctor", "--config", str(path), "--root", str(root)])
+    out = capsys.readouterr().out
+    assert "EXO nodes on this host: 3" in out
+    assert "warning: gpu8: no NVIDIA GPU with device minor 8 here; that node stays down" in out
+
+
 def test_bond_tree_and_configured_interface(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(

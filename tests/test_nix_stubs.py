@@ -63,6 +63,12 @@ def test_service_type_and_restart_values_are_checked(key, value):
         node(f"systemd.services.exo-worker.serviceConfig.{key} = {value};")
 
 
+def test_override_strategy_is_one_of_the_two_nixos_knows():
+    assert node("")["overrideStrategy"] == "asDropinIfExists"
+    with pytest.raises(NixEvalError, match="overrideStrategy"):
+        node('systemd.services.exo-worker.overrideStrategy = "asOverride";')
+
+
 def test_notify_reload_is_a_service_type():
     unit = node('systemd.services.exo-worker.serviceConfig.Type = lib.mkForce "notify-reload";')
     assert unit["serviceConfig"]["Type"] == "notify-reload"

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from exo_nixos.config import Accelerator, Config, parse_config
+from exo_nixos.hardware.decide import CpuReason, MemoryBasis
 from exo_nixos.supervisor.environment import (
     build_launch,
     exo_argv,
@@ -159,6 +160,7 @@ def test_gpu_gone_falls_back_to_cpu_and_says_why(tmp_path) -> None:
     assert sel.accelerator is Accelerator.CPU
     assert sel.executable == f"{packages['cpu']}/bin/exo"
     assert sel.fallback is not None
+    assert sel.fallback_reason is CpuReason.PREFERRED_UNUSABLE
     assert sel.fallback.startswith("cuda unusable (preferred accelerator cuda cannot be used")
     assert sel.env["CUDA_VISIBLE_DEVICES"] == ""
 
@@ -170,6 +172,7 @@ def test_driver_older_than_the_cuda_variant_needs_is_a_fallback_with_the_fix(tmp
     sel = select_executable(cfg(hardware=hardware), FIXTURES / "nvidia-rtx4090-desktop")
     assert sel.accelerator is Accelerator.CPU
     assert sel.executable == f"{packages['cpu']}/bin/exo"
+    assert sel.fallback_reason is CpuReason.DRIVER_TOO_OLD
     assert sel.fallback == (
         "cuda unusable (NVIDIA GeForce RTX 4090 (24 GiB) found, but the NVIDIA driver 550.78 "
         "is older than 580, the oldest that EXO's CUDA variant runs on: install a newer driver "
@@ -183,6 +186,7 @@ def test_installed_gpu_variant_on_a_gpu_less_host_is_a_fallback(tmp_path) -> Non
     sel = select_executable(cfg(hardware={"packages": packages}), fake_host(tmp_path / "h"))
     assert sel.accelerator is Accelerator.CPU
     assert sel.fallback is not None
+    assert sel.fallback_reason is CpuReason.NO_GPU
     assert sel.fallback.startswith("cuda unusable")
 
 
@@ -193,6 +197,7 @@ def test_missing_gpu_executable_falls_back(tmp_path) -> None:
     )
     assert sel.accelerator is Accelerator.CPU
     assert sel.fallback is not None
+    assert sel.fallback_reason is CpuReason.EXECUTABLE_MISSING
     assert "does not exist" in sel.fallback
     assert sel.executable == f"{packages['cpu']}/bin/exo"
 
@@ -202,3 +207,51 @@ def test_cpu_only_config_is_no_fallback(tmp_path) -> None:
     sel = select_executable(cfg(hardware={"packages": packages}), fake_host(tmp_path / "h"))
     assert sel.accelerator is Accelerator.CPU
     assert sel.fallback is None
+
+
+def test_cpu_asked_for_is_no_fallback_even_with_a_gpu_variant_installed(tmp_path) -> None:
+    packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
+    config = cfg(hardware={"packages": packages, "preferredAccelerator": "cpu"})
+    sel = select_executable(config, FIXTURES / "nvidia-rtx4090-desktop")
+    assert sel.accelerator is Accelerator.CPU
+    assert sel.fallback is None
+    assert sel.fallback_reason is None
+    assert sel.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.parametrize(
+    ("hardware", "expected"),
+    [
+        ({"autoDetect": False}, CpuReason.AUTO_DETECT_OFF),
+        ({"cudaMinimumComputeCapability": "10.0"}, CpuReason.NO_WORKING_DEVICE),
+        ({"visibleDevices": ["GPU-absent"]}, CpuReason.VISIBLE_DEVICES_NONE),
+    ],
+)
+def test_each_way_to_the_cpu_has_its_code(tmp_path, hardware, expected) -> None:
+    packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
+    config = cfg(hardware={"packages": packages, **hardware})
+    sel = select_executable(config, FIXTURES / "nvidia-rtx4090-desktop")
+    assert sel.accelerator is Accelerator.CPU
+    assert sel.fallback_reason is expected
+
+
+def test_a_cuda_run_plans_with_the_gpus_memory_and_says_so_in_status(tmp_path) -> None:
+    packages = {"cuda": variant(tmp_path, "cuda"), "cpu": variant(tmp_path, "cpu")}
+    sel = select_executable(cfg(hardware={"packages": packages}), FIXTURES / "nvidia-h100-real")
+    assert sel.accelerator is Accelerator.CUDA
+    assert sel.memory.basis is MemoryBasis.GPU
+    assert sel.memory.limit_bytes is not None
+    assert sel.env["OVERRIDE_MEMORY_MB"] == str(sel.memory.limit_bytes // (1 << 20))
+    assert sel.label() == "cuda, plans with 64 GiB of GPU memory"
+
+
+def test_a_fallback_after_the_decision_drops_the_gpus_memory(tmp_path) -> None:
+    packages = {"cuda": str(tmp_path / "pkgs/absent"), "cpu": variant(tmp_path, "cpu")}
+    config = cfg(hardware={"packages": packages})
+    sel = select_executable(config, FIXTURES / "nvidia-h100-real")
+    assert sel.fallback_reason is CpuReason.EXECUTABLE_MISSING
+    assert sel.memory.basis is MemoryBasis.SYSTEM
+    assert "OVERRIDE_MEMORY_MB" not in sel.env
+    assert sel.label() == "cpu"
+    launch = build_launch(config, "worker", base_env={}, selection=sel)
+    assert launch.memory_mb is None

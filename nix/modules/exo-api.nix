@@ -181,8 +181,10 @@ in
 
     systemd.services.exo-api = mkIf gw.enable {
       description = "EXO API gateway (authenticated, health-aware)";
-      after = [ "network.target" "${cfg.nodeUnit}.service" ];
-      requires = [ "${cfg.nodeUnit}.service" ];
+      after = [ "network.target" ] ++ cfg.nodeServices;
+      # one node: it goes, the gateway goes; one node per GPU: each may come and go alone
+      requires = lib.optionals (lib.length cfg.nodeServices == 1) cfg.nodeServices;
+      wants = cfg.nodeServices;
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
       serviceConfig = hardening // {

@@ -53,7 +53,7 @@ in
     systemd.services.exo-exporter = {
       description = "EXO cluster state for Prometheus";
       # it reports the node down too: ordered after it, never bound to it
-      after = [ "network.target" "${cfg.nodeUnit}.service" ];
+      after = [ "network.target" ] ++ cfg.nodeServices;
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
       serviceConfig = hardening // {

@@ -24,6 +24,9 @@ let
       devices = [ "char-nvidiactl rw" "char-nvidia-frontend rw" "char-nvidia-uvm rw" "char-nvidia-caps rw" ];
       groups = [ ];
     };
+    # one node per GPU: the shared control nodes here, each instance's /dev/nvidiaN in its own
+    # drop-in (char-nvidia-frontend would open every GPU)
+    cudaPerGpu = { devices = sharedNvidia; groups = [ ]; };
     rocm = {
       devices = [ "char-kfd rw" "char-drm rw" ];
       groups = [ "render" ];
@@ -31,7 +34,9 @@ let
     mlx = { devices = [ ]; groups = [ ]; };
     cpu = { devices = [ ]; groups = [ ]; };
   };
-  needed = field: lib.unique (lib.concatMap (a: (access.${a} or { }).${field} or [ ]) installed);
+  needed = field: lib.unique (lib.concatMap
+    (a: (access.${if a == "cuda" && perGpu then "cudaPerGpu" else a} or { }).${field} or [ ])
+    installed);
   deviceAllow = needed "devices";
   groups = needed "groups";
   gpu = deviceAllow != [ ];
@@ -72,6 +77,51 @@ let
       number = builtins.fromJSON digits;
     in
     number > 0 && (builtins.elemAt parts 2 != "%" || number <= 100);
+
+  # One node per GPU group (nodePerGpu): the node unit is the template exo-worker@; each
+  # instance gets a drop-in with its own GPUs' device nodes, its memory share and its network
+  # namespace. The template keeps only what every instance shares: the NVIDIA control nodes.
+  perGpu = hw.nodePerGpu.enable;
+  gpuGroups = hw.nodePerGpu.groups;
+  instanceName = group: "gpu${lib.concatMapStringsSep "-" toString group}";
+  exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
+  sharedNvidia = [ "/dev/nvidiactl rw" "char-nvidia-uvm rw" "char-nvidia-caps rw" ];
+  # memoryLimit split between the instances, in the forms MemoryMax= takes: whole percent
+  # (rounded down) or bytes
+  unitBytes = { K = 1024; M = 1048576; G = 1073741824; T = 1099511627776; P = 1125899906842624; E = 1152921504606846976; };
+  memoryShare = text: count:
+    let
+      parts = memoryLimitParts text;
+      number = builtins.fromJSON (builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0);
+      unit = lib.toUpper (builtins.elemAt parts 3);
+    in
+    if builtins.elemAt parts 2 == "%" then "${toString (lib.max 1 (builtins.floor (number / count)))}%"
+    else toString (builtins.floor (number * unitBytes.${unit} / count));
+  clusterLink = cfg.networking.bondInterface or null;
+  linkDevice = "sys-subsystem-net-devices-${lib.strings.escapeC (lib.stringToCharacters "!\"#$%&'()*+,;<=>=@[\\]^`{|}~-") (toString clusterLink)}.device";
+  # the instance-net units make namespaces and links as root: nothing else
+  netnsHardening = {
+    Type = "oneshot";
+    RemainAfterExit = true;
+    CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_NET_ADMIN" ];
+    NoNewPrivileges = true;
+    RestrictNamespaces = "net mnt";
+    RestrictAddressFamilies = [ "AF_NETLINK" "AF_UNIX" ];
+    IPAddressDeny = "any";
+    DevicePolicy = "closed";
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [ "@system-service" "@mount" "setns" "unshare" ];
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RemoveIPC = true;
+    # `ip netns add` makes /run/netns when it is missing: 0755, so each node's own pre-flight
+    # (as the exo user) can look at its namespace there
+    UMask = "0022";
+  };
 
   gpuUnits = [ "systemd-modules-load.service" ]
     ++ lib.optional hw.waitForDeviceNodes "systemd-udev-settle.service"
@@ -170,6 +220,54 @@ in
       '';
     };
 
+    nodePerGpu = {
+      enable = lib.mkEnableOption ''
+        one EXO node per NVIDIA GPU (or per group of GPUs): an EXO process computes on one
+        GPU, so a host with several runs a node for each. Each node is an instance of
+        `exo-worker@.service` (`exo-worker@gpu0.service`, ...) with only its own GPUs' device
+        nodes, its GPU's memory, its own directories and its own network namespace with a
+        macvlan on {option}`services.exo.networking.bondInterface`'';
+
+      gpus = mkOption {
+        type = types.listOf (types.ints.between 0 255);
+        default = [ ];
+        example = [ 0 1 2 3 4 5 6 7 ];
+        description = ''
+          NVIDIA device minors (`/dev/nvidia<N>`, `Device Minor` in
+          `/proc/driver/nvidia/gpus/*/information`) of the GPUs to run a node on, one each.
+        '';
+      };
+
+      groups = mkOption {
+        type = types.listOf (types.nonEmptyListOf (types.ints.between 0 255));
+        default = map (minor: [ minor ]) hw.nodePerGpu.gpus;
+        defaultText = literalExpression "map (minor: [ minor ]) config.services.exo.hardware.nodePerGpu.gpus";
+        example = [ [ 0 1 ] [ 2 3 ] ];
+        description = "GPU groups by device minor, one node each (EXO computes on the first).";
+      };
+
+      cpuFallback = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          A node whose GPUs are gone or broken runs on the CPU instead of staying down (its
+          unit then fails and systemd retries with its backoff). The other nodes are never
+          affected.
+        '';
+      };
+
+      addresses = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "10.0.0.11/24" "10.0.0.12/24" ];
+        description = ''
+          Each node's IPv4 address with prefix on the cluster link, in group order (EXO's API
+          listens on IPv4 only). Empty: an IPv4 link-local address per node, derived from
+          `/etc/machine-id`.
+        '';
+      };
+    };
+
     rocmGfxOverride = mkOption {
       type = types.nullOr exoTypes.gfxVersion;
       default = null;
@@ -178,7 +276,7 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
+  config = mkIf cfg.enable (lib.mkMerge [ {
     assertions = [
       {
         assertion = hw.memoryLimit == null || memoryLimitInRange hw.memoryLimit;
@@ -218,6 +316,7 @@ in
       inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride
         cudaMinimumDriver cudaMinimumComputeCapability;
       packages = lib.mapAttrs (_: toString) hw.packages;
+      nodePerGpu = { inherit (hw.nodePerGpu) enable groups cpuFallback addresses; };
     };
 
     # nixpkgs' NVIDIA module lists nvidia-uvm in boot.kernelModules, loaded by
@@ -236,5 +335,54 @@ in
         SupplementaryGroups = groups;
       };
     };
-  };
+  }
+
+  (mkIf perGpu {
+    warnings = lib.optional (!(uses "cuda")) ''
+      services.exo.hardware.nodePerGpu is on but no cuda variant is installed (services.exo.hardware.packages.cuda): every node runs on the CPU${lib.optionalString (!hw.nodePerGpu.cpuFallback) ", or rather stays down, since cpuFallback is off"}.'';
+
+    # each instance: its GPUs' device nodes, its memory share, its namespace (made by
+    # exo-netns@<name>.service); drop-ins on the template exo-worker@.service
+    systemd.services = lib.listToAttrs (map (group:
+      let name = instanceName group; in
+      lib.nameValuePair "${cfg.nodeUnit}${name}" {
+        overrideStrategy = "asDropin";
+        requires = [ "exo-netns@${name}.service" ];
+        after = [ "exo-netns@${name}.service" ];
+        serviceConfig = {
+          NetworkNamespacePath = "/run/netns/exo-${name}";
+          DeviceAllow = map (minor: "/dev/nvidia${toString minor} rw") group;
+        } // lib.optionalAttrs (hw.memoryLimit != null) {
+          MemoryMax = memoryShare hw.memoryLimit (lib.length gpuGroups);
+        };
+      }) gpuGroups) // {
+      # exo-netns@gpu0.service: the namespace exo-gpu0 with a macvlan on the cluster interface
+      "exo-netns@" = {
+        description = "Network namespace and cluster link of EXO node %i";
+        bindsTo = [ linkDevice ];
+        after = [ linkDevice ];
+        before = [ "${cfg.nodeUnit}%i.service" ];
+        # a switch that only changes this unit must not pull the link from under a node
+        restartIfChanged = false;
+        serviceConfig = netnsHardening // {
+          ExecStart = "${exoNixos} instance-net up --config ${cfg.configFile} --instance %i";
+          ExecStop = "${exoNixos} instance-net down --config ${cfg.configFile} --instance %i";
+        };
+      };
+      # the host's own macvlan to reach its nodes (a macvlan child cannot reach its parent)
+      exo-host-link = {
+        description = "The host's link to its EXO nodes on the cluster interface";
+        bindsTo = [ linkDevice ];
+        after = [ linkDevice ];
+        partOf = [ "exo.target" ];
+        wantedBy = [ "exo.target" ];
+        restartIfChanged = false;
+        serviceConfig = netnsHardening // {
+          ExecStart = "${exoNixos} instance-net host --config ${cfg.configFile}";
+        };
+      };
+    };
+    systemd.targets.exo.wants = [ "exo-host-link.service" ];
+  })
+  ]);
 }

@@ -154,7 +154,7 @@ in
       systemd.services.exo-k3s-registrar = mkIf runRegistrar {
         description = "Register this EXO node in the K3s Service ${k3s.namespace}/${k3s.serviceName}";
         wants = [ "network-online.target" ];
-        after = [ "network-online.target" "${cfg.nodeUnit}.service" ] ++ optionals kube.enable [ "k3s.service" ];
+        after = [ "network-online.target" ] ++ cfg.nodeServices ++ optionals kube.enable [ "k3s.service" ];
         partOf = [ "exo.target" ];
         wantedBy = [ "exo.target" ];
         restartTriggers = [ cfg.configFile ];

@@ -135,8 +135,8 @@ in
 
     systemd.services.exo-models = mkIf runReconciler {
       description = "EXO declared models (places, downloads and repairs what services.exo.models says)";
-      after = [ "${cfg.nodeUnit}.service" ];
-      requires = [ "${cfg.nodeUnit}.service" ];
+      after = cfg.nodeServices;
+      requires = cfg.nodeServices;  # one node: nodePerGpu is refused with models (config.py)
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
       restartTriggers = [ cfg.configFile ];

@@ -10,6 +10,9 @@ let
   exoTypes = import ./lib/types.nix { inherit lib; };
   exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
   limit = cfg.hardware.memoryLimit;
+  # hardware.nodePerGpu: the node unit is a template; each instance's drop-in has its own
+  # share of MemoryMax, so MemoryHigh (a share of the whole limit) is left to the drop-ins' MemoryMax
+  perGpu = cfg.hardware.nodePerGpu.enable or false;
   # hardware.memoryLimit as patterns.json splits it: number, fraction, "%" or unit, unit
   parts = builtins.match exoTypes.patterns.memoryLimit.pattern limit;
   number = builtins.fromJSON (builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0);
@@ -69,12 +72,12 @@ in
       CPUWeight = mkIf (res.cpuWeight != null) res.cpuWeight;
       IOWeight = mkIf (res.ioWeight != null) res.ioWeight;
       Nice = mkIf (res.nice != null) res.nice;
-      MemoryHigh = mkIf (limit != null && res.memoryHighPercent < 100) (mkDefault memoryHigh);
+      MemoryHigh = mkIf (limit != null && res.memoryHighPercent < 100 && !perGpu) (mkDefault memoryHigh);
       # An OOM kill of any process of the unit stops the whole unit (systemd's default, made
       # explicit): $SERVICE_RESULT is then "oom-kill", which ExecStopPost records so that the
       # next start offers EXO less memory. Restart=always starts it again.
       OOMPolicy = "stop";
-      ExecStopPost = "${exoNixos} record-stop --config ${cfg.configFile}";
+      ExecStopPost = "${exoNixos} record-stop --config ${cfg.configFile}${lib.optionalString perGpu " --instance %i"}";
     };
   };
 }

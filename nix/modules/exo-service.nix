@@ -9,7 +9,18 @@ let
   inherit (exoTypes) absolutePath;
   configFile = json.generate "exo-config.json" cfg.configDocument;
   role = if cfg.mode == "master" then "master" else "worker";
-  nodeUnit = "exo-${role}";
+  # hardware.nodePerGpu (exo-hardware.nix): the node unit is a template, one instance per GPU
+  # group, each named after its GPUs' device minors (gpu0, gpu2-3)
+  perGpu = cfg.hardware.nodePerGpu.enable or false;
+  instanceNames = map (group: "gpu${lib.concatMapStringsSep "-" toString group}")
+    (cfg.hardware.nodePerGpu.groups or [ ]);
+  nodeUnit = if perGpu then "exo-${role}@" else "exo-${role}";
+  nodeServices =
+    if perGpu then map (name: "${nodeUnit}${name}.service") instanceNames
+    else [ "${nodeUnit}.service" ];
+  # a template's own settings name its instance with %i
+  instanceArgs = lib.optionalString perGpu " --instance %i";
+  instanceDir = root: dir: relative root dir + lib.optionalString perGpu " ${relative root dir}/instances/%i";
   exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
   sec = cfg.security;
   hardening = import ./lib/hardening.nix;
@@ -294,7 +305,21 @@ in
       readOnly = true;
       internal = true;
       default = nodeUnit;
-      description = "Name of this host's EXO node unit: `exo-master` or `exo-worker`.";
+      description = ''
+        Name of this host's EXO node unit: `exo-master` or `exo-worker`, or the template
+        `exo-worker@` with {option}`services.exo.hardware.nodePerGpu`.
+      '';
+    };
+
+    nodeServices = mkOption {
+      type = types.listOf types.str;
+      readOnly = true;
+      internal = true;
+      default = nodeServices;
+      description = ''
+        The node's unit files to order after: `exo-worker.service`, or one
+        `exo-worker@gpuN.service` per GPU group.
+      '';
     };
   };
 
@@ -344,7 +369,7 @@ in
     systemd.targets.exo = {
       description = "EXO distributed AI inference";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "${nodeUnit}.service" ];
+      wants = nodeServices;
     };
 
     systemd.services.${nodeUnit} = {
@@ -352,7 +377,8 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       partOf = [ "exo.target" ];
-      wantedBy = [ "exo.target" ];
+      # a template is wanted through its instances (exo.target's Wants=)
+      wantedBy = lib.optionals (!perGpu) [ "exo.target" ];
       restartTriggers = [ configFile ];
       # no start rate limit: the exponential backoff below paces restarts forever
       startLimitIntervalSec = 0;
@@ -361,8 +387,8 @@ in
         # the supervisor sends READY=1 once EXO's API answers, WATCHDOG=1 while probes pass
         Type = "notify";
         NotifyAccess = "main";
-        ExecStartPre = "${exoNixos} preflight --config ${configFile}";
-        ExecStart = "${exoNixos} run --config ${configFile} --role ${role} --stop-timeout ${toString stopGraceSec}";
+        ExecStartPre = "${exoNixos} preflight --config ${configFile}${instanceArgs}";
+        ExecStart = "${exoNixos} run --config ${configFile} --role ${role} --stop-timeout ${toString stopGraceSec}${instanceArgs}";
         User = sec.user;
         Group = sec.group;
 
@@ -376,16 +402,19 @@ in
         # SIGTERM to the supervisor only; it stops EXO and its runners, SIGKILL for leftovers
         KillMode = "mixed";
         LimitNOFILE = 65535;
-        SyslogIdentifier = nodeUnit;
+        SyslogIdentifier = if perGpu then "${nodeUnit}%i" else nodeUnit;
         # the supervisor starts each line with <N>, the syslog priority of its level, so
         # journalctl -p works; logLevel decides which lines it writes
         SyslogLevelPrefix = true;
 
-        StateDirectory = lib.mkIf stateManaged (relative "/var/lib" sec.dataDir);
+        # with a node per GPU each instance also gets <dir>/instances/<name> (the supervisor's
+        # instance_dirs): EXO keeps one node per cache directory
+        StateDirectory = lib.mkIf stateManaged (instanceDir "/var/lib" sec.dataDir);
         StateDirectoryMode = "0750";
-        CacheDirectory = lib.mkIf cacheManaged (relative "/var/cache" sec.cacheDir);
+        CacheDirectory = lib.mkIf cacheManaged (instanceDir "/var/cache" sec.cacheDir);
         CacheDirectoryMode = "0750";
-        RuntimeDirectory = lib.mkIf runtimeManaged (relative "/run" sec.runtimeDir);
+        RuntimeDirectory = lib.mkIf runtimeManaged
+          (relative "/run" sec.runtimeDir + lib.optionalString perGpu "/%i");
         RuntimeDirectoryMode = "0750";
         # holds config.json, which has no secrets (those come from environmentFile)
         ConfigurationDirectory = lib.mkIf configManaged (relative "/etc" sec.configDir);
@@ -418,6 +447,9 @@ in
     };
 
     systemd.tmpfiles.rules =
-      map (d: "d ${d} 0750 ${sec.user} ${sec.group} - -") (unmanagedDirs ++ writableModelDirs);
+      map (d: "d ${d} 0750 ${sec.user} ${sec.group} - -") (unmanagedDirs ++ writableModelDirs)
+      # a node per GPU: each instance's RuntimeDirectory is <runtimeDir>/<name>, and systemd
+      # would make their parent root's; it stays, since no instance may remove it for all
+      ++ lib.optional (perGpu && runtimeManaged) "d ${sec.runtimeDir} 0750 ${sec.user} ${sec.group} - -";
   };
 }

@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("detect", "detect GPUs, CPU and memory and choose the accelerator"),
     "net": ("net", "inspect interfaces, bonds, Thunderbolt and RDMA; pick the cluster link"),
     "run": ("run", "supervise an EXO node under systemd (Type=notify, watchdog)"),
+    "instance-net": (
+        "instance_net",
+        "make the network namespace and macvlan of a node per GPU (or the host's link)",
+    ),
     "gateway": ("gateway", "serve the authenticated, health-aware API gateway"),
     "exporter": ("exporter", "serve the cluster's state as Prometheus metrics"),
     "record-stop": ("record_stop", "record how the node's run ended (ExecStopPost; OOM back-off)"),

@@ -219,6 +219,55 @@ class Networking(_Section):
         return list(dict.fromkeys(["lo", *named, *self.download_interfaces]))
 
 
+GpuMinor = Annotated[StrictInt, Field(ge=0, le=255)]  # /dev/nvidia<minor>
+
+
+class NodePerGpu(_Section):
+    enable: StrictBool = Field(
+        False, description="Run one EXO node per GPU group, each in its own network namespace."
+    )
+    groups: list[list[GpuMinor]] = Field(
+        default_factory=list,
+        description="The GPUs of each node by NVIDIA device minor (/dev/nvidiaN): [[0], [1]].",
+    )
+    cpu_fallback: StrictBool = Field(
+        False, description="A node whose GPUs are unusable runs on the CPU instead of stopping."
+    )
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="Each node's IPv4 address with prefix on the cluster link, in group order "
+        "(EXO's API listens on IPv4 only); empty: an IPv4 link-local address per node.",
+    )
+
+    @model_validator(mode="after")
+    def _groups(self) -> NodePerGpu:
+        if self.enable and not self.groups:
+            raise ValueError("enable needs groups: the GPU device minors of each node")
+        if self.addresses and len(self.addresses) != len(self.groups):
+            raise ValueError(
+                f"addresses has {len(self.addresses)} entries for {len(self.groups)} groups: "
+                "give one per group, or none"
+            )
+        for text in self.addresses:
+            try:
+                address = ipaddress.IPv4Interface(text)
+            except ValueError:
+                raise ValueError(
+                    f"addresses: {text!r} is not an IPv4 address with a prefix, e.g. 10.0.0.11/24"
+                ) from None
+            if address.network.prefixlen == 32 or address.ip == address.network.network_address:
+                raise ValueError(f"addresses: {text!r} is not a host address in a network")
+        seen: set[int] = set()
+        for group in self.groups:
+            if not group:
+                raise ValueError("a group names no GPU")
+            for minor in group:
+                if minor in seen:
+                    raise ValueError(f"GPU {minor} is in two groups")
+                seen.add(minor)
+        return self
+
+
 class Hardware(_Section):
     auto_detect: StrictBool = Field(
         True, description="Choose the accelerator from what is detected."
@@ -246,6 +295,10 @@ class Hardware(_Section):
     cuda_minimum_compute_capability: ComputeCapability | None = Field(
         None,
         description="Oldest GPU generation the installed CUDA variant runs on; older GPUs: unused.",
+    )
+    node_per_gpu: NodePerGpu = Field(
+        default_factory=lambda: NodePerGpu.model_validate({}),
+        description="One EXO node per GPU (group) instead of one node that computes on one GPU.",
     )
 
     def executable(self, accelerator: Accelerator) -> Path | None:
@@ -499,6 +552,33 @@ class Config(_Section):
                 f"models.{json.dumps(custom[0])}.custom fetches the model card from Hugging "
                 "Face, which offline forbids: set offline = false or drop custom"
             )
+        if self.hardware.node_per_gpu.enable:
+            if self.mode is Mode.MASTER:
+                raise ValueError(
+                    "hardware.nodePerGpu needs mode 'worker' or 'auto': the nodes elect a master"
+                )
+            if not self.networking.bond_interface:
+                raise ValueError(
+                    "hardware.nodePerGpu needs networking.bondInterface: each node gets a "
+                    "macvlan on it"
+                )
+            if self.networking.network_namespace:
+                raise ValueError(
+                    "hardware.nodePerGpu gives each node a network namespace of its own: "
+                    "remove networking.networkNamespace"
+                )
+            # both talk to the node's API on this host's loopback and read its runtime files;
+            # with nodePerGpu the nodes live in namespaces of their own
+            if self.models and self.model_reconciler.enable:
+                raise ValueError(
+                    "hardware.nodePerGpu cannot be combined with the model reconciler yet: set "
+                    "modelReconciler.enable = false (place models with `exo-nixos models place`)"
+                )
+            if self.exporter.enable:
+                raise ValueError(
+                    "hardware.nodePerGpu cannot be combined with exporter.enable yet: scrape "
+                    "each node's /state through the gateway instead, or disable the exporter"
+                )
         return self
 
     @property

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from exo_nixos import __version__
 from exo_nixos.config import Config, default_config, load_config
+from exo_nixos.findings import Finding, Severity, of
 from exo_nixos.preflight import CheckResult, Host, Status, run_checks
 
 if TYPE_CHECKING:
@@ -28,8 +29,18 @@ class Section:
     title: str
     summary: str
     lines: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # its problems and warnings
+
+    def add(self, severity: Severity, lines: list[str]) -> None:
+        self.findings += [Finding(severity, line) for line in lines]
+
+    @property
+    def problems(self) -> list[str]:
+        return [f.line() for f in of(self.findings, Severity.PROBLEM)]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f.line() for f in of(self.findings, Severity.WARNING)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,7 +110,8 @@ def _accelerator_section(
     config: Config, installed: bool, inventory: Inventory
 ) -> tuple[Section, Decision]:
     from exo_nixos.hardware import HardwareSettings, decide
-    from exo_nixos.hardware.report import text_lines
+    from exo_nixos.hardware.instances import instances, plan
+    from exo_nixos.hardware.report import node_lines, text_lines
 
     settings = HardwareSettings.from_config(config.hardware)
     if not installed:
@@ -109,7 +121,11 @@ def _accelerator_section(
     section = Section("Accelerator", str(decision.accelerator))
     # detection warnings (garbled files, NVML) count as warnings, and are not listed twice
     section.lines += [line for line in text_lines(inventory, decision) if "warning: " not in line]
-    section.warnings += inventory.warnings
+    section.add(Severity.WARNING, inventory.warnings)
+    # how many nodes this host runs (hardware.nodePerGpu), and what stands in their way
+    nodes = plan(instances(config.hardware.node_per_gpu), inventory)
+    section.lines += node_lines(nodes)
+    section.findings += of(nodes.findings, Severity.WARNING)
     return section, decision
 
 
@@ -120,8 +136,8 @@ def _network_section(config: Config, root: Path) -> Section:
     section = Section("Cluster interface", choice.name or "none")
     section.lines += [f"- {reason}" for reason in choice.reasons]
     section.lines += [f"note: {note}" for note in choice.notes]
-    section.problems += choice.problems
-    section.warnings += choice.warnings
+    section.add(Severity.PROBLEM, choice.problems)
+    section.add(Severity.WARNING, choice.warnings)
     return section
 
 
@@ -135,8 +151,10 @@ def _checks_section(results: list[CheckResult], installed: bool) -> Section:
     for result in results:
         line = f"{result.status.upper():<4} {result.check}: {result.reason}"
         section.lines.append(line + (f" (fix: {result.fix})" if result.fix else ""))
-    section.problems += [f"{r.check}: {r.reason}" for r in failed]
-    section.warnings += [f"{r.check}: {r.reason}" for r in results if r.status is Status.WARN]
+    section.add(Severity.PROBLEM, [f"{r.check}: {r.reason}" for r in failed])
+    section.add(
+        Severity.WARNING, [f"{r.check}: {r.reason}" for r in results if r.status is Status.WARN]
+    )
     return section
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from exo_nixos.basetypes import Accelerator
 from exo_nixos.config import parse_config
+from exo_nixos.findings import Finding, Severity
 from exo_nixos.hardware import (
     Cpu,
     Gpu,
@@ -20,22 +21,32 @@ from exo_nixos.hardware import (
     decide,
     detect,
 )
+from exo_nixos.hardware.decide import Code, CpuReason, Decision, MemoryBasis
 from exo_nixos.hardware.model import AppleSilicon
 from tests.hardware.conftest import fixture
 
 GiB = 1 << 30
+MiB = 1 << 20
 ALL = HardwareSettings()
 CUDA = Accelerator.CUDA
 CPU = Accelerator.CPU
+
+
+def finding(decision: Decision, code: str) -> Finding:
+    (found,) = [f for f in decision.findings if f.code == code]
+    return found
 
 
 def test_datacenter_node_chooses_cuda_with_every_gpu():
     decision = decide(ALL, detect(fixture("nvidia-dgx-h100")))
     assert decision.accelerator is CUDA
     assert len(decision.devices) == 8
-    assert decision.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-    assert decision.reasons[0] == "no config given: assuming every EXO variant is installed"
-    assert decision.reasons[-1].startswith("chose cuda: 8x NVIDIA H100 80GB HBM3")
+    # EXO computes on the first GPU: it offers that GPU's memory, less the margin
+    assert decision.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "OVERRIDE_MEMORY_MB": "65247"}
+    assert decision.memory.basis is MemoryBasis.GPU
+    assert decision.findings[0].code == Code.ASSUMED_INSTALLED
+    assert finding(decision, Code.CHOSEN).text.startswith("chose cuda: 8x NVIDIA H100 80GB HBM3")
+    assert finding(decision, Code.ONE_GPU_COMPUTES).severity is Severity.WARNING
     assert decision.executable is None
 
 
@@ -235,7 +246,7 @@ def test_several_accelerators_most_usable_memory_wins(nvidia_gib, amd_gib, expec
     supported = frozenset(Accelerator)
     decision = decide(ALL, inventory, supported)
     assert decision.accelerator == expected
-    assert "(the most usable memory)" in decision.reasons[-1]
+    assert "(the most usable memory)" in finding(decision, Code.CHOSEN).text
 
 
 # --- a GPU that vanished or stopped answering -------------------------------------------
@@ -432,19 +443,21 @@ def test_mig_mode_is_named_with_the_way_out(tree_copy):
     assert (first.mig, second.mig, third.mig) == (True, False, None)
     decision = decide(ALL, inventory)
     assert decision.accelerator is CUDA and len(decision.devices) == 8
-    assert (
-        "NVIDIA H100 80GB HBM3 at 0000:1b:00.0 has MIG mode on: CUDA sees its MIG instances, "
-        "not the whole GPU, and EXO uses one of them; to give EXO the whole GPU turn MIG off "
-        "(nvidia-smi -i 0 -mig 0)"
-    ) in decision.reasons
-    assert sum("MIG" in r for r in decision.reasons) == 1
+    (mig,) = [f for f in decision.findings if f.code == Code.MIG]
+    assert mig.severity is Severity.WARNING
+    assert mig.text.startswith("NVIDIA H100 80GB HBM3 at 0000:1b:00.0 has MIG mode on")
+    assert mig.fix == "to give EXO the whole GPU turn MIG off (nvidia-smi -i 0 -mig 0)"
 
 
 def test_dgx_spark_runs_cuda_13_on_its_unified_memory():
     decision = decide(CUDA13, detect(fixture("nvidia-dgx-spark-gb10")))
     assert decision.accelerator is CUDA
     assert decision.devices == ["000f:01:00.0"]
-    assert decision.reasons[-1] == "chose cuda: NVIDIA GB10 (122 GiB)"
+    assert finding(decision, Code.CHOSEN).text == "chose cuda: NVIDIA GB10 (122 GiB)"
+    # unified memory: the system's, measured by EXO itself
+    assert finding(decision, Code.MEMORY_UNIFIED)
+    assert decision.memory.basis is MemoryBasis.SYSTEM
+    assert "OVERRIDE_MEMORY_MB" not in decision.env
 
 
 def _memory_error(root, code, message):
@@ -486,3 +499,36 @@ def test_an_unknown_gpu_without_memory_of_its_own_uses_the_systems(tree_copy):
 def test_other_memory_query_failures_mean_the_gpu_does_not_answer(tree_copy):
     rtx = _memory_error(tree_copy("nvidia-rtx4090-desktop"), 15, "GPU is lost")
     assert not rtx.usable and rtx.problems == ["does not answer NVML (GPU is lost)"]
+
+
+@pytest.mark.parametrize(
+    ("tree", "settings", "expected"),
+    [
+        ("amd-instinct-mi250x", ALL, CpuReason.NO_BACKEND),
+        ("intel-arc-a770", ALL, CpuReason.NO_BACKEND),
+        ("bmc-only-server", ALL, CpuReason.DISPLAY_ONLY),
+        ("apple-m2-max-asahi", ALL, CpuReason.NO_METAL),
+        ("nvidia-rtx4090-desktop", HardwareSettings(preferred=CPU), CpuReason.PREFERRED),
+        ("nvidia-rtx4090-desktop", HardwareSettings(packages={}), CpuReason.VARIANT_NOT_INSTALLED),
+        (
+            "nvidia-rtx4090-desktop",
+            HardwareSettings(cuda_minimum_driver="580"),
+            CpuReason.DRIVER_TOO_OLD,
+        ),
+        ("cpu-vm-cgroup", HardwareSettings(preferred=CUDA), CpuReason.PREFERRED_UNUSABLE),
+        # the preferred accelerator's failure is the reason, not the last blocker listed
+        ("amd-instinct-mi250x", HardwareSettings(preferred=CUDA), CpuReason.PREFERRED_UNUSABLE),
+    ],
+)
+def test_the_way_to_the_cpu_travels_as_a_code(tree, settings, expected):
+    decision = decide(settings, detect(fixture(tree)))
+    assert decision.accelerator is CPU
+    assert decision.cpu_reason is expected
+    assert decision.cpu is not None
+    assert any(line.startswith(decision.cpu.text) for line in decision.reasons)
+
+
+def test_a_chosen_accelerator_has_no_cpu_reason():
+    decision = decide(ALL, detect(fixture("nvidia-rtx4090-desktop")))
+    assert decision.accelerator is CUDA
+    assert decision.cpu is None and decision.cpu_reason is None

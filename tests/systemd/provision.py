@@ -62,6 +62,12 @@ def provision(root: Path, module: str) -> dict[str, Any]:
     for extra in ("exo-api", "exo-netns", "exo-models", "exo-exporter"):
         if extra in result["services"]:
             units[f"{extra}.service"] = render_unit(result["services"][extra])
+    # a node per GPU: the namespace template, the host's link, each instance's drop-in
+    for name, service in result["services"].items():
+        if name in ("exo-netns@", "exo-host-link"):
+            units[f"{name}.service"] = render_unit(service)
+        elif name.startswith(node) and name != node:
+            units[f"{name}.service.d/overrides.conf"] = render_unit(service)
     document = result["etc"]["exo/config.json"]
     config_text = json.dumps(document, indent=2, sort_keys=True)
     install_code(root)
@@ -88,11 +94,16 @@ def provision(root: Path, module: str) -> dict[str, Any]:
             )
         else:
             raise AssertionError(f"unit references {path}, which the guest cannot provide")
+    if result["tmpfiles"]:  # applied at boot by systemd-tmpfiles-setup, as on NixOS
+        tmpfiles = root / "etc" / "tmpfiles.d" / "exo.conf"
+        tmpfiles.parent.mkdir(parents=True, exist_ok=True)
+        tmpfiles.write_text("\n".join(result["tmpfiles"]) + "\n")
     etc = root / "etc" / "exo"
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "config.json").write_text(config_text)
     system = root / "etc" / "systemd" / "system"
     for name, text in units.items():
+        (system / name).parent.mkdir(parents=True, exist_ok=True)
         (system / name).write_text(text)
     subprocess.run(
         [

@@ -53,6 +53,10 @@ let
     upheldBy = unitNames;
     aliases = unitNames;
     unitConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+    overrideStrategy = mkOption {
+      type = types.enum [ "asDropinIfExists" "asDropin" ];
+      default = "asDropinIfExists";
+    };
     # no default: a unit without them has no StartLimit*= line
     startLimitBurst = mkOption { type = types.int; };
     startLimitIntervalSec = mkOption { type = types.int; };

@@ -37,7 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.hardware.decide import HardwareSettings, decide
     from exo_nixos.hardware.detection import DEFAULT_MODELS_DIR, detect
-    from exo_nixos.hardware.report import env_lines, full_json, text_lines
+    from exo_nixos.hardware.instances import Instance, instances, plan
+    from exo_nixos.hardware.report import env_lines, full_json, node_lines, text_lines
 
     if args.models_dir is not None and "\0" in args.models_dir:
         from exo_nixos.errors import UserError, describe_value
@@ -45,21 +46,25 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--models-dir {describe_value(args.models_dir)}: contains a NUL byte")
     settings = HardwareSettings()
     models_dir = args.models_dir or DEFAULT_MODELS_DIR
+    configured: list[Instance] = []
     if args.config:
         from exo_nixos.config import load_config
 
         config = load_config(args.config)
         settings = HardwareSettings.from_config(config.hardware)
         models_dir = args.models_dir or config.effective_models_dir
+        configured = instances(config.hardware.node_per_gpu)
     inventory = detect(checked_root(args.root), use_nvml=not args.no_nvml, models_dir=models_dir)
     decision = decide(settings, inventory)
+    nodes = plan(configured, inventory)
     if args.json:
-        json.dump(full_json(inventory, decision), sys.stdout, indent=2)
+        json.dump(full_json(inventory, decision, nodes), sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.env:
         sys.stdout.write("".join(f"{line}\n" for line in env_lines(decision)))
         for warning in inventory.warnings:
             print(f"exo-nixos: warning: {warning}", file=sys.stderr)
     else:
-        sys.stdout.write("".join(f"{line}\n" for line in text_lines(inventory, decision)))
+        lines = text_lines(inventory, decision) + node_lines(nodes)
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0

@@ -23,6 +23,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="config file (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="also check one node of hardware.nodePerGpu: its namespace, link and GPUs",
+    )
     add_root_argument(parser, "/sys, /proc, /dev and the service directories")
 
 
@@ -45,6 +50,14 @@ def main(args: argparse.Namespace) -> int:
     host = Host(checked_root(args.root))
     inventory = detect(host.root, models_dir=config.effective_models_dir)
     results = run_checks(config, host, inventory, choose(config, inventory).accelerator)
+    if args.instance is not None:
+        from exo_nixos.hardware.instances import instance_for
+        from exo_nixos.network.instance_checks import instance_checks
+
+        instance = instance_for(config, args.instance)
+        interface = config.networking.bond_interface or ""
+        live = host.root == Path("/")
+        results += instance_checks(instance, interface, inventory, live=live)
     if args.json:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -1,4 +1,4 @@
-"""``exo-nixos record-stop --config FILE``: the node unit's ``ExecStopPost``.
+"""``exo-nixos record-stop --config FILE [--instance gpuN]``: the node unit's ``ExecStopPost``.
 
 systemd tells ``ExecStopPost`` how the run ended in ``$SERVICE_RESULT`` (``success``,
 ``exit-code``, ``signal``, ``watchdog``, ``oom-kill``, ...). An ``oom-kill`` makes the next
@@ -22,19 +22,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how the run ended, as systemd's $SERVICE_RESULT names it (default: that variable)",
     )
+    parser.add_argument(
+        "--instance",
+        default=None,
+        help="with hardware.nodePerGpu: the node whose run ended (gpuN), as `run --instance`",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     import logging
 
     from exo_nixos.config import load_config
+    from exo_nixos.hardware.instances import instance_for
     from exo_nixos.supervisor import oom
+    from exo_nixos.supervisor.environment import instance_dirs
     from exo_nixos.supervisor.logs import setup_logging
 
     config = load_config(args.config)
     setup_logging(config.log_level)
     result = args.result if args.result is not None else os.environ.get("SERVICE_RESULT", "")
-    path = oom.record_path(config.security.data_dir)
+    instance = instance_for(config, args.instance) if args.instance is not None else None
+    path = oom.record_path(instance_dirs(config, instance)[0])
     try:
         record = oom.record_stop(path, result)
     except OSError as exc:

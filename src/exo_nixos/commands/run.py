@@ -1,4 +1,5 @@
-"""``exo-nixos run --config FILE --role master|worker``: the ExecStart of the EXO node unit."""
+"""``exo-nixos run --config FILE --role master|worker [--instance gpuN]``: the ExecStart of the
+EXO node unit, or of one instance of it on a host that runs a node per GPU."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
+    from exo_nixos.hardware.instances import Instance
     from exo_nixos.supervisor.environment import Launch
     from exo_nixos.supervisor.runner import LinkSource, Supervisor
 
@@ -41,6 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="read /dev, /proc and /sys below DIR when choosing the variant (default /)",
     )
     parser.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="run the node of one GPU group (hardware.nodePerGpu), e.g. gpu0: its GPUs only, "
+        "its own directories",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the EXO command line and environment it would use, then exit",
@@ -52,8 +60,14 @@ def main(args: argparse.Namespace) -> int:
 
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError, describe_value
+    from exo_nixos.hardware.instances import instance_for
     from exo_nixos.monitoring.psi import own_cgroup
-    from exo_nixos.supervisor.environment import build_launch, role_for, snapshot_path
+    from exo_nixos.supervisor.environment import (
+        build_launch,
+        instance_dirs,
+        role_for,
+        snapshot_path,
+    )
     from exo_nixos.supervisor.logs import setup_logging
     from exo_nixos.supervisor.notify import Notifier
     from exo_nixos.supervisor.runner import Settings, Supervisor
@@ -73,14 +87,16 @@ def main(args: argparse.Namespace) -> int:
     host_root = Path(args.host_root)
     if not host_root.is_dir():
         raise UserError(f"--host-root {host_root}: not a directory; pass / or a captured tree")
+    instance = instance_for(config, args.instance) if args.instance is not None else None
     setup_logging(config.log_level)
-    launch = build_launch(config, role, root=host_root)
+    launch = build_launch(config, role, root=host_root, instance=instance)
     if args.dry_run:
         return _dry_run(launch)
-    _record_start(config, role, launch)
+    shown_role = role if instance is None else f"{role}@{instance.name}"
+    _record_start(config, shown_role, launch, instance)
     hc = config.health_check
     settings = Settings(
-        role=role,
+        role=shown_role,
         api_url=f"http://127.0.0.1:{config.api_port}",
         interval=hc.interval_sec,
         timeout=hc.timeout_sec,
@@ -92,8 +108,8 @@ def main(args: argparse.Namespace) -> int:
         launch,
         settings,
         notifier,
-        SnapshotStore(snapshot_path(config)),
-        hint_dir=Path(config.security.runtime_dir),
+        SnapshotStore(snapshot_path(config, instance)),
+        hint_dir=Path(instance_dirs(config, instance)[2]),
     )
     supervisor.links = _link_monitor(config, supervisor, host_root)
     supervisor.memory_cgroup = own_cgroup(host_root / "sys/fs/cgroup")
@@ -111,15 +127,17 @@ def main(args: argparse.Namespace) -> int:
     return status
 
 
-def _record_start(config: Config, role: str, launch: Launch) -> None:
+def _record_start(config: Config, role: str, launch: Launch, instance: Instance | None) -> None:
     """Count the start and leave the facts ``status`` and the exporter read (never fatal)."""
     import logging
     import time
 
     from exo_nixos.monitoring.facts import SupervisorFacts, write_facts
     from exo_nixos.supervisor import oom
+    from exo_nixos.supervisor.environment import instance_dirs
 
-    record = oom.record_start(oom.record_path(config.security.data_dir))
+    data_dir, _, runtime_dir = instance_dirs(config, instance)
+    record = oom.record_start(oom.record_path(data_dir))
     facts = SupervisorFacts(
         role=role,
         accelerator=launch.selection.accelerator.value,
@@ -129,10 +147,10 @@ def _record_start(config: Config, role: str, launch: Launch) -> None:
         started_at=time.time(),
     )
     try:
-        Path(config.security.runtime_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
-        write_facts(config.security.runtime_dir, facts)
+        Path(runtime_dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+        write_facts(runtime_dir, facts)
     except OSError as exc:
-        logging.getLogger(__name__).warning("cannot write %s: %s", config.security.runtime_dir, exc)
+        logging.getLogger(__name__).warning("cannot write %s: %s", runtime_dir, exc)
 
 
 def _dry_run(launch: Launch) -> int:

@@ -20,6 +20,7 @@ from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
+from exo_nixos.network.instance_net import node_urls
 from exo_nixos.supervisor.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,11 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     gw = config.gateway
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     metrics = GatewayMetrics()
+    # one node per GPU: the host's nodes, each at its own address, are the local backends
+    nodes = node_urls(config) if gw.local_backend else []
     pool = BackendPool(
-        local_url=url_for("127.0.0.1", config.api_port) if gw.local_backend else None,
-        static_urls=gw.static_backends,
+        local_url=url_for("127.0.0.1", config.api_port) if gw.local_backend and not nodes else None,
+        static_urls=[*gw.static_backends, *nodes],
         api_port=config.api_port,
         interval=config.health_check.interval_sec,
         timeout=config.health_check.timeout_sec,

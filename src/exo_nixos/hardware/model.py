@@ -53,6 +53,7 @@ class Gpu:
     gfx_target: str | None = None  # ROCm, e.g. gfx90a
     uuid: str | None = None
     index: int | None = None  # NVML / nvidia-smi index; PCI bus order
+    minor: int | None = None  # NVIDIA device minor: /dev/nvidia<minor>
     responding: bool | None = None  # None: not asked (no NVML)
     mig: bool | None = None  # NVIDIA MIG mode on (CUDA then sees MIG instances, not the GPU)
     problems: list[str] = field(default_factory=list)  # why it cannot run EXO's backend

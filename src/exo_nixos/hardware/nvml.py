@@ -172,7 +172,8 @@ def _device(library: NvmlLibrary, index: int) -> NvmlDevice:
         try:
             memory = library.nvmlDeviceGetMemoryInfo(handle)
             device.memory_total = int(memory.total)
-            device.memory_free = int(memory.free)
+            # a recording may lack the free figure (it changes by the second)
+            device.memory_free = None if memory.free is None else int(memory.free)
         except Exception as exc:
             # GB10 (DGX Spark) and other unified-memory GPUs answer every query but this one
             if _code(exc) != NVML_ERROR_NOT_SUPPORTED:
@@ -238,9 +239,10 @@ class RecordedNvml:
 
     The document: ``{"driver": "550.54.15", "devices": [DEVICE, ...]}``, each DEVICE either
     ``{"busId": ..., "name": ..., "uuid": ..., "memoryTotal": ..., "memoryFree": ...,
-    "computeCapability": [9, 0], "migMode": [0, 0]}`` or ``{"error": "GPU is lost"}``. A
-    unified-memory GPU has ``"memoryError": {"message": "Not Supported", "code": 3}`` in place
-    of the memory; a GPU without MIG has no ``migMode``. An NVML that did not start:
+    "computeCapability": [9, 0], "migMode": [0, 0]}`` (``memoryFree`` may be left out) or
+    ``{"error": "GPU is lost"}``. A unified-memory GPU has
+    ``"memoryError": {"message": "Not Supported", "code": 3}`` in place of the memory; a GPU
+    without MIG has no ``migMode``. An NVML that did not start:
     ``{"initError": "...", "initErrorCode": 18, "devices": []}``.
     """
 
@@ -298,7 +300,7 @@ class RecordedNvml:
         if "memoryError" in entry:
             failed = entry["memoryError"]
             raise self.Error(str(failed.get("message")), failed.get("code"))
-        return _Record(total=entry["memoryTotal"], free=entry["memoryFree"])
+        return _Record(total=entry["memoryTotal"], free=entry.get("memoryFree"))
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:
         major, minor = self._entry(handle)["computeCapability"]

@@ -136,7 +136,7 @@ def _nodes(tree: Tree, gpu: Gpu, wanted: list[str]) -> None:
 def _nvidia_checks(tree: Tree, gpu: Gpu) -> None:
     if gpu.driver != NVIDIA_DRIVER:
         return
-    minor = _nvidia_proc(tree, gpu)
+    minor = gpu.minor = _nvidia_proc(tree, gpu)
     wanted = ["/dev/nvidiactl", "/dev/nvidia-uvm"]
     if minor is not None:
         wanted.append(f"/dev/nvidia{minor}")

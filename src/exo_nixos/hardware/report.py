@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from exo_nixos.hardware.decide import Decision
+from exo_nixos.hardware.instances import NodePlan
 from exo_nixos.hardware.model import Inventory, to_json
 
 GiB = 1 << 30
@@ -24,11 +25,33 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "memoryLimitBytes": decision.memory_limit_bytes,
         "env": decision.env,
         "reasons": decision.reasons,
+        "findings": [f.to_json() for f in decision.findings],
+        "cpuReason": decision.cpu_reason.value if decision.cpu_reason else None,
     }
 
 
-def full_json(inventory: Inventory, decision: Decision) -> dict[str, Any]:
-    return {"inventory": to_json(inventory), "decision": decision_json(decision)}
+def nodes_json(nodes: NodePlan) -> dict[str, Any]:
+    return {
+        "count": nodes.nodes,
+        "instances": [{"name": i.name, "gpuMinors": list(i.minors)} for i in nodes.instances],
+        "findings": [f.to_json() for f in nodes.findings],
+    }
+
+
+def full_json(
+    inventory: Inventory, decision: Decision, nodes: NodePlan | None = None
+) -> dict[str, Any]:
+    data = {"inventory": to_json(inventory), "decision": decision_json(decision)}
+    if nodes is not None:
+        data["nodes"] = nodes_json(nodes)
+    return data
+
+
+def node_lines(nodes: NodePlan) -> list[str]:
+    """How many EXO nodes this host runs, and why."""
+    lines = [f"EXO nodes on this host: {nodes.nodes}"]
+    lines.extend(f"  {finding.severity}: {finding.line()}" for finding in nodes.findings)
+    return lines
 
 
 def _quote(value: str) -> str:

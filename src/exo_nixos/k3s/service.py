@@ -28,9 +28,11 @@ def node_health(config: Config) -> HealthCheck:
     and, when the Service points at the gateway, the gateway answers ``/health`` with 200."""
     from exo_nixos.exoapi import ExoApiError, probe, url_for
     from exo_nixos.k3s.render import exposure
+    from exo_nixos.network.instance_net import node_urls
 
     timeout = config.health_check.timeout_sec
-    node_url = url_for("127.0.0.1", config.api_port)
+    # one node per GPU: the host is healthy while one of its nodes is
+    nodes = node_urls(config) or [url_for("127.0.0.1", config.api_port)]
     gateway_url: str | None = None
     if exposure(config).via_gateway:
         gateway = config.gateway
@@ -39,14 +41,18 @@ def node_health(config: Config) -> HealthCheck:
             url_for(_loopback_for(gateway.listen_address), gateway.port, scheme) + "/health"
         )
 
-    async def check() -> bool:
+    async def node_healthy(url: str) -> bool:
         try:
-            view = await probe(node_url, timeout)
+            view = await probe(url, timeout)
         except ExoApiError as exc:
             log.debug("node probe failed: %s", exc)
             return False
         if not view.healthy:
             log.debug("node degraded: %s", "; ".join(view.problems))
+        return view.healthy
+
+    async def check() -> bool:
+        if not any([await node_healthy(url) for url in nodes]):
             return False
         if gateway_url is None:
             return True

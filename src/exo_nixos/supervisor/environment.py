@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.config import Accelerator, Config, Mode
+from exo_nixos.errors import UserError
+from exo_nixos.findings import Finding, Severity
+from exo_nixos.hardware.decide import SYSTEM_MEMORY, CpuReason, MemoryPlan
 from exo_nixos.supervisor import oom
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision
+    from exo_nixos.hardware.instances import Instance
 
 MASTER = "master"
 WORKER = "worker"
@@ -34,9 +38,24 @@ class Selection:
 
     accelerator: Accelerator
     executable: str
-    reasons: list[str] = field(default_factory=list)
+    findings: tuple[Finding, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     fallback: str | None = None  # set when the wanted accelerator could not be used
+    fallback_reason: CpuReason | None = None  # the code of ``fallback``
+    memory: MemoryPlan = SYSTEM_MEMORY  # OVERRIDE_MEMORY_MB and why
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f.line() for f in self.findings]
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return self.memory.limit_bytes
+
+    def label(self) -> str:
+        """The accelerator and the memory EXO plans with, for STATUS."""
+        memory = self.memory.label()
+        return f"{self.accelerator.value}, {memory}" if memory else self.accelerator.value
 
 
 @dataclass(frozen=True)
@@ -61,19 +80,37 @@ def _xdg_home(directory: str) -> str:
     return str(path.parent) if path.name == "exo" else str(path)
 
 
-def state_paths(config: Config) -> dict[str, str]:
+INSTANCES = "instances"  # sub-directory of the state and cache directories, one per instance
+
+
+def instance_dirs(config: Config, instance: Instance | None) -> tuple[str, str, str]:
+    """The data, cache and runtime directories of a node: the configured ones, or an instance's
+    own below them. EXO keeps one node per cache directory: its pid file and its node identity
+    (``exo.pid``, ``node_zid``) live there (upstream ``shared/constants.py``)."""
     sec = config.security
+    if instance is None:
+        return sec.data_dir, sec.cache_dir, sec.runtime_dir
+    return (
+        str(Path(sec.data_dir) / INSTANCES / instance.name),
+        str(Path(sec.cache_dir) / INSTANCES / instance.name),
+        str(Path(sec.runtime_dir) / instance.name),
+    )
+
+
+def state_paths(config: Config, instance: Instance | None = None) -> dict[str, str]:
+    data, cache, runtime = instance_dirs(config, instance)
     return {
-        "XDG_DATA_HOME": _xdg_home(sec.data_dir),
-        "XDG_CACHE_HOME": _xdg_home(sec.cache_dir),
+        "XDG_DATA_HOME": _xdg_home(data),
+        "XDG_CACHE_HOME": _xdg_home(cache),
         # config.toml is touched at start; the configuration directory itself stays read-only
-        "XDG_CONFIG_HOME": str(Path(sec.data_dir) / "config"),
-        "EXO_RUNTIME_DIR": sec.runtime_dir,
+        "XDG_CONFIG_HOME": str(Path(data) / "config"),
+        "EXO_RUNTIME_DIR": runtime,
     }
 
 
-def snapshot_path(config: Config) -> Path:
-    return Path(config.security.data_dir) / SUPERVISOR_STATE / "topology.json"
+def snapshot_path(config: Config, instance: Instance | None = None) -> Path:
+    data, _, _ = instance_dirs(config, instance)
+    return Path(data) / SUPERVISOR_STATE / "topology.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,32 +124,39 @@ _GPU_ENV = (
 )
 
 
-def select_executable(config: Config, root: Path = Path("/")) -> Selection:
+def select_executable(
+    config: Config, root: Path = Path("/"), instance: Instance | None = None
+) -> Selection:
     """Detect the hardware below ``root`` and choose the EXO variant to start.
 
-    The one place the supervisor depends on :mod:`exo_nixos.hardware`.
+    The one place the supervisor depends on :mod:`exo_nixos.hardware`. An instance of a node
+    per GPU sees its own GPUs only; when they cannot be used it stays down (a UserError, so
+    the unit fails and systemd retries) unless ``nodePerGpu.cpuFallback`` lets it run on the
+    CPU. The other instances are not touched.
     """
-    from exo_nixos.hardware import choose, detect
+    from exo_nixos.hardware import HardwareSettings, decide, detect
+    from exo_nixos.hardware.instances import settings_for
 
     inventory = detect(root, models_dir=config.effective_models_dir)
-    return selection_for(config, choose(config, inventory))
-
-
-def _why_cpu(reasons: list[str]) -> str:
-    for reason in reasons:
-        if "cannot be used" in reason:
-            return reason
-    for reason in reasons:
-        if reason.endswith(": using cpu"):
-            return reason.removesuffix(": using cpu")
-    return "no usable GPU"
+    settings = HardwareSettings.from_config(config.hardware)
+    if instance is not None:
+        settings = settings_for(settings, inventory, instance)
+    selection = selection_for(config, decide(settings, inventory))
+    if instance is not None and selection.fallback and not instance.cpu_fallback:
+        raise UserError(
+            f"{instance.name}: {selection.fallback.removesuffix('; running on CPU')}; "
+            "hardware.nodePerGpu.cpuFallback is off, so this node stays down until its GPU "
+            "works (systemd retries the start)"
+        )
+    return selection
 
 
 def selection_for(config: Config, decision: Decision) -> Selection:
     """Turn the hardware decision into what to run; fall back to CPU when the GPU is unusable.
 
     "Wanted" is ``hardware.preferredAccelerator``, else any GPU variant that is installed.
-    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS.
+    Ending on the CPU while a GPU was wanted is a fallback, logged and shown in STATUS; the CPU
+    asked for by ``preferredAccelerator = "cpu"`` is none.
     """
     hw = config.hardware
     preferred = hw.preferred_accelerator
@@ -120,19 +164,27 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         wanted = [preferred]
     else:
         wanted = [a for a in hw.packages if a is not Accelerator.CPU]
-    reasons = list(decision.reasons)
+    findings = list(decision.findings)
     env = dict(decision.env)
     accelerator = decision.accelerator
     fallback: str | None = None
+    reason: CpuReason | None = None
+    memory = decision.memory
     executable = decision.executable
     if accelerator is not Accelerator.CPU and (executable is None or not executable.exists()):
         missing = f"{executable} does not exist" if executable else "no variant installed"
         fallback = f"{accelerator.value} unusable ({missing}); running on CPU"
-        reasons.append(f"{accelerator.value}: {missing}")
+        reason = CpuReason.EXECUTABLE_MISSING
+        findings.append(Finding(Severity.PROBLEM, f"{accelerator.value}: {missing}", code=reason))
         accelerator = Accelerator.CPU
-    elif accelerator is Accelerator.CPU and wanted:
+        # the GPU's memory no longer applies: what a CPU run of this host plans with
+        memory = decision.cpu_memory
+        env.pop("OVERRIDE_MEMORY_MB", None)
+        env.update(memory.env)
+    elif decision.cpu is not None and decision.cpu_reason is not CpuReason.PREFERRED and wanted:
         names = "/".join(a.value for a in wanted)
-        fallback = f"{names} unusable ({_why_cpu(reasons)}); running on CPU"
+        fallback = f"{names} unusable ({decision.cpu.text}); running on CPU"
+        reason = decision.cpu_reason
     if accelerator is Accelerator.CPU:
         for name in _GPU_ENV:
             env.pop(name, None)
@@ -140,7 +192,15 @@ def selection_for(config: Config, decision: Decision) -> Selection:
         cpu = hw.executable(Accelerator.CPU)
         executable = cpu if cpu is not None else Path(shutil.which("exo") or "exo")
     assert executable is not None
-    return Selection(accelerator, str(executable), reasons, env, fallback)
+    return Selection(
+        accelerator,
+        str(executable),
+        tuple(findings),
+        env,
+        fallback,
+        reason,
+        memory,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +241,14 @@ def build_launch(
     base_env: Mapping[str, str] | None = None,
     root: Path = Path("/"),
     selection: Selection | None = None,
+    instance: Instance | None = None,
 ) -> Launch:
     """Everything needed to start EXO: argv, environment, the chosen variant, memory."""
-    chosen = selection or select_executable(config, root)
+    chosen = selection or select_executable(config, root, instance)
     env = dict(os.environ if base_env is None else base_env)
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "EXO_HOME", "LISTEN_FDS"):
         env.pop(name, None)  # the supervisor talks to systemd, EXO does not
-    env.update(state_paths(config))
+    env.update(state_paths(config, instance))
     env["EXO_DEFAULT_MODELS_DIR"] = config.effective_models_dir
     if config.extra_model_dirs:
         env["EXO_MODELS_DIRS"] = ":".join(config.extra_model_dirs)
@@ -202,7 +263,7 @@ def build_launch(
     env.pop("OVERRIDE_MEMORY_MB", None)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(chosen.env)  # device selection, OVERRIDE_MEMORY_MB (limit and cgroup)
-    oom.apply(env, config.security.data_dir, root)  # less memory after an OOM kill
+    oom.apply(env, instance_dirs(config, instance)[0], root)  # less memory after an OOM kill
     env.update(config.environment_variables)
     memory = env.get("OVERRIDE_MEMORY_MB")
     memory_mb = int(memory) if memory and memory.isdigit() else None

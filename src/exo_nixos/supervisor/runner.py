@@ -467,7 +467,7 @@ class Supervisor:
 
     def _status(self, topo: Topology | None) -> str:
         sel = self.launch.selection
-        text = describe(self.settings.role, topo, sel.accelerator.value, sel.fallback)
+        text = describe(self.settings.role, topo, sel.label(), sel.fallback)
         if topo is not None and self.state.problem:
             text += f"; degraded: {self.state.problem}"
         if self.state.link:
