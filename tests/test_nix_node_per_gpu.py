@@ -165,7 +165,7 @@ def test_template_and_instance_drop_in_pass_systemd_analyze_verify(tmp_path: Pat
         pytest.skip("systemd-analyze not installed")
     services = _host([0, 1], 'services.exo.hardware.memoryLimit = "80%";')["services"]
     # the store paths of the evaluation's stand-in packages do not exist here
-    exec_lines = re.compile(r"^(ExecStart(?:Pre)?|ExecStop)=.*$", re.MULTILINE)
+    exec_lines = re.compile(r"^(ExecStart(?:Pre)?|ExecStop(?:Post)?)=.*$", re.MULTILINE)
     for name in ("exo-worker@", "exo-netns@"):
         text = exec_lines.sub(r"\1=/bin/true", render_unit(services[name]))
         (tmp_path / f"{name}.service").write_text(text)

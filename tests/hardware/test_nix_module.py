@@ -294,7 +294,7 @@ def test_rendered_gpu_unit_passes_systemd_analyze_verify(tmp_path):
     text = render_unit(evaluate(module)["services"]["exo-worker"])
     assert "SupplementaryGroups=render\n" in text and "MemoryMax=64G\n" in text
     # the store paths of the evaluation's stand-in packages do not exist here
-    text = re.sub(r"^(ExecStart(?:Pre)?)=.*$", r"\1=/bin/true", text, flags=re.MULTILINE)
+    text = re.sub(r"^(ExecStart(?:Pre)?|ExecStopPost)=.*$", r"\1=/bin/true", text, flags=re.MULTILINE)
     unit = tmp_path / "exo-worker.service"
     unit.write_text(text)
     result = subprocess.run(
