@@ -42,6 +42,18 @@ def test_unknown_key_suggests(tmp_path, capsys):
     assert "networking.bondInterfce: unknown key; did you mean 'bondInterface'?" in err
 
 
+def test_validate_names_the_document_as_told(tmp_path, capsys):
+    """The NixOS module's build check says services.exo, not the unchecked file's store path."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"schemaVersion": 1, "mode": "worker", "noWorker": True}))
+    assert main(["config", "validate", "-q", "--name", "services.exo", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("exo-nixos: error: services.exo: ") and str(path) not in line
+    path.write_text(json.dumps({"schemaVersion": 1}))
+    assert main(["config", "validate", "--name", "services.exo", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("services.exo: valid")
+
+
 def test_every_problem_reported():
     with pytest.raises(ConfigError) as info:
         parse_config({"schemaVersion": 1, "apiPort": 70000, "mode": "boss"})

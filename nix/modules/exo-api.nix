@@ -149,26 +149,12 @@ in
         headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress;
     };
 
+    # The rest of the gateway's rules (keys when exposed, TLS pairs, port clashes, backends)
+    # are the config model's, checked when config.json is built (exo-service.nix).
     assertions = mkIf gw.enable [
-      {
-        assertion = loopback || gw.apiKeysFile != null;
-        message = ''services.exo.gateway.listenAddress is ${gw.listenAddress} but apiKeysFile is null: anyone on the network could use EXO. Set services.exo.gateway.apiKeysFile or listen on "127.0.0.1".'';
-      }
-      {
-        assertion = (gw.tlsCertificateFile == null) == (gw.tlsKeyFile == null);
-        message = "services.exo.gateway.tlsCertificateFile and tlsKeyFile must be set together (or neither).";
-      }
       {
         assertion = !(inStore gw.apiKeysFile || inStore gw.tlsKeyFile);
         message = "services.exo.gateway.apiKeysFile and tlsKeyFile must not be in the Nix store (it is world-readable); point them at a secret outside it, e.g. under /run/secrets.";
-      }
-      {
-        assertion = gw.port != cfg.apiPort;
-        message = "services.exo.gateway.port and services.exo.apiPort are both ${toString gw.port}; give the gateway another port.";
-      }
-      {
-        assertion = gw.localBackend || gw.staticBackends != [ ];
-        message = "services.exo.gateway has no backend: set localBackend = true or list staticBackends.";
       }
     ];
 

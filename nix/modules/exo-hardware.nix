@@ -64,15 +64,6 @@ let
       unit = if builtins.elemAt parts 2 == "%" then "%" else lib.toUpper (builtins.elemAt parts 3);
     in
     "${builtins.elemAt parts 0}${unit}";
-  # above zero, and a percentage at most 100 (leading zeros dropped: JSON numbers have none)
-  memoryLimitInRange = text:
-    let
-      parts = memoryLimitParts text;
-      digits = builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0;
-      number = builtins.fromJSON digits;
-    in
-    number > 0 && (builtins.elemAt parts 2 != "%" || number <= 100);
-
   gpuUnits = [ "systemd-modules-load.service" ]
     ++ lib.optional hw.waitForDeviceNodes "systemd-udev-settle.service"
     ++ lib.optional (uses "cuda" && persistenced) "nvidia-persistenced.service";
@@ -180,14 +171,6 @@ in
 
   config = mkIf cfg.enable {
     assertions = [
-      {
-        assertion = hw.memoryLimit == null || memoryLimitInRange hw.memoryLimit;
-        message = ''services.exo.hardware.memoryLimit = "${toString hw.memoryLimit}": a size must be above zero and a percentage above 0% and at most 100%, for example "80%" or "48G".'';
-      }
-      {
-        assertion = lib.all (name: lib.elem name accelerators) (lib.attrNames hw.packages);
-        message = "services.exo.hardware.packages: keys must be among ${lib.concatStringsSep ", " accelerators}.";
-      }
       {
         assertion = hw.packages ? cpu;
         message = ''services.exo.hardware.packages needs a "cpu" variant: EXO falls back to it when no GPU works; set services.exo.hardware.packages.cpu = pkgs.exo-complete.'';

@@ -197,14 +197,6 @@ in
             link-local addresses. Set networking.enableIPv6 = true.'';
         }
         {
-          assertion = net.ringPorts.from <= net.ringPorts.to;
-          message = "services.exo.networking.ringPorts.from (${toString net.ringPorts.from}) is above ringPorts.to (${toString net.ringPorts.to}); swap them.";
-        }
-        {
-          assertion = net.zenohPort != cfg.apiPort;
-          message = "services.exo.networking.zenohPort and services.exo.apiPort are both ${toString cfg.apiPort}; give them different ports.";
-        }
-        {
           assertion = linkLocalOff == { };
           message = ''
             ${lib.concatMapStringsSep ", " (n: "systemd.network.networks.${n}") (builtins.attrNames linkLocalOff)} turns IPv6 link-local addressing off on an EXO cluster interface; EXO's discovery needs it. Set networkConfig.LinkLocalAddressing = "ipv6" (or "yes") there.'';
