@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from exo_nixos import __version__
 from exo_nixos.config import Config, default_config, load_config
-from exo_nixos.preflight import CheckResult, Host, Status, run_checks
+from exo_nixos.hosttree import Tree
+from exo_nixos.preflight import CheckResult, Status, run_checks
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision, Inventory
@@ -163,7 +164,7 @@ def diagnose(
 ) -> Report:
     """``required``: the config was named explicitly, so a missing file is an error."""
     config, source, installed = _load(config_path, required=required)
-    host = Host(root)
+    host = Tree(root)
     from exo_nixos.hardware import detect
 
     inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 from exo_nixos.config import Accelerator, Config, MemoryLimit
 from exo_nixos.fsutil import read_bounded
 from exo_nixos.hardware.model import Disk, Inventory
+from exo_nixos.hosttree import Tree
 from exo_nixos.k3s.credentials import credential_path
 
 GIB = 1 << 30
@@ -56,18 +57,6 @@ def _warn(check: str, reason: str, fix: str) -> CheckResult:
 
 def _fail(check: str, reason: str, fix: str) -> CheckResult:
     return CheckResult(check, Status.FAIL, reason, fix)
-
-
-class Host:
-    """Paths of the host under a root prefix ("/" for the live system)."""
-
-    def __init__(self, root: Path = Path("/")) -> None:
-        self.root = root
-        # this machine's own root: live sockets and the local node belong to the same host
-        self.is_live = root.resolve() == Path("/")
-
-    def path(self, absolute: str | Path) -> Path:
-        return self.root / str(absolute).lstrip("/")
 
 
 # ---------------------------------------------------------------- ports
@@ -128,7 +117,7 @@ def check_ports(config: Config, *, exo_running: bool = False) -> CheckResult:
 # ---------------------------------------------------------------- interface
 
 
-def check_interface(config: Config, host: Host) -> list[CheckResult]:
+def check_interface(config: Config, host: Tree) -> list[CheckResult]:
     """The configured cluster interface, judged as ``exo-nixos net`` judges it."""
     from exo_nixos.network import choose_cluster_interface, inspect
 
@@ -152,7 +141,7 @@ def check_interface(config: Config, host: Host) -> list[CheckResult]:
     return results
 
 
-def check_downloads(config: Config, host: Host) -> list[CheckResult]:
+def check_downloads(config: Config, host: Tree) -> list[CheckResult]:
     """Model downloads on, but the default route on an interface the node unit may not use."""
     net = config.networking
     allowed = net.allowed_interfaces
@@ -224,7 +213,7 @@ def _parents(path: str) -> list[str]:
     return [str(Path(*parts[:depth])) for depth in range(1, len(parts))]
 
 
-def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str, str] | None:
+def _blocked_for(user: str, host: Tree, path: str, *, write: bool) -> tuple[str, str] | None:
     """Where ``user`` is stopped on the way to ``path`` (read, or write with ``write``), and
     how that was judged; None when it gets there.
 
@@ -262,7 +251,7 @@ def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str,
     return None
 
 
-def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckResult:
+def check_directory(spec: DirectorySpec, host: Tree, config: Config) -> CheckResult:
     check = f"directory {spec.path}"
     path = host.path(spec.path)
     try:
@@ -395,14 +384,14 @@ DEVICE_NODES: dict[Accelerator, tuple[str, ...]] = {
 }
 
 
-def _expand(host: Host, pattern: str) -> list[Path]:
+def _expand(host: Tree, pattern: str) -> list[Path]:
     if "*" not in pattern:
         return [host.path(pattern)]
     parent = host.path(os.path.dirname(pattern))
     return sorted(parent.glob(os.path.basename(pattern))) if parent.is_dir() else []
 
 
-def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
+def check_devices(accelerator: Accelerator, host: Tree) -> CheckResult:
     patterns = DEVICE_NODES[accelerator]
     if not patterns:
         return _ok("devices", f"{accelerator} needs no device nodes")
@@ -431,7 +420,7 @@ def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
 # ---------------------------------------------------------------- kubernetes
 
 
-def check_kube_credentials(config: Config, host: Host) -> CheckResult:
+def check_kube_credentials(config: Config, host: Tree) -> CheckResult:
     """Credentials of the K3s registrar. EXO itself runs without them, so problems only warn."""
     k3s = config.k3s
     if not k3s.integration:
@@ -476,7 +465,7 @@ def check_kube_credentials(config: Config, host: Host) -> CheckResult:
 
 def run_checks(
     config: Config,
-    host: Host,
+    host: Tree,
     inventory: Inventory,
     accelerator: Accelerator,
     *,

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _capture(dest: Path, root: Path) -> int:
     from exo_nixos.errors import UserError
-    from exo_nixos.network.sysfs import capture
+    from exo_nixos.network.capture import capture
 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"--capture {dest}: exists and is not an empty directory; name a new one")

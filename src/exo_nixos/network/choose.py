@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from exo_nixos.basetypes import EXO_DISCOVERY_PORT
-from exo_nixos.network.sysfs import Interface, NetInventory
+from exo_nixos.network.model import Interface, NetInventory
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
