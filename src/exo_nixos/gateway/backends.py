@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from exo_nixos import exoapi
 from exo_nixos.exoapi import NodeView, url_for
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.hysteresis import UpDown
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Backend:
     expected_node_id: str | None = None
     healthy: bool = False
     reported: bool | None = None  # the state last logged; None before the first
-    failures: int = 0
+    probes: UpDown = field(kw_only=True)  # limit: the pool's healthCheck.failures
     inflight: int = 0
     _index: int = field(default=0, repr=False)
 
@@ -103,8 +104,10 @@ class BackendPool:
         self.failure_threshold = failures
         self.metrics = metrics
         self._probe = probe
-        self.local: Backend | None = Backend([local_url], "local") if local_url else None
-        self.static = [Backend([url], "static") for url in dict.fromkeys(static_urls)]
+        self.local = Backend([local_url], "local", probes=UpDown(failures)) if local_url else None
+        self.static = [
+            Backend([url], "static", probes=UpDown(failures)) for url in dict.fromkeys(static_urls)
+        ]
         self.peers: dict[str, Backend] = {}
         self._turn = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +137,7 @@ class BackendPool:
 
     def mark_failed(self, backend: Backend, reason: str) -> None:
         """A request could not reach the backend: it is down until a probe passes."""
-        backend.failures = max(backend.failures, self.failure_threshold)
+        backend.probes.give_up()
         self._set_health(backend, False, reason)
         if len(backend.urls) > 1:
             backend.next_address()
@@ -177,14 +180,14 @@ class BackendPool:
                 wrong_node = True
                 view = None
         if not reason:
-            backend.failures = 0
+            backend.probes.passed()
             self._set_health(backend, True, "")
         else:
-            backend.failures += 1
+            backend.probes.failed_probe()
             # down: another node answered, enough probes failed, or it never was up (the
             # first failure says why, once)
             never_up = backend.reported is None
-            if wrong_node or never_up or backend.failures >= self.failure_threshold:
+            if wrong_node or never_up or backend.probes.failing:
                 self._set_health(backend, False, reason)
             if not backend.healthy and len(backend.urls) > 1:
                 backend.next_address()
@@ -237,7 +240,13 @@ class BackendPool:
             current = self.peers.get(peer.node_id)
             if current is None:
                 log.info("peer %s found at %s", peer.node_id, ", ".join(urls))
-                backend = Backend(urls, "peer", node_id=peer.node_id, expected_node_id=peer.node_id)
+                backend = Backend(
+                    urls,
+                    "peer",
+                    node_id=peer.node_id,
+                    expected_node_id=peer.node_id,
+                    probes=UpDown(self.failure_threshold),
+                )
                 self.peers[peer.node_id] = backend
                 self._publish(backend)
                 new.append(backend)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import aiohttp
 
 from exo_nixos import exoapi
+from exo_nixos.hysteresis import UpDown
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.snapshot import SnapshotStore, Topology
@@ -73,8 +74,8 @@ class Settings:
 
 @dataclass
 class _State:
+    health: UpDown  # the probes after ready: UNHEALTHY while failing
     ready: bool = False
-    failed_probes: int = 0
     stopping: bool = False
     last: Topology | None = None
     node_id: str | None = None  # from EXO's "Starting node ID" line
@@ -224,7 +225,7 @@ class Supervisor:
         self.hint_dir = hint_dir
         self.output = output if output is not None else sys.stderr.buffer
         self.links: LinkSource | None = None
-        self.state = _State()
+        self.state = _State(UpDown(settings.failures))
         self.child: Child | None = None
         self._kill_task: asyncio.Task[None] | None = None
 
@@ -433,17 +434,18 @@ class Supervisor:
             if not self.state.ready:
                 log.debug("not ready yet: %s", reason)
                 return False
-            self.state.failed_probes += 1
-            level = logging.ERROR if self.state.failed_probes >= s.failures else logging.WARNING
-            log.log(level, "health probe %d failed: %s", self.state.failed_probes, reason)
-            if self.state.failed_probes >= s.failures:
+            health = self.state.health
+            health.failed_probe()
+            level = logging.ERROR if health.failing else logging.WARNING
+            log.log(level, "health probe %d failed: %s", health.failed, reason)
+            if health.failing:
                 self.notifier.status(
-                    f"{s.role}; UNHEALTHY: {self.state.failed_probes} failed probes ({reason})"
+                    f"{s.role}; UNHEALTHY: {health.failed} failed probes ({reason})"
                 )
             return False
-        if self.state.failed_probes:
-            log.info("EXO healthy again after %d failed probes", self.state.failed_probes)
-        self.state.failed_probes = 0
+        if self.state.health.failed:
+            log.info("EXO healthy again after %d failed probes", self.state.health.failed)
+        self.state.health.passed()
         self._record(topo)
         self.state.problem = view.problems[0] if view.problems else None
         if self.state.ready:
