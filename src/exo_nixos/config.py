@@ -47,6 +47,7 @@ from exo_nixos.basetypes import (
     check,
 )
 from exo_nixos.errors import ConfigError, describe_value
+from exo_nixos.fsutil import os_reason
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -577,8 +578,7 @@ def load_config(path: str | Path, name: str | None = None) -> Config:
             "elsewhere pass --config FILE"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{source}: cannot read the config file: {reason}") from None
+        raise ConfigError(f"{source}: cannot read the config file: {os_reason(exc)}") from None
     try:
         document = jsonio.loads(text)
     except ValueError as exc:

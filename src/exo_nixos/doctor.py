@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exo_nixos import __version__
+from exo_nixos.addresses import local_api_url
 from exo_nixos.config import Config, default_config, load_config
 from exo_nixos.hosttree import Tree
 from exo_nixos.preflight import CheckResult, Status, run_checks
@@ -145,7 +146,7 @@ def _node_section(config: Config) -> tuple[Section, bool]:
     """The local node's section, and whether this node's EXO answers (holds its ports)."""
     from exo_nixos.nodehealth import Target, Verdict, assess
 
-    url = f"http://127.0.0.1:{config.api_port}"
+    url = local_api_url(config.api_port)
     report = assess(Target(url, NODE_PROBE_TIMEOUT_S))
     section = Section("EXO node", f"{report.verdict.value} at {url}")
     if report.view is not None:

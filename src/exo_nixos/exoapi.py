@@ -35,11 +35,12 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from exo_nixos import jsonio
+from exo_nixos.addresses import local_api_url, multiaddr, url_for
 from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.errors import UserError, describe_value
 from exo_nixos.fsutil import atomic_write
 
-DEFAULT_URL = f"http://127.0.0.1:{EXO_API_PORT}"
+DEFAULT_URL = local_api_url(EXO_API_PORT)
 MASTER_HINT_FILE = "master.json"
 
 _T = TypeVar("_T")
@@ -268,9 +269,6 @@ def _untag(value: Any) -> tuple[str, Mapping[str, Any]] | None:
     return "", value
 
 
-_MULTIADDR = re.compile(r"^/(ip4|ip6|dns4?|dns6)/([^/]+)(?:/tcp/(\d{1,5}))?")
-
-
 def _edge_endpoint(edge: Any) -> tuple[str, int | None] | None:
     """``(ip, port)`` of a socket edge's ``sinkMultiaddr``; ``None`` for RDMA or unknown."""
     if not isinstance(edge, Mapping):
@@ -280,21 +278,14 @@ def _edge_endpoint(edge: Any) -> tuple[str, int | None] | None:
         addr = {"address": addr}
     if not isinstance(addr, Mapping):
         return None
-    match = _MULTIADDR.match(str(addr.get("address", "")))
-    if match:
-        return match.group(2), int(match.group(3)) if match.group(3) else None
+    found = multiaddr(str(addr.get("address", "")))
+    if found:
+        return found[1], found[2]
     ip = addr.get("ip_address", addr.get("ipAddress"))
     port = addr.get("port")
     if isinstance(ip, str) and ip:
         return ip, port if isinstance(port, int) else None
     return None
-
-
-def url_for(host: str, port: int, scheme: str = "http") -> str:
-    """``scheme://host:port``, an IPv6 address in brackets (``http://[::1]:52417``): every
-    URL built from an address and a port goes through here."""
-    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"{scheme}://{bracketed}:{port}"
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:

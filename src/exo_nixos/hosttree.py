@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
-from exo_nixos.fsutil import read_bounded
+from exo_nixos.fsutil import os_reason, read_bounded
 
 # path -> how it was used: "file" (its content), "link" (its target) or "exists"
 Record = dict[Path, str]
@@ -82,8 +82,7 @@ class Tree:
             self.warn(f"{self.shown(absolute)}: not text (garbled); ignored")
             return None
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            self.warn(f"{self.shown(absolute)}: unreadable ({reason}); ignored")
+            self.warn(f"{self.shown(absolute)}: unreadable ({os_reason(exc)}); ignored")
             return None
 
     def line(self, absolute: str, *, expected: bool = False) -> str | None:
@@ -125,8 +124,7 @@ class Tree:
         except OSError as exc:
             if not path.exists():
                 return None
-            reason = exc.strerror or type(exc).__name__
-            self.warn(f"{self.shown(absolute)}: not a readable symlink ({reason}); ignored")
+            self.warn(f"{self.shown(absolute)}: not a readable symlink ({os_reason(exc)}); ignored")
             return None
         name = os.path.basename(target.rstrip("/"))
         return name or None
@@ -144,8 +142,7 @@ class Tree:
                 self.warn(f"{self.shown(absolute)}: missing")
             return []
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            self.warn(f"{self.shown(absolute)}: cannot list ({reason}); ignored")
+            self.warn(f"{self.shown(absolute)}: cannot list ({os_reason(exc)}); ignored")
             return []
         for name in names:
             self._used(f"{absolute.rstrip('/')}/{name}", "exists")

@@ -22,8 +22,8 @@ from exo_nixos.fsutil import read_bounded
 from exo_nixos.hardware.model import Disk, Inventory
 from exo_nixos.hosttree import Tree
 from exo_nixos.k3s.credentials import credential_path
+from exo_nixos.units import GIB, gib
 
-GIB = 1 << 30
 DISK_FAIL_BYTES = 2 * GIB
 DISK_WARN_BYTES = 50 * GIB
 
@@ -336,7 +336,7 @@ def check_disk(config: Config, disk: Disk | None) -> CheckResult:
     if disk is None:
         return _warn("disk", f"cannot find {config.effective_models_dir}", "create the model dir")
     free = disk.free_bytes
-    text = f"{free / GIB:.1f} GiB free for models in {config.effective_models_dir}"
+    text = f"{gib(free)} free for models in {config.effective_models_dir}"
     if free < DISK_FAIL_BYTES:
         return _fail("disk", text, "free space or set modelsDir to a larger filesystem")
     if free < DISK_WARN_BYTES:
@@ -354,7 +354,7 @@ def check_memory(config: Config, total: int | None) -> CheckResult:
         return _warn("memory", "cannot read MemTotal from /proc/meminfo", "check /proc is mounted")
     text = config.hardware.memory_limit
     if text is None:
-        return _ok("memory", f"no memoryLimit; EXO may use all {total / GIB:.1f} GiB")
+        return _ok("memory", f"no memoryLimit; EXO may use all {gib(total)}")
     limit = MemoryLimit.parse(text).resolve(total)
     if limit < MEMORY_LIMIT_FLOOR_BYTES:
         return _fail(
@@ -367,11 +367,10 @@ def check_memory(config: Config, total: int | None) -> CheckResult:
     if limit > total:
         return _fail(
             "memory",
-            f"hardware.memoryLimit {text} ({limit / GIB:.1f} GiB) exceeds physical memory "
-            f"({total / GIB:.1f} GiB)",
+            f"hardware.memoryLimit {text} ({gib(limit)}) exceeds physical memory ({gib(total)})",
             "lower hardware.memoryLimit or give it as a percentage",
         )
-    return _ok("memory", f"memoryLimit {text} = {limit / GIB:.1f} GiB of {total / GIB:.1f} GiB")
+    return _ok("memory", f"memoryLimit {text} = {gib(limit)} of {gib(total)}")
 
 
 # ---------------------------------------------------------------- devices

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.rootarg import add_root_argument, checked_root
+from exo_nixos.fsutil import os_reason
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -86,7 +87,7 @@ def _capture(dest: Path, root: Path) -> int:
     try:
         inv, written = capture(dest, root)
     except OSError as exc:
-        raise UserError(f"--capture {dest}: cannot write: {exc.strerror or exc}") from None
+        raise UserError(f"--capture {dest}: cannot write: {os_reason(exc)}") from None
     names = ", ".join(i.name for i in inv.interfaces) or "no interfaces"
     print(
         f"captured {written} files ({names}) to {dest}; read it with: exo-nixos net --root {dest}"

@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from exo_nixos import exoapi
-from exo_nixos.exoapi import NodeView, url_for
+from exo_nixos.addresses import multiaddr, url_for
+from exo_nixos.exoapi import NodeView
 from exo_nixos.gateway.metrics import GatewayMetrics
 from exo_nixos.hysteresis import UpDown
 
@@ -40,8 +41,8 @@ def address_host(address: str) -> str | None:
     need an interface scope the gateway cannot know)."""
     text = address.strip()
     if text.startswith("/"):
-        parts = text.split("/")
-        text = parts[2] if len(parts) > 2 and parts[1] in {"ip4", "ip6"} else ""
+        found = multiaddr(text)
+        text = found[1] if found and found[0] in {"ip4", "ip6"} else ""
     elif text.startswith("["):
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
