@@ -69,7 +69,12 @@ let
     ++ lib.optional (uses "cuda" && persistenced) "nvidia-persistenced.service";
 in
 {
-  imports = [ ./exo-service.nix ];
+  imports = [
+    ./exo-service.nix
+    # upstream EXO has no ROCm backend, so the override could only warn that it did nothing
+    (lib.mkRemovedOptionModule [ "services" "exo" "hardware" "rocmGfxOverride" ] ''
+      Upstream EXO has no ROCm backend, so HSA_OVERRIDE_GFX_VERSION never reached a GPU. For an EXO build that has one, set services.exo.environmentVariables.HSA_OVERRIDE_GFX_VERSION.'')
+  ];
 
   options.services.exo.hardware = {
     autoDetect = mkOption {
@@ -161,12 +166,6 @@ in
       '';
     };
 
-    rocmGfxOverride = mkOption {
-      type = types.nullOr exoTypes.gfxVersion;
-      default = null;
-      example = "10.3.0";
-      description = "`HSA_OVERRIDE_GFX_VERSION` for AMD cards ROCm does not recognise as-is.";
-    };
   };
 
   config = mkIf cfg.enable {
@@ -190,15 +189,13 @@ in
         services.exo.hardware: upstream EXO has no ROCm backend, so AMD GPUs are not used and EXO runs on the CPU; the rocm settings only take effect with an EXO build that has one.''
       ++ lib.optional (uses "mlx") ''
         services.exo.hardware: MLX's GPU backend needs Metal (macOS); on NixOS the mlx accelerator is never available and EXO runs on the CPU. Remove it from preferredAccelerator and packages.''
-      ++ lib.optional (hw.rocmGfxOverride != null && !(uses "rocm")) ''
-        services.exo.hardware.rocmGfxOverride has no effect: no rocm variant is installed or preferred.''
       ++ lib.optional (hw.visibleDevices != null && !(uses "cuda" || uses "rocm")) ''
         services.exo.hardware.visibleDevices has no effect: no cuda or rocm variant is installed or preferred.'';
 
     services.exo.hardware.packages.cpu = mkDefault cfg.package;
 
     services.exo.configDocument.hardware = {
-      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride
+      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices
         cudaMinimumDriver cudaMinimumComputeCapability;
       packages = lib.mapAttrs (_: toString) hw.packages;
     };
