@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import aiohttp
 
 from exo_nixos import exoapi
+from exo_nixos.fsutil import os_reason
 from exo_nixos.hysteresis import UpDown
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
@@ -246,6 +247,28 @@ class Supervisor:
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._announce()
+        for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.notifier.status(self._status(None))
+        log.info("starting %s", " ".join(self.launch.argv))
+        child = Child(self._pass_on)
+        failed = await self._spawn(loop, child)
+        if failed is not None:
+            return failed
+        self.child = child
+        if self.state.stopping:  # asked to stop while EXO was being started
+            self._on_signal(signal.SIGTERM, again=True)
+        status = exit_status(await self._supervise(loop, child))
+        if self.state.stopping:
+            log.info("EXO stopped (status %d)", status)
+        else:
+            log.error("EXO exited unexpectedly with status %d", status)
+            self.notifier.status(f"EXO exited with status {status}")
+        return status
+
+    def _announce(self) -> None:
+        """Log the accelerator decision and the topology the last run saw."""
         sel = self.launch.selection
         if sel.fallback:
             log.warning("accelerator fallback: %s", sel.fallback)
@@ -262,11 +285,9 @@ class Supervisor:
                     previous.topology.master_id,
                     peers,
                 )
-        for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        self.notifier.status(self._status(None))
-        log.info("starting %s", " ".join(self.launch.argv))
-        child = Child(self._pass_on)
+
+    async def _spawn(self, loop: asyncio.AbstractEventLoop, child: Child) -> int | None:
+        """Start EXO as ``child``; None once started, else the exit status to give."""
         try:
             await loop.subprocess_exec(
                 lambda: child,
@@ -280,17 +301,18 @@ class Supervisor:
         except (OSError, ValueError) as exc:  # ValueError: a NUL or '=' where execve refuses it
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
-            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            reason = os_reason(exc)
             log.error("cannot start %s: %s", self.launch.argv[0], reason)
             self.notifier.status(f"cannot start EXO: {reason}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        self.child = child
-        if self.state.stopping:  # asked to stop while EXO was being started
-            self._on_signal(signal.SIGTERM, again=True)
+        return None
+
+    async def _supervise(self, loop: asyncio.AbstractEventLoop, child: Child) -> int:
+        """Probe EXO and watch the links until it exits; then clean up. EXO's return code."""
         health = asyncio.create_task(self._health_loop())
         links = await self._start_links()
         try:
-            returncode = await asyncio.shield(child.exited)
+            return await asyncio.shield(child.exited)
         finally:
             if links is not None:
                 with contextlib.suppress(Exception):
@@ -307,13 +329,6 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(child.output_closed), DRAIN_TIMEOUT)
             child.close()
-        status = exit_status(returncode)
-        if self.state.stopping:
-            log.info("EXO stopped (status %d)", status)
-        else:
-            log.error("EXO exited unexpectedly with status %d", status)
-            self.notifier.status(f"EXO exited with status {status}")
-        return status
 
     # -- signals ----------------------------------------------------------------------------
 
