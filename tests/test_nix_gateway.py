@@ -117,6 +117,13 @@ def test_connection_timeouts_and_limit_reach_the_config_document():
     for bad in ({"keepAliveTimeoutSec": 0}, {"maxConnectionsPerAddress": 0}):
         with pytest.raises(NixEvalError, match=next(iter(bad))):
             evaluate(exo(gateway=bad))
+    # the bounds are the model's alone, judged when config.json is built
+    for bad, message in (
+        ({"keepAliveTimeoutSec": 3601}, "keepAliveTimeoutSec: 3601: Input should be less"),
+        ({"maxConnectionsPerAddress": 65536}, "maxConnectionsPerAddress: 65536: Input should"),
+    ):
+        with pytest.raises(NixBuildError, match=message):
+            evaluate(exo(gateway=bad))
 
 
 def test_a_key_file_in_the_store_fails_evaluation_with_the_fix():
@@ -162,7 +169,7 @@ def test_bad_types_are_refused():
     # a proxied route without a key would open EXO's API to everyone
     with pytest.raises(NixEvalError, match="publicPaths"):
         evaluate(exo(gateway={"publicPaths": ["/v1/chat/completions"]}))
-    with pytest.raises(NixEvalError, match="maxBodyBytes"):
+    with pytest.raises(NixBuildError, match="maxBodyBytes: 2199023255552: Input should be less"):
         evaluate(exo(gateway={"maxBodyBytes": 2 << 40}))
 
 

@@ -17,6 +17,8 @@ in
 {
   imports = [ ./exo-service.nix ];
 
+  # Types say what kind of value; the bounds (body size, timeouts, connections) are the config
+  # model's, checked when config.json is built.
   options.services.exo.gateway = {
     enable = mkOption {
       type = types.bool;
@@ -81,7 +83,7 @@ in
       '';
     };
     maxBodyBytes = mkOption {
-      type = types.ints.between 1024 (1024 * 1024 * 1024);
+      type = types.ints.positive;
       default = 67108864;
       description = "Largest request body accepted (the gateway buffers it, so at most 1 GiB); larger requests are answered with 413.";
     };
@@ -99,7 +101,7 @@ in
       '';
     };
     headerReadTimeoutSec = mkOption {
-      type = types.numbers.between 0.001 3600;
+      type = types.numbers.positive;
       default = 10;
       description = ''
         Seconds a new client connection may take to send its first request's headers (and,
@@ -107,7 +109,7 @@ in
       '';
     };
     keepAliveTimeoutSec = mkOption {
-      type = types.numbers.between 0.001 3600;
+      type = types.numbers.positive;
       default = 30;
       description = ''
         Seconds a client connection may stay idle after a response, or keep a request's
@@ -115,7 +117,7 @@ in
       '';
     };
     streamIdleTimeoutSec = mkOption {
-      type = types.numbers.between 0.001 86400;
+      type = types.numbers.positive;
       default = 300;
       description = ''
         Seconds a response being passed on may go without data from the backend, or without
@@ -124,7 +126,7 @@ in
       '';
     };
     maxConnectionsPerAddress = mkOption {
-      type = types.ints.between 1 65535;
+      type = types.ints.positive;
       default = 256;
       description = ''
         Client connections open at once from one IP address; further ones are closed at once

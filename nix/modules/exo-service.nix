@@ -199,7 +199,8 @@ in
         description = "Seconds a probe may take before it counts as failed.";
       };
       failures = mkOption {
-        type = types.ints.between 1 100;
+        # at most 100: the config model's bound, checked when config.json is built
+        type = types.ints.positive;
         default = 3;
         description = "Consecutive failed probes before the node counts as down.";
       };

@@ -12,16 +12,8 @@ import ipaddress
 from pathlib import Path
 
 from exo_nixos.hosttree import Tree
-from exo_nixos.network.model import (
-    Bond,
-    BondSlave,
-    Interface,
-    IPv6Address,
-    NetInventory,
-    RdmaDevice,
-    RdmaPort,
-    Thunderbolt,
-)
+from exo_nixos.network import model
+from exo_nixos.network.model import Interface, IPv6Address
 
 # include/uapi/linux/if.h
 IFF_UP = 0x1
@@ -160,13 +152,13 @@ def _proc_bonding(text: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]
     return slaves, bond
 
 
-def _bond(tree: Tree, name: str, interfaces: dict[str, Interface]) -> Bond:
+def _bond(tree: Tree, name: str, interfaces: dict[str, Interface]) -> model.Bond:
     bonding = f"{NET}/{name}/bonding"
     proc_slaves, proc_bond = _proc_bonding(tree.line(f"/proc/net/bonding/{name}") or "")
     mode_text = tree.line(f"{bonding}/mode") or proc_bond.get("Bonding Mode", "")
     mode = _mode_name(mode_text)
     names = (tree.line(f"{bonding}/slaves") or "").split() or list(proc_slaves)
-    slaves: list[BondSlave] = []
+    slaves: list[model.BondSlave] = []
     for slave in names:
         sdir = f"{NET}/{slave}/bonding_slave"
         proc = proc_slaves.get(slave, {})
@@ -175,7 +167,7 @@ def _bond(tree: Tree, name: str, interfaces: dict[str, Interface]) -> Bond:
         if speed is None:
             speed = _parse_speed(proc.get("Speed"))
         slaves.append(
-            BondSlave(
+            model.BondSlave(
                 name=slave,
                 mii_status=tree.line(f"{sdir}/mii_status") or proc.get("MII Status"),
                 state=tree.line(f"{sdir}/state") or proc.get("State") or None,
@@ -190,7 +182,7 @@ def _bond(tree: Tree, name: str, interfaces: dict[str, Interface]) -> Bond:
     active = tree.line(f"{bonding}/active_slave") or proc_bond.get("Currently Active Slave")
     if active in {"None", ""}:
         active = None
-    return Bond(
+    return model.Bond(
         name=name,
         mode=mode,
         mii_status=tree.line(f"{bonding}/mii_status") or proc_bond.get("MII Status"),
@@ -238,16 +230,16 @@ def _parse_speed(text: str | None) -> int | None:
     return value if value > 0 else None
 
 
-def _rdma(tree: Tree) -> list[RdmaDevice]:
+def _rdma(tree: Tree) -> list[model.RdmaDevice]:
     base = "/sys/class/infiniband"
     uverbs = {}
     for node in tree.listdir("/sys/class/infiniband_verbs"):
         ibdev = tree.line(f"/sys/class/infiniband_verbs/{node}/ibdev")
         if ibdev:
             uverbs[ibdev] = node
-    devices: list[RdmaDevice] = []
+    devices: list[model.RdmaDevice] = []
     for name in tree.listdir(base):
-        ports: list[RdmaPort] = []
+        ports: list[model.RdmaPort] = []
         netdevs: list[str] = list(tree.listdir(f"{base}/{name}/device/net"))
         for port in tree.listdir(f"{base}/{name}/ports"):
             if not port.isdigit():
@@ -257,7 +249,7 @@ def _rdma(tree: Tree) -> list[RdmaDevice]:
             if netdev and netdev not in netdevs:
                 netdevs.append(netdev)
             ports.append(
-                RdmaPort(
+                model.RdmaPort(
                     number=int(port),
                     state=_state_word(tree.line(f"{pdir}/state")),
                     phys_state=_state_word(tree.line(f"{pdir}/phys_state")),
@@ -268,7 +260,7 @@ def _rdma(tree: Tree) -> list[RdmaDevice]:
             )
         node_type = _state_word(tree.line(f"{base}/{name}/node_type"))
         devices.append(
-            RdmaDevice(
+            model.RdmaDevice(
                 name=name,
                 node_type=node_type,
                 ports=tuple(sorted(ports, key=lambda p: p.number)),
@@ -286,7 +278,7 @@ def _state_word(text: str | None) -> str | None:
     return text.partition(":")[2].strip() or text.strip()
 
 
-def _thunderbolt(tree: Tree, interfaces: list[Interface]) -> Thunderbolt:
+def _thunderbolt(tree: Tree, interfaces: list[Interface]) -> model.Thunderbolt:
     bus = "/sys/bus/thunderbolt"
     devices = []
     for dev in tree.listdir(f"{bus}/devices"):
@@ -294,7 +286,7 @@ def _thunderbolt(tree: Tree, interfaces: list[Interface]) -> Thunderbolt:
         if dname:
             vendor = tree.line(f"{bus}/devices/{dev}/vendor_name")
             devices.append(f"{dev}: {vendor + ' ' if vendor else ''}{dname}")
-    return Thunderbolt(
+    return model.Thunderbolt(
         bus_present=tree.is_dir(bus),
         net_driver_loaded=tree.is_dir(f"{bus}/drivers/{THUNDERBOLT_NET_DRIVER}"),
         devices=tuple(devices),
@@ -302,7 +294,7 @@ def _thunderbolt(tree: Tree, interfaces: list[Interface]) -> Thunderbolt:
     )
 
 
-def inspect(root: Path = Path("/")) -> NetInventory:
+def inspect(root: Path = Path("/")) -> model.NetInventory:
     """Everything EXO's networking depends on, read below ``root``."""
     tree = Tree(root)
     ipv6 = read_if_inet6(tree)
@@ -317,7 +309,7 @@ def inspect(root: Path = Path("/")) -> NetInventory:
         notes.append(f"no network interfaces under {tree.path(NET)}")
     if not tree.exists("/proc/net/if_inet6"):
         notes.append("IPv6 is not available (no /proc/net/if_inet6): EXO's discovery needs it")
-    return NetInventory(
+    return model.NetInventory(
         root=str(root),
         interfaces=tuple(interfaces),
         bonds=tuple(_bond(tree, b, by_name) for b in bond_names),
