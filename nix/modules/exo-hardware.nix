@@ -4,7 +4,6 @@ let
   inherit (lib) mkOption mkIf mkDefault types literalExpression;
   cfg = config.services.exo;
   hw = cfg.hardware;
-  accelerators = [ "cuda" "rocm" "mlx" "cpu" ];
 
   # Accelerators whose EXO variant is installed: the runtime decision (exo-nixos detect)
   # picks one of them at every start, so the node unit gets the device access of each, and
@@ -87,7 +86,7 @@ in
     };
 
     preferredAccelerator = mkOption {
-      type = types.nullOr (types.enum accelerators);
+      type = types.nullOr exoTypes.accelerator;
       default = null;
       example = "cuda";
       description = ''

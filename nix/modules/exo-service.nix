@@ -86,7 +86,7 @@ in
     };
 
     mode = mkOption {
-      type = types.enum [ "master" "worker" "auto" ];
+      type = exoTypes.mode;
       default = "auto";
       example = "master";
       description = ''
@@ -125,7 +125,7 @@ in
     };
 
     logLevel = mkOption {
-      type = types.enum [ "error" "warning" "info" "debug" ];
+      type = exoTypes.logLevel;
       default = "info";
       description = "Log level of the supervisor; `debug` also makes EXO verbose (`-v`).";
     };

@@ -5,6 +5,9 @@
 let
   inherit (lib) types;
   patterns = lib.importJSON ../../../src/exo_nixos/patterns.json;
+  # the JSON Schema the config model generates (a test keeps it current): its enums are the
+  # option types' values, so the model's lists are written once
+  schema = lib.importJSON ../../../docs/config.schema.json;
   # a string of the syntax `name`, and none of the values it reserves
   matching =
     name:
@@ -25,6 +28,9 @@ in
 lib.genAttrs (lib.filter (n: !lib.hasPrefix "_" n) (builtins.attrNames patterns)) matching
 // {
   inherit patterns;
+  accelerator = types.enum schema."$defs".Accelerator.enum;
+  mode = types.enum schema."$defs".Mode.enum;
+  logLevel = types.enum schema.properties.logLevel.enum;
   # judged by the config model (Python's ipaddress) when config.json is built: one judge
   ipAddress = types.str // {
     name = "ipAddress";
