@@ -289,3 +289,19 @@ def test_environment_variable_names_execve_refuses_fail_the_config_check():
         refused.value
     )
     assert "'OK'" not in str(refused.value)
+
+
+def test_the_modules_defaults_are_the_models():
+    """Every value the module writes by default is the model's own default (the module's
+    option defaults are the one place the two could disagree), so a host with only
+    `services.exo.enable` runs as a hand-written `{"schemaVersion": 1}` would."""
+    from exo_nixos.config import default_config
+
+    written = parse_config(
+        evaluate({"services": {"exo": {"enable": True}}})["etc"]["exo/config.json"]
+    )
+    module, model = written.to_json(), default_config().to_json()
+    # what only the module can know: the installed variants and what they need
+    for key in ("packages", "cudaMinimumDriver", "cudaMinimumComputeCapability"):
+        module["hardware"].pop(key), model["hardware"].pop(key)
+    assert module == model
