@@ -144,12 +144,9 @@ in
   };
 
   config = mkIf cfg.enable {
-    services.exo.configDocument.gateway = {
-      inherit (gw)
-        enable listenAddress port apiKeysFile tlsCertificateFile tlsKeyFile publicPaths
-        staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec
-        headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress;
-    };
+    # every option is a key of the contract but the firewall's (the config check refuses a
+    # key the model does not know, so an option cannot be forgotten on either side)
+    services.exo.configDocument.gateway = removeAttrs gw [ "openFirewall" ];
 
     # The rest of the gateway's rules (keys when exposed, TLS pairs, port clashes, backends)
     # are the config model's, checked when config.json is built (exo-service.nix).

@@ -193,11 +193,11 @@ in
 
     services.exo.hardware.packages.cpu = mkDefault cfg.package;
 
-    services.exo.configDocument.hardware = {
-      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices
-        cudaMinimumDriver cudaMinimumComputeCapability;
-      packages = lib.mapAttrs (_: toString) hw.packages;
-    };
+    # every option is a key of the contract but those only this module uses (and the retired
+    # one, whose value cannot be read); packages as their store paths
+    services.exo.configDocument.hardware =
+      removeAttrs hw [ "waitForDeviceNodes" "rocmGfxOverride" ]
+      // { packages = lib.mapAttrs (_: toString) hw.packages; };
 
     # nixpkgs' NVIDIA module lists nvidia-uvm in boot.kernelModules, loaded by
     # systemd-modules-load.service; units that start earlier find no /dev/nvidia-uvm.

@@ -118,11 +118,8 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      services.exo.configDocument.k3s = {
-        inherit (k3s)
-          integration serviceDiscovery namespace serviceAccount serviceName kubeconfigFile tokenFile
-          caFile apiServer nodeName nodeAddress allowedNamespaces;
-      };
+      # every option is a key of the contract
+      services.exo.configDocument.k3s = k3s;
     }
 
     (mkIf k3s.integration {

@@ -179,11 +179,9 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      services.exo.configDocument.networking = {
-        inherit (net)
-          bondInterface extraInterfaces backupInterface downloadInterfaces restrictInterfaces
-          discoveryPort zenohPort ringPorts networkNamespace;
-      }
+      # every option is a key of the contract but those only this module uses
+      services.exo.configDocument.networking =
+        removeAttrs net [ "openFirewall" "rdmaDeviceAccess" "socketBufferSize" "rdmaEnabled" ]
       # only when set: the tool warns about RDMA hardware a host lacks only if it was asked for
       // lib.optionalAttrs (options.services.exo.networking.rdmaEnabled.highestPrio < 1500) {
         inherit (net) rdmaEnabled;
