@@ -305,3 +305,19 @@ def test_the_modules_defaults_are_the_models():
     for key in ("packages", "cudaMinimumDriver", "cudaMinimumComputeCapability"):
         module["hardware"].pop(key), model["hardware"].pop(key)
     assert module == model
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"healthCheck": {"intervalSec": 4000}}, "healthCheck.intervalSec: 4000: Input should be"),
+        (
+            {"gateway": {"connectTimeoutSec": 700}},
+            "gateway.connectTimeoutSec: 700: Input should be",
+        ),
+    ],
+)
+def test_values_the_types_let_through_but_the_model_refuses_fail_the_build(settings, message):
+    """Before the build check these evaluated and the node then refused its config at start."""
+    with pytest.raises(NixBuildError, match=message):
+        evaluate({"services": {"exo": {"enable": True, **settings}}})
