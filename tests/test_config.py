@@ -307,7 +307,7 @@ def test_addresses_and_the_json_form():
 
 # Each rule the NixOS module once asserted as well, now judged by the model alone (the module
 # builds config.json through `config validate`): the model must refuse every such document.
-MODULE_RULES = {
+MODULE_RULES: dict[str, tuple[dict[str, Any], str]] = {
     "noWorker without master": (
         {"mode": "worker", "noWorker": True},
         "noWorker is only meaningful with mode 'master': set mode to 'master'",
