@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,11 @@ class NixEvalError(Exception):
     """nix-instantiate failed; the message is its stderr."""
 
 
+class NixBuildError(Exception):
+    """A derivation's command failed, as ``nixos-rebuild build`` would; the message is its
+    stderr."""
+
+
 def instantiate(expr: str) -> subprocess.CompletedProcess[str]:
     """``nix-instantiate --eval --strict --json`` of ``expr``; relative paths from the repo root."""
     return subprocess.run(
@@ -78,7 +85,65 @@ def evaluate(module: str | dict[str, Any]) -> dict[str, Any]:
     if result.returncode != 0:
         raise NixEvalError(result.stderr.strip())
     data: dict[str, Any] = json.loads(result.stdout)
+    data["etc"] = {
+        target: build(content["__build"])
+        if isinstance(content, dict) and "__build" in content
+        else content
+        for target, content in data.get("etc", {}).items()
+    }
     return data
+
+
+# The packages a stub build may run, as commands of this checkout (PYTHONPATH carries over).
+TOOLS = {"exo-nixos": f'exec {shlex.quote(sys.executable)} -m exo_nixos "$@"'}
+
+
+def build(recipe: dict[str, Any]) -> Any:
+    """Build a stub ``runCommand`` derivation (nix/tests/eval.nix's recipe) as stdenv does:
+    its environment exported (a derivation as its output path: a generated file written out,
+    a tool of ``nativeBuildInputs`` on PATH), its command run by bash with errexit and
+    ``$out`` to write. A failing command is a NixBuildError; the result is the output's
+    content (decoded JSON for a ``.json``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bin_dir = root / "bin"
+        bin_dir.mkdir()
+        env = {
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            "HOME": "/homeless-shelter",
+            "out": str(root / "out"),
+        }
+        for name, given in recipe["env"].items():
+            value = given
+            if name == "nativeBuildInputs":
+                for package in value:
+                    script = bin_dir / package["package"]
+                    script.write_text(f"#!/bin/sh\n{TOOLS[package['package']]}\n")
+                    script.chmod(0o755)
+                continue
+            if isinstance(value, dict) and "generated" in value:
+                path = root / f"input-{name}"
+                generated = value["generated"]
+                text = generated if isinstance(generated, str) else json.dumps(generated, indent=2)
+                path.write_text(text)
+                value = str(path)
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"{recipe['name']}: the stub build cannot provide {name}")
+            # stdenv: true as "1", false and null as ""
+            env[name] = "1" if value is True else "" if value in (False, None) else str(value)
+        done = subprocess.run(
+            ["bash", "-e", "-u", "-o", "pipefail", "-c", recipe["command"]],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=root,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise NixBuildError(f"builder for '{recipe['name']}' failed:\n{done.stderr.strip()}")
+        output = (root / "out").read_text()
+    return json.loads(output) if recipe["name"].endswith(".json") else output
 
 
 def _unit_value(value: Any) -> str:

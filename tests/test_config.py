@@ -42,6 +42,18 @@ def test_unknown_key_suggests(tmp_path, capsys):
     assert "networking.bondInterfce: unknown key; did you mean 'bondInterface'?" in err
 
 
+def test_validate_names_the_document_as_told(tmp_path, capsys):
+    """The NixOS module's build check says services.exo, not the unchecked file's store path."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"schemaVersion": 1, "mode": "worker", "noWorker": True}))
+    assert main(["config", "validate", "-q", "--name", "services.exo", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("exo-nixos: error: services.exo: ") and str(path) not in line
+    path.write_text(json.dumps({"schemaVersion": 1}))
+    assert main(["config", "validate", "--name", "services.exo", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("services.exo: valid")
+
+
 def test_every_problem_reported():
     with pytest.raises(ConfigError) as info:
         parse_config({"schemaVersion": 1, "apiPort": 70000, "mode": "boss"})
@@ -291,3 +303,72 @@ def test_addresses_and_the_json_form():
     assert document["gateway"]["listenAddress"] == "::1"
     assert document["extraArgs"] == ["--x"]
     assert parse_config(document) == config
+
+
+# Each rule the NixOS module once asserted as well, now judged by the model alone (the module
+# builds config.json through `config validate`): the model must refuse every such document.
+MODULE_RULES: dict[str, tuple[dict[str, Any], str]] = {
+    "noWorker without master": (
+        {"mode": "worker", "noWorker": True},
+        "noWorker is only meaningful with mode 'master': set mode to 'master'",
+    ),
+    "exposed gateway without keys": (
+        {"gateway": {"listenAddress": "0.0.0.0"}},
+        "set apiKeysFile or listen on 127.0.0.1",
+    ),
+    "TLS certificate without key": (
+        {"gateway": {"tlsCertificateFile": "/run/secrets/cert.pem"}},
+        "tlsCertificateFile and tlsKeyFile must be set together",
+    ),
+    "gateway on EXO's port": (
+        {"gateway": {"port": 52415}},
+        "gateway.port and apiPort are both TCP port 52415; give each its own port",
+    ),
+    "zenoh on EXO's port": (
+        {"networking": {"zenohPort": 52415}},
+        "networking.zenohPort and apiPort are both TCP port 52415",
+    ),
+    "no backend": (
+        {"gateway": {"localBackend": False}},
+        "set localBackend to true or list staticBackends",
+    ),
+    "ring ports reversed": (
+        {"networking": {"ringPorts": {"from": 60000, "to": 50000}}},
+        "'from' (60000) must not be above 'to' (50000)",
+    ),
+    "token without API server": (
+        {"k3s": {"integration": True, "tokenFile": "/run/secrets/t"}},
+        "k3s.tokenFile needs k3s.apiServer",
+    ),
+    "both K3s credentials": (
+        {"k3s": {"kubeconfigFile": "/etc/k.yaml", "tokenFile": "/run/secrets/t"}},
+        "set k3s.kubeconfigFile or k3s.tokenFile, not both",
+    ),
+    "memory limit of zero": ({"hardware": {"memoryLimit": "0M"}}, "a size must be above zero"),
+    "memory limit over 100%": (
+        {"hardware": {"memoryLimit": "150%"}},
+        "a percentage must be above 0% and at most 100%",
+    ),
+    "unknown accelerator package": (
+        {"hardware": {"packages": {"tpu": "/nix/store/x-exo"}}},
+        "hardware.packages.tpu.[key]: 'tpu' is not allowed",
+    ),
+    "environment name execve refuses": (
+        {"environmentVariables": {"A=B": "1"}},
+        "environmentVariables.A=B.[key]: 'A=B': must be an environment variable name",
+    ),
+    "listen address out of range": (
+        {"gateway": {"listenAddress": "999.1.1.1"}},
+        "gateway.listenAddress: '999.1.1.1': must be an IPv4 or IPv6 address",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODULE_RULES))
+def test_rules_the_module_no_longer_asserts_are_the_models(case):
+    document, message = MODULE_RULES[case]
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"schemaVersion": 1, **document})
+    assert any(message in p for p in refused.value.problems or [str(refused.value)]), (
+        refused.value.problems
+    )

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from exo_nixos.addresses import url_for
 from exo_nixos.errors import UserError
-from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore, parse_keys, presented_key
 from exo_nixos.gateway.backends import address_host
 from tests.gateway_helpers import write_keys

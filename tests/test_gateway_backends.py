@@ -8,6 +8,7 @@ import logging
 from exo_nixos.exoapi import ExoApiError, NodeView, Peer
 from exo_nixos.gateway.backends import Backend, BackendPool
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.hysteresis import UpDown
 
 LOCAL = "http://127.0.0.1:52415"
 PEER = "http://127.0.0.2:52415"
@@ -168,7 +169,7 @@ def test_a_backend_goes_down_after_the_threshold_of_failed_probes_in_a_row(caplo
         seen = []
         for _ in range(6):
             await pool.check_once()
-            seen.append((local.healthy, local.failures))
+            seen.append((local.healthy, local.probes.failed))
         return seen
 
     # one failure between good probes is forgiven; two in a row take it down
@@ -198,16 +199,18 @@ def test_mark_failed_and_the_next_address():
     single = pool.local
     assert single is not None
     asyncio.run(pool.check_once())
-    multi = Backend(["http://10.0.0.2:1", "http://10.0.0.3:1", "http://10.0.0.4:1"], "peer")
+    multi = Backend(
+        ["http://10.0.0.2:1", "http://10.0.0.3:1", "http://10.0.0.4:1"], "peer", probes=UpDown(3)
+    )
     multi.healthy = True
     pool.peers["p"] = multi
     pool.mark_failed(multi, "refused")
-    assert (multi.healthy, multi.failures, multi.url) == (False, 3, "http://10.0.0.3:1")
+    assert (multi.healthy, multi.probes.failed, multi.url) == (False, 3, "http://10.0.0.3:1")
     pool.mark_failed(multi, "refused")
     pool.mark_failed(multi, "refused")
     assert multi.url == "http://10.0.0.2:1"  # round the list, in order
     pool.mark_failed(single, "refused")
-    assert single.url == LOCAL and single.failures == 3
+    assert single.url == LOCAL and single.probes.failed == 3
     assert gauge(pool, "exo_gateway_backend_up", multi.label) == 0
 
 
@@ -215,7 +218,7 @@ def test_inflight_counts_and_the_least_busy_first():
     views: dict[str, list[NodeView | None]] = {LOCAL: [local_view()]}
     pool = scripted_pool(views)
     asyncio.run(pool.check_once())
-    other = Backend(["http://10.0.0.9:1"], "static", healthy=True)
+    other = Backend(["http://10.0.0.9:1"], "static", healthy=True, probes=UpDown(3))
     pool.static.append(other)
     local = pool.local
     assert local is not None

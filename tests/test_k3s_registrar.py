@@ -598,7 +598,7 @@ def test_a_conflict_is_followed_by_a_read_then_a_write_with_the_new_version(
         await api.start()
         reg = registrar_for(tmp_path, api, Health())
         try:
-            reg.ready = True
+            reg.probes.passed()
             await reg.sync()
             assert [(s.method, s.status) for s in api.requests] == [("GET", 404), ("POST", 201)]
             api.requests.clear()
@@ -608,7 +608,7 @@ def test_a_conflict_is_followed_by_a_read_then_a_write_with_the_new_version(
 
             api.modify(NS, NAME, annotate)  # the registrar's resourceVersion is now stale
             theirs = (api.get(NS, NAME) or {})["metadata"]["resourceVersion"]
-            reg.ready = False
+            reg.probes.give_up()
             await reg.sync()
             seen = [(s.method, s.status) for s in api.requests]
             current = reg._current

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from exo_nixos.config import parse_config
-from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
+from tests.nixeval import NixBuildError, NixEvalError, evaluate, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -117,21 +117,36 @@ def test_connection_timeouts_and_limit_reach_the_config_document():
     for bad in ({"keepAliveTimeoutSec": 0}, {"maxConnectionsPerAddress": 0}):
         with pytest.raises(NixEvalError, match=next(iter(bad))):
             evaluate(exo(gateway=bad))
+    # the bounds are the model's alone, judged when config.json is built
+    for bad, message in (
+        ({"keepAliveTimeoutSec": 3601}, "keepAliveTimeoutSec: 3601: Input should be less"),
+        ({"maxConnectionsPerAddress": 65536}, "maxConnectionsPerAddress: 65536: Input should"),
+    ):
+        with pytest.raises(NixBuildError, match=message):
+            evaluate(exo(gateway=bad))
+
+
+def test_a_key_file_in_the_store_fails_evaluation_with_the_fix():
+    result = evaluate(exo(gateway={"apiKeysFile": "/nix/store/abc-keys"}))
+    assert any("must not be in the Nix store" in m for m in result["assertions"])
 
 
 @pytest.mark.parametrize(
     ("gateway", "fragment"),
     [
-        ({"listenAddress": "0.0.0.0"}, "Set services.exo.gateway.apiKeysFile"),
+        ({"listenAddress": "0.0.0.0"}, "set apiKeysFile or listen on 127.0.0.1"),
+        ({"listenAddress": "999.1.1.1"}, "listenAddress: '999.1.1.1': must be an IPv4 or IPv6"),
         ({"tlsKeyFile": "/run/secrets/key.pem"}, "must be set together"),
-        ({"apiKeysFile": "/nix/store/abc-keys"}, "must not be in the Nix store"),
-        ({"port": 52415}, "give the gateway another port"),
-        ({"localBackend": False}, "has no backend"),
+        ({"port": 52415}, "gateway.port and apiPort are both TCP port 52415; give each"),
+        ({"localBackend": False}, "set localBackend to true or list staticBackends"),
     ],
 )
-def test_impossible_settings_fail_with_the_fix(gateway, fragment):
-    result = evaluate(exo(gateway=gateway))
-    assert any(fragment in message for message in result["assertions"]), result["assertions"]
+def test_impossible_settings_fail_the_config_check_with_the_fix(gateway, fragment):
+    """The config model judges config.json when it is built; evaluation itself passes."""
+    with pytest.raises(NixBuildError, match=r"exo-config\.json") as refused:
+        evaluate(exo(gateway=gateway))
+    assert "exo-nixos: error: services.exo: " in str(refused.value)
+    assert fragment in str(refused.value)
 
 
 def test_open_firewall_on_loopback_warns():
@@ -154,7 +169,7 @@ def test_bad_types_are_refused():
     # a proxied route without a key would open EXO's API to everyone
     with pytest.raises(NixEvalError, match="publicPaths"):
         evaluate(exo(gateway={"publicPaths": ["/v1/chat/completions"]}))
-    with pytest.raises(NixEvalError, match="maxBodyBytes"):
+    with pytest.raises(NixBuildError, match="maxBodyBytes: 2199023255552: Input should be less"):
         evaluate(exo(gateway={"maxBodyBytes": 2 << 40}))
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from exo_nixos.config import parse_config
-from tests.nixeval import evaluate, exposure, render_unit, requires_nix
+from tests.nixeval import NixBuildError, evaluate, exposure, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -55,7 +55,8 @@ def test_manifest_derivation_runs_render_on_the_config_file(tmp_path: Path) -> N
     )
     result = evaluate(probe)
     command = result["etc"]["k3s-render-command"].split()
-    assert command[0].endswith("/bin/exo-nixos")
+    # the build platform's tool, from nativeBuildInputs
+    assert command[0] == "exo-nixos"
     assert command[1:4] == ["k3s", "render", "--config"]
     assert command[4].startswith("/nix/store/") and command[4].endswith("exo-config.json")
     assert command[5:] == ["--output", "$out"]
@@ -141,14 +142,14 @@ def test_loopback_gateway_warns_that_the_service_is_unauthenticated() -> None:
     assert any("no authentication" in w and "listenAddress" in w for w in result["warnings"])
 
 
-def test_token_without_api_server_is_an_assertion_with_the_fix() -> None:
-    result = evaluate(module('integration = true; tokenFile = "/run/secrets/t";'))
-    assert any("needs services.exo.k3s.apiServer" in a for a in result["assertions"])
+def test_token_without_api_server_fails_the_config_check_with_the_fix() -> None:
+    with pytest.raises(NixBuildError, match=r"k3s.tokenFile needs k3s.apiServer.*https://"):
+        evaluate(module('integration = true; tokenFile = "/run/secrets/t";'))
 
 
-def test_both_credentials_is_an_assertion() -> None:
-    result = evaluate(module(TOKEN + ' kubeconfigFile = "/etc/rancher/k3s/k3s.yaml";'))
-    assert any("not both" in a for a in result["assertions"])
+def test_both_credentials_fail_the_config_check() -> None:
+    with pytest.raises(NixBuildError, match=r"set k3s\.kubeconfigFile or k3s\.tokenFile, not both"):
+        evaluate(module(TOKEN + ' kubeconfigFile = "/etc/rancher/k3s/k3s.yaml";'))
 
 
 def test_config_document_carries_the_k3s_section() -> None:

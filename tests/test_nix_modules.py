@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from exo_nixos.config import Mode, parse_config
-from tests.nixeval import NixEvalError, evaluate, render_unit, requires_nix
+from tests.nixeval import (
+    NixBuildError,
+    NixEvalError,
+    _nix_expr,
+    evaluate,
+    render_unit,
+    requires_nix,
+)
 
 pytestmark = [pytest.mark.nix, requires_nix]
 
@@ -84,9 +93,48 @@ def test_system_user_and_group_created():
     assert result["users"]["groups"]["exo"] is not None
 
 
-def test_no_worker_outside_master_fails_with_fix():
-    result = evaluate({"services": {"exo": {"enable": True, "mode": "worker", "noWorker": True}}})
-    assert any('set services.exo.mode = "master"' in m for m in result["assertions"])
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        (
+            {"mode": "worker", "noWorker": True},
+            "noWorker is only meaningful with mode 'master': set mode to 'master'",
+        ),
+        (
+            {"networking": {"zenohPort": 52415}},
+            "networking.zenohPort and apiPort are both TCP port 52415",
+        ),
+        (
+            {"networking": {"ringPorts": {"from": 60000, "to": 50000}}},
+            "networking.ringPorts: 'from' (60000) must not be above 'to' (50000)",
+        ),
+        (
+            "{ pkgs, ... }: { services.exo.hardware.packages.tpu = pkgs.exo-cuda; }",
+            "hardware.packages.tpu.[key]: 'tpu' is not allowed",
+        ),
+    ],
+)
+def test_contract_rules_fail_the_config_check_with_the_fix(settings, fragment):
+    """Rules of the config contract are the model's, judged when config.json is built."""
+    module = settings if isinstance(settings, str) else {"services": {"exo": settings}}
+    source = module if isinstance(module, str) else _nix_expr(module)
+    with pytest.raises(NixBuildError) as refused:
+        evaluate(f"{{ imports = [ ({source}) ]; services.exo.enable = true; }}")
+    assert "exo-nixos: error: services.exo: " in str(refused.value)
+    assert fragment in str(refused.value)
+
+
+def test_config_check_runs_the_build_platforms_tool_on_the_document():
+    probe = (
+        "{ config, ... }: { services.exo.enable = true;"
+        ' environment.etc."probe".text = builtins.toJSON {'
+        " inherit (config.services.exo.configFile) env command; }; }"
+    )
+    recipe = json.loads(evaluate(probe)["etc"]["probe"])
+    (tool,) = recipe["env"]["nativeBuildInputs"]
+    assert tool.startswith("/nix/store/") and tool.endswith("-exo-nixos")
+    assert recipe["env"]["preferLocalBuild"] is True
+    assert "exo-nixos config validate --quiet --name services.exo" in recipe["command"]
 
 
 def test_type_errors_are_reported():
@@ -121,8 +169,8 @@ def test_config_dir_decides_where_config_json_goes():
 
 @pytest.mark.parametrize("limit", ["0M", "0%", "150%", "0.0G"])
 def test_memory_limit_out_of_range_is_refused(limit):
-    result = evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
-    assert any("hardware.memoryLimit" in m for m in result["assertions"])
+    with pytest.raises(NixBuildError, match=f"hardware.memoryLimit: '{limit}': a "):
+        evaluate({"services": {"exo": {"enable": True, "hardware": {"memoryLimit": limit}}}})
 
 
 @pytest.mark.parametrize("limit", ["80%", "80 %", "48G", "48gib", "48 G", "1.5T", "512MiB"])
@@ -139,8 +187,6 @@ def test_memory_limit_syntax_agrees_with_the_config_model(limit):
         ({"modelsDir": "/srv/my models"}, "modelsDir"),  # split in two by ReadWritePaths=
         ({"readOnlyModelDirs": ["/nfs/models\n"]}, "readOnlyModelDirs"),
         ({"security": {"dataDir": "/var/lib/exo\t2"}}, "dataDir"),
-        ({"gateway": {"listenAddress": "999.1.1.1"}}, "listenAddress"),
-        ({"gateway": {"listenAddress": "fe80::1%eth0"}}, "listenAddress"),
     ],
 )
 def test_values_the_config_model_refuses_fail_evaluation(options, name):
@@ -148,9 +194,12 @@ def test_values_the_config_model_refuses_fail_evaluation(options, name):
         evaluate({"services": {"exo": {"enable": True, **options}}})
 
 
-def test_gateway_listen_address_must_be_an_address():
-    with pytest.raises(NixEvalError, match="listenAddress"):
-        evaluate({"services": {"exo": {"enable": True, "gateway": {"listenAddress": "localhost"}}}})
+@pytest.mark.parametrize("address", ["localhost", "999.1.1.1", "fe80::1%eth0"])
+def test_addresses_are_judged_by_the_config_check(address):
+    """Python's ipaddress is the one judge of addresses (the option type is a string)."""
+    for options in ({"gateway": {"listenAddress": address}}, {"k3s": {"nodeAddress": address}}):
+        with pytest.raises(NixBuildError, match="must be an IPv4 or IPv6 address"):
+            evaluate({"services": {"exo": {"enable": True, **options}}})
 
 
 def test_registrar_in_host_namespace_is_warned_about():
@@ -231,9 +280,44 @@ def test_binary_caches_join_nixos_own_cache_in_nix_conf():
     assert any(k.startswith("exo.cachix.org-1:") for k in settings["trusted-public-keys"])
 
 
-def test_environment_variable_names_execve_refuses_fail_evaluation():
-    result = evaluate(
-        {"services": {"exo": {"enable": True, "environmentVariables": {"A=B": "1", "OK": "2"}}}}
+def test_environment_variable_names_execve_refuses_fail_the_config_check():
+    with pytest.raises(NixBuildError) as refused:
+        evaluate(
+            {"services": {"exo": {"enable": True, "environmentVariables": {"A=B": "1", "OK": "2"}}}}
+        )
+    assert "environmentVariables.A=B.[key]: 'A=B': must be an environment variable name" in str(
+        refused.value
     )
-    (message,) = [m for m in result["assertions"] if "environmentVariables" in m]
-    assert '"A=B"' in message and "OK" not in message.split(":")[1]
+    assert "'OK'" not in str(refused.value)
+
+
+def test_the_modules_defaults_are_the_models():
+    """Every value the module writes by default is the model's own default (the module's
+    option defaults are the one place the two could disagree), so a host with only
+    `services.exo.enable` runs as a hand-written `{"schemaVersion": 1}` would."""
+    from exo_nixos.config import default_config
+
+    written = parse_config(
+        evaluate({"services": {"exo": {"enable": True}}})["etc"]["exo/config.json"]
+    )
+    module, model = written.to_json(), default_config().to_json()
+    # what only the module can know: the installed variants and what they need
+    for key in ("packages", "cudaMinimumDriver", "cudaMinimumComputeCapability"):
+        module["hardware"].pop(key), model["hardware"].pop(key)
+    assert module == model
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"healthCheck": {"intervalSec": 4000}}, "healthCheck.intervalSec: 4000: Input should be"),
+        (
+            {"gateway": {"connectTimeoutSec": 700}},
+            "gateway.connectTimeoutSec: 700: Input should be",
+        ),
+    ],
+)
+def test_values_the_types_let_through_but_the_model_refuses_fail_the_build(settings, message):
+    """Before the build check these evaluated and the node then refused its config at start."""
+    with pytest.raises(NixBuildError, match=message):
+        evaluate({"services": {"exo": {"enable": True, **settings}}})

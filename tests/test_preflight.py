@@ -16,11 +16,11 @@ import pytest
 from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, Config, parse_config
 from exo_nixos.hardware import Inventory, detect
+from exo_nixos.hosttree import Tree
 from exo_nixos.preflight import (
     IN_USE,
     CheckResult,
     DirectorySpec,
-    Host,
     Status,
     check_devices,
     check_directory,
@@ -56,7 +56,7 @@ def make_config(root: Path, **overrides: object) -> Config:
     return parse_config(document)
 
 
-def build_host(root: Path) -> Host:
+def build_host(root: Path) -> Tree:
     for d, mode in [
         ("var/lib/exo", 0o750),
         ("var/cache/exo", 0o750),
@@ -67,18 +67,18 @@ def build_host(root: Path) -> Host:
         (root / d).chmod(mode)
     (root / "proc").mkdir()
     (root / "proc/meminfo").write_text("MemTotal:       65536000 kB\nMemFree: 1 kB\n")
-    return Host(root)
+    return Tree(root)
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Host:
+def host(tmp_path: Path) -> Tree:
     h = build_host(tmp_path)
     (tmp_path / "proc/net").mkdir()
     (tmp_path / "proc/net/if_inet6").write_text("")
     return h
 
 
-def test_ports_free(host: Host) -> None:
+def test_ports_free(host: Tree) -> None:
     cfg = make_config(
         host.root,
         apiPort=free_port(socket.SOCK_STREAM),
@@ -90,7 +90,7 @@ def test_ports_free(host: Host) -> None:
     assert check_ports(cfg).status is Status.OK
 
 
-def test_port_in_use_fails_naming_the_option(host: Host) -> None:
+def test_port_in_use_fails_naming_the_option(host: Tree) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("0.0.0.0", 0))
         port = busy.getsockname()[1]
@@ -104,7 +104,7 @@ def test_port_in_use_fails_naming_the_option(host: Host) -> None:
     assert f"UDP port {port} (networking.discoveryPort) is in use" in result.reason
 
 
-def test_tcp_listener_detected(host: Host) -> None:
+def test_tcp_listener_detected(host: Tree) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
@@ -128,7 +128,7 @@ def _ipv6_only_socket(kind: int) -> socket.socket:
     ("kind", "option"),
     [(socket.SOCK_STREAM, "apiPort"), (socket.SOCK_DGRAM, "networking.discoveryPort")],
 )
-def test_port_held_only_on_ipv6_fails(host: Host, kind: int, option: str) -> None:
+def test_port_held_only_on_ipv6_fails(host: Tree, kind: int, option: str) -> None:
     """EXO binds every address, IPv6 too: a port held on ``::`` alone (IPV6_V6ONLY), free on
     0.0.0.0, is in use all the same."""
     try:
@@ -156,7 +156,7 @@ def test_port_held_only_on_ipv6_fails(host: Host, kind: int, option: str) -> Non
     assert result.fix == f"stop what listens there (ss -lntup 'sport = :{port}') or change {option}"
 
 
-def test_no_cluster_interface_is_ok(host: Host) -> None:
+def test_no_cluster_interface_is_ok(host: Tree) -> None:
     [result] = check_interface(make_config(host.root), host)
     assert result.status is Status.OK
 
@@ -174,7 +174,7 @@ NETWORK_FIXTURES = Path(__file__).parent / "fixtures" / "network"
     ],
 )
 def test_cluster_interface(tmp_path: Path, tree, interface, status, words) -> None:
-    host = Host(NETWORK_FIXTURES / tree)
+    host = Tree(NETWORK_FIXTURES / tree)
     cfg = make_config(tmp_path, networking={"bondInterface": interface, "rdmaEnabled": False})
     results = check_interface(cfg, host)
     worst = max(results, key=lambda r: [Status.OK, Status.WARN, Status.FAIL].index(r.status))
@@ -182,14 +182,14 @@ def test_cluster_interface(tmp_path: Path, tree, interface, status, words) -> No
     assert any(words in r.reason for r in results), results
 
 
-def test_directories_ok(host: Host) -> None:
+def test_directories_ok(host: Tree) -> None:
     cfg = make_config(host.root)
     results = [check_directory(s, host, cfg) for s in directory_specs(cfg)]
     assert [r.status for r in results] == [Status.OK] * len(results), results
     assert "will be created by EXO" in results[-1].reason
 
 
-def test_missing_data_dir_fails(host: Host) -> None:
+def test_missing_data_dir_fails(host: Tree) -> None:
     cfg = make_config(host.root)
     (host.root / "var/lib/exo").rmdir()
     result = check_directory(directory_specs(cfg)[0], host, cfg)
@@ -197,7 +197,7 @@ def test_missing_data_dir_fails(host: Host) -> None:
     assert "install -d" in result.fix
 
 
-def test_world_readable_state_warns(host: Host) -> None:
+def test_world_readable_state_warns(host: Tree) -> None:
     cfg = make_config(host.root)
     (host.root / "var/lib/exo").chmod(0o755)
     result = check_directory(directory_specs(cfg)[0], host, cfg)
@@ -205,7 +205,7 @@ def test_world_readable_state_warns(host: Host) -> None:
     assert "chmod o-rwx" in result.fix
 
 
-def test_world_writable_fails(host: Host) -> None:
+def test_world_writable_fails(host: Tree) -> None:
     cfg = make_config(host.root, readOnlyModelDirs=["/srv/ro"])
     (host.root / "srv/ro").mkdir(parents=True)
     (host.root / "srv/ro").chmod(0o777)
@@ -215,7 +215,7 @@ def test_world_writable_fails(host: Host) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to chown to another user")
-def test_wrong_owner_fails(host: Host) -> None:
+def test_wrong_owner_fails(host: Tree) -> None:
     cfg = make_config(host.root)
     os.chown(host.root / "var/cache/exo", 65534, -1)
     result = check_directory(directory_specs(cfg)[1], host, cfg)
@@ -223,7 +223,7 @@ def test_wrong_owner_fails(host: Host) -> None:
     assert "chown" in result.fix
 
 
-def test_not_a_directory(host: Host) -> None:
+def test_not_a_directory(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/file"])
     (host.root / "srv").mkdir()
     (host.root / "srv/file").write_text("")
@@ -232,18 +232,18 @@ def test_not_a_directory(host: Host) -> None:
     assert "not a directory" in result.reason
 
 
-def detected(host: Host, cfg: Config) -> Inventory:
+def detected(host: Tree, cfg: Config) -> Inventory:
     return detect(host.root, use_nvml=False, models_dir=cfg.effective_models_dir)
 
 
-def test_disk_reports_free_space(host: Host) -> None:
+def test_disk_reports_free_space(host: Tree) -> None:
     cfg = make_config(host.root)
     result = check_disk(cfg, detected(host, cfg).disk)
     assert result.status in {Status.OK, Status.WARN, Status.FAIL}
     assert "GiB free for models" in result.reason
 
 
-def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_fails_when_nearly_full(host: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
     class Tiny:
         f_bavail = 10
         f_blocks = 100
@@ -268,25 +268,25 @@ def test_disk_fails_when_nearly_full(host: Host, monkeypatch: pytest.MonkeyPatch
         ("0.001%", Status.FAIL),
     ],
 )
-def test_memory_limit_against_physical(host: Host, limit, status) -> None:
+def test_memory_limit_against_physical(host: Tree, limit, status) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": limit})
     assert check_memory(cfg, detected(host, cfg).memory.total_bytes).status is status
 
 
-def test_memory_limit_too_small_says_the_floor(host: Host) -> None:
+def test_memory_limit_too_small_says_the_floor(host: Tree) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": "80K"})
     result = check_memory(cfg, detected(host, cfg).memory.total_bytes)
     assert "80K" in result.reason
     assert "at least 1 GiB" in result.fix
 
 
-def test_memory_unreadable_warns(host: Host) -> None:
+def test_memory_unreadable_warns(host: Tree) -> None:
     (host.root / "proc/meminfo").write_text("garbled")
     cfg = make_config(host.root)
     assert check_memory(cfg, detected(host, cfg).memory.total_bytes).status is Status.WARN
 
 
-def test_cuda_devices(host: Host) -> None:
+def test_cuda_devices(host: Tree) -> None:
     dev = host.root / "dev"
     dev.mkdir()
     assert check_devices(Accelerator.CUDA, host).status is Status.FAIL
@@ -299,7 +299,7 @@ def test_cuda_devices(host: Host) -> None:
 
 
 @pytest.mark.skipif(os.getuid() == 0, reason="root can access any device node")
-def test_inaccessible_device_fails(host: Host) -> None:
+def test_inaccessible_device_fails(host: Tree) -> None:
     dev = host.root / "dev/dri"
     dev.mkdir(parents=True)
     (host.root / "dev/kfd").write_text("")
@@ -310,7 +310,7 @@ def test_inaccessible_device_fails(host: Host) -> None:
     assert "DeviceAllow" in result.fix
 
 
-def test_kube_credentials(host: Host) -> None:
+def test_kube_credentials(host: Tree) -> None:
     assert check_kube_credentials(make_config(host.root), host).status is Status.OK
     cfg = make_config(host.root, k3s={"integration": True})
     assert check_kube_credentials(cfg, host).status is Status.WARN
@@ -324,7 +324,7 @@ def test_kube_credentials(host: Host) -> None:
     assert check_kube_credentials(cfg, host).status is Status.OK
 
 
-def test_command_json_and_exit_code(host: Host, tmp_path: Path, capsys) -> None:
+def test_command_json_and_exit_code(host: Tree, tmp_path: Path, capsys) -> None:
     cfg_file = tmp_path / "config.json"
     document = make_config(host.root).to_json()
     document["apiPort"] = free_port(socket.SOCK_STREAM)
@@ -348,7 +348,7 @@ def _downloads(tree: str, tmp_path: Path, **overrides: object) -> list[CheckResu
     networking = {"bondInterface": "bond1", "rdmaEnabled": False}
     networking.update(overrides.pop("networking", {}))  # type: ignore[call-overload]
     cfg = make_config(tmp_path, networking=networking, **overrides)
-    return check_downloads(cfg, Host(NETWORK_FIXTURES / tree))
+    return check_downloads(cfg, Tree(NETWORK_FIXTURES / tree))
 
 
 def test_default_route_outside_the_allowed_interfaces_warns_with_the_option(tmp_path) -> None:
@@ -380,7 +380,7 @@ def test_default_route_on_the_cluster_bond_is_quiet(tmp_path) -> None:
 
 
 def test_run_checks_includes_the_download_route(tmp_path) -> None:
-    host = Host(NETWORK_FIXTURES / "bond-balance-alb")
+    host = Tree(NETWORK_FIXTURES / "bond-balance-alb")
     cfg = make_config(tmp_path, networking={"bondInterface": "bond1", "rdmaEnabled": False})
     inventory = detected(host, cfg)
     names = [r.check for r in run_checks(cfg, host, inventory, Accelerator.CPU, interface=False)]
@@ -411,7 +411,7 @@ def test_directories_are_judged_for_the_service_user_not_the_caller(
         (tmp_path / name).chmod(mode)
     cfg = _as_service_user(tmp_path, "nobody")
     spec = DirectorySpec("modelsDir", "/srv/models", writable, False, False)
-    result = check_directory(spec, Host(tmp_path), cfg)
+    result = check_directory(spec, Tree(tmp_path), cfg)
     assert result.status is Status.FAIL, result
     assert words in result.reason and "judged from permission bits for nobody" in result.reason
 
@@ -424,7 +424,7 @@ def test_a_directory_the_service_user_reaches_passes_for_it(tmp_path: Path) -> N
     os.chown(tmp_path / "srv/models", pwd.getpwnam("nobody").pw_uid, -1)
     cfg = _as_service_user(tmp_path, "nobody")
     spec = DirectorySpec("modelsDir", "/srv/models", True, False, False)
-    assert check_directory(spec, Host(tmp_path), cfg).status is Status.OK
+    assert check_directory(spec, Tree(tmp_path), cfg).status is Status.OK
 
 
 def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
@@ -437,16 +437,17 @@ def test_a_directory_behind_a_closed_parent_names_the_parent() -> None:
             "-c",
             "from pathlib import Path\n"
             "from exo_nixos.config import parse_config\n"
-            "from exo_nixos.preflight import DirectorySpec, Host, check_directory\n"
+            "from exo_nixos.hosttree import Tree\n"
+            "from exo_nixos.preflight import DirectorySpec, check_directory\n"
             "cfg = parse_config({'schemaVersion': 1, 'security': {'user': 'nobody'}})\n"
             "spec = DirectorySpec('modelsDir', '/home/alice/models', True, False, False)\n"
-            f"print(check_directory(spec, Host(Path({str(tmp)!r})), cfg).reason)",
+            f"print(check_directory(spec, Tree(Path({str(tmp)!r})), cfg).reason)",
         )
     assert done.returncode == 0, done.stderr
     assert "nobody cannot enter /home/alice, so /home/alice/models" in done.stdout
 
 
-def test_port_check_wording(host: Host) -> None:
+def test_port_check_wording(host: Tree) -> None:
     api, zenoh = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     discovery = free_port(socket.SOCK_DGRAM)
     cfg = make_config(
@@ -547,7 +548,7 @@ def test_port_check_errors_one_by_one(monkeypatch) -> None:
     ]
 
 
-def test_a_damaged_model_cache_warns(tmp_path: Path, host: Host) -> None:
+def test_a_damaged_model_cache_warns(tmp_path: Path, host: Tree) -> None:
     from exo_nixos.preflight import check_model_cache
     from tests.models_cache import make_model, truncate
 

@@ -10,7 +10,8 @@ import pytest
 from exo_nixos.cli import main
 from exo_nixos.config import Accelerator, default_config
 from exo_nixos.hardware import detect
-from exo_nixos.preflight import Host, run_checks
+from exo_nixos.hosttree import Tree
+from exo_nixos.preflight import run_checks
 from tests.exo_double.fixture import run_double
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -31,7 +32,7 @@ def test_detect_on_a_real_tree_does_not_say_so():
 
 def test_preflight_on_a_tree_checks_no_live_port_and_addresses_fixes_to_the_tree(tmp_path):
     config = default_config()
-    results = run_checks(config, Host(TREE), detect(TREE, use_nvml=False), Accelerator.CPU)
+    results = run_checks(config, Tree(TREE), detect(TREE, use_nvml=False), Accelerator.CPU)
     ports = next(r for r in results if r.check == "ports")
     assert ports.reason.startswith("not checked") and str(TREE) in ports.reason
     fixes = [r.fix for r in results if r.fix]
@@ -58,4 +59,4 @@ def test_net_watch_refuses_a_tree(capsys):
 
 @pytest.mark.parametrize("root", ["/", "/."])
 def test_live_root_is_live(root):
-    assert Host(Path(root)).is_live
+    assert Tree(Path(root)).is_live

@@ -4,7 +4,6 @@ let
   inherit (lib) mkOption mkIf mkDefault types literalExpression;
   cfg = config.services.exo;
   hw = cfg.hardware;
-  accelerators = [ "cuda" "rocm" "mlx" "cpu" ];
 
   # Accelerators whose EXO variant is installed: the runtime decision (exo-nixos detect)
   # picks one of them at every start, so the node unit gets the device access of each, and
@@ -69,15 +68,6 @@ let
       unit = if builtins.elemAt parts 2 == "%" then "%" else lib.toUpper (builtins.elemAt parts 3);
     in
     "${builtins.elemAt parts 0}${unit}";
-  # above zero, and a percentage at most 100 (leading zeros dropped: JSON numbers have none)
-  memoryLimitInRange = text:
-    let
-      parts = memoryLimitParts text;
-      digits = builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0;
-      number = builtins.fromJSON digits;
-    in
-    number > 0 && (builtins.elemAt parts 2 != "%" || number <= 100);
-
   # One node per GPU group (nodePerGpu): the node unit is the template exo-worker@; each
   # instance gets a drop-in with its own GPUs' device nodes, its memory share and its network
   # namespace. The template keeps only what every instance shares: the NVIDIA control nodes.
@@ -128,7 +118,12 @@ let
     ++ lib.optional (uses "cuda" && persistenced) "nvidia-persistenced.service";
 in
 {
-  imports = [ ./exo-service.nix ];
+  imports = [
+    ./exo-service.nix
+    # upstream EXO has no ROCm backend, so the override could only warn that it did nothing
+    (lib.mkRemovedOptionModule [ "services" "exo" "hardware" "rocmGfxOverride" ] ''
+      Upstream EXO has no ROCm backend, so HSA_OVERRIDE_GFX_VERSION never reached a GPU. For an EXO build that has one, set services.exo.environmentVariables.HSA_OVERRIDE_GFX_VERSION.'')
+  ];
 
   options.services.exo.hardware = {
     autoDetect = mkOption {
@@ -141,7 +136,7 @@ in
     };
 
     preferredAccelerator = mkOption {
-      type = types.nullOr (types.enum accelerators);
+      type = types.nullOr exoTypes.accelerator;
       default = null;
       example = "cuda";
       description = ''
@@ -267,25 +262,10 @@ in
         '';
       };
     };
-
-    rocmGfxOverride = mkOption {
-      type = types.nullOr exoTypes.gfxVersion;
-      default = null;
-      example = "10.3.0";
-      description = "`HSA_OVERRIDE_GFX_VERSION` for AMD cards ROCm does not recognise as-is.";
-    };
   };
 
   config = mkIf cfg.enable (lib.mkMerge [ {
     assertions = [
-      {
-        assertion = hw.memoryLimit == null || memoryLimitInRange hw.memoryLimit;
-        message = ''services.exo.hardware.memoryLimit = "${toString hw.memoryLimit}": a size must be above zero and a percentage above 0% and at most 100%, for example "80%" or "48G".'';
-      }
-      {
-        assertion = lib.all (name: lib.elem name accelerators) (lib.attrNames hw.packages);
-        message = "services.exo.hardware.packages: keys must be among ${lib.concatStringsSep ", " accelerators}.";
-      }
       {
         assertion = hw.packages ? cpu;
         message = ''services.exo.hardware.packages needs a "cpu" variant: EXO falls back to it when no GPU works; set services.exo.hardware.packages.cpu = pkgs.exo-complete.'';
@@ -305,19 +285,20 @@ in
         services.exo.hardware: upstream EXO has no ROCm backend, so AMD GPUs are not used and EXO runs on the CPU; the rocm settings only take effect with an EXO build that has one.''
       ++ lib.optional (uses "mlx") ''
         services.exo.hardware: MLX's GPU backend needs Metal (macOS); on NixOS the mlx accelerator is never available and EXO runs on the CPU. Remove it from preferredAccelerator and packages.''
-      ++ lib.optional (hw.rocmGfxOverride != null && !(uses "rocm")) ''
-        services.exo.hardware.rocmGfxOverride has no effect: no rocm variant is installed or preferred.''
       ++ lib.optional (hw.visibleDevices != null && !(uses "cuda" || uses "rocm")) ''
         services.exo.hardware.visibleDevices has no effect: no cuda or rocm variant is installed or preferred.'';
 
     services.exo.hardware.packages.cpu = mkDefault cfg.package;
 
-    services.exo.configDocument.hardware = {
-      inherit (hw) autoDetect preferredAccelerator memoryLimit visibleDevices rocmGfxOverride
-        cudaMinimumDriver cudaMinimumComputeCapability;
-      packages = lib.mapAttrs (_: toString) hw.packages;
-      nodePerGpu = { inherit (hw.nodePerGpu) enable groups cpuFallback addresses; };
-    };
+    # every option is a key of the contract but those only this module uses (and the retired
+    # one, whose value cannot be read); packages as their store paths
+    services.exo.configDocument.hardware =
+      removeAttrs hw [ "waitForDeviceNodes" "rocmGfxOverride" ]
+      // {
+        packages = lib.mapAttrs (_: toString) hw.packages;
+        # gpus only fills the groups' default
+        nodePerGpu = removeAttrs hw.nodePerGpu [ "gpus" ];
+      };
 
     # nixpkgs' NVIDIA module lists nvidia-uvm in boot.kernelModules, loaded by
     # systemd-modules-load.service; units that start earlier find no /dev/nvidia-uvm.

@@ -22,8 +22,10 @@ let
   # Python tool points the Service at EXO's own (unauthenticated) API port.
   gatewayReachable = cfg.gateway.enable && !(import ./lib/loopback.nix cfg.gateway.listenAddress);
 
-  manifests = pkgs.runCommand "exo-k3s-manifests.yaml" { }
-    "${tool} k3s render --config ${cfg.configFile} --output $out";
+  # rendered at build time, by the build platform's tool
+  manifests = pkgs.runCommandLocal "exo-k3s-manifests.yaml"
+    { nativeBuildInputs = [ pkgs.buildPackages.exo-nixos ]; }
+    "exo-nixos k3s render --config ${cfg.configFile} --output $out";
 
   credentials =
     optional (k3s.kubeconfigFile != null) "k3s-kubeconfig:${k3s.kubeconfigFile}"
@@ -116,25 +118,11 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      services.exo.configDocument.k3s = {
-        inherit (k3s)
-          integration serviceDiscovery namespace serviceAccount serviceName kubeconfigFile tokenFile
-          caFile apiServer nodeName nodeAddress allowedNamespaces;
-      };
+      # every option is a key of the contract
+      services.exo.configDocument.k3s = k3s;
     }
 
     (mkIf k3s.integration {
-      assertions = [
-        {
-          assertion = k3s.tokenFile != null -> k3s.apiServer != null;
-          message = ''services.exo.k3s.tokenFile needs services.exo.k3s.apiServer (for example "https://10.0.0.1:6443").'';
-        }
-        {
-          assertion = !(k3s.tokenFile != null && k3s.kubeconfigFile != null);
-          message = "services.exo.k3s: set kubeconfigFile or tokenFile, not both.";
-        }
-      ];
-
       warnings =
         optional (registrarWanted && !hasCredentials) (
           if kube.enable && kube.role == "agent" then

@@ -179,11 +179,9 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      services.exo.configDocument.networking = {
-        inherit (net)
-          bondInterface extraInterfaces backupInterface downloadInterfaces restrictInterfaces
-          discoveryPort zenohPort ringPorts networkNamespace;
-      }
+      # every option is a key of the contract but those only this module uses
+      services.exo.configDocument.networking =
+        removeAttrs net [ "openFirewall" "rdmaDeviceAccess" "socketBufferSize" "rdmaEnabled" ]
       # only when set: the tool warns about RDMA hardware a host lacks only if it was asked for
       // lib.optionalAttrs (options.services.exo.networking.rdmaEnabled.highestPrio < 1500) {
         inherit (net) rdmaEnabled;
@@ -195,14 +193,6 @@ in
           message = ''
             services.exo needs IPv6: EXO's discovery uses IPv6 multicast (ff12::e0a1:de89) on
             link-local addresses. Set networking.enableIPv6 = true.'';
-        }
-        {
-          assertion = net.ringPorts.from <= net.ringPorts.to;
-          message = "services.exo.networking.ringPorts.from (${toString net.ringPorts.from}) is above ringPorts.to (${toString net.ringPorts.to}); swap them.";
-        }
-        {
-          assertion = net.zenohPort != cfg.apiPort;
-          message = "services.exo.networking.zenohPort and services.exo.apiPort are both ${toString cfg.apiPort}; give them different ports.";
         }
         {
           assertion = linkLocalOff == { };

@@ -7,7 +7,19 @@ let
   json = pkgs.formats.json { };
   exoTypes = import ./lib/types.nix { inherit lib; };
   inherit (exoTypes) absolutePath;
-  configFile = json.generate "exo-config.json" cfg.configDocument;
+  # config.json is judged by the model that reads it, exo-nixos' own (`config validate`, run
+  # from the build platform's package), as nixpkgs' prometheus module checks its file with
+  # promtool: a document the tool would refuse at start fails the build, with its reasons.
+  configFile =
+    pkgs.runCommandLocal "exo-config.json"
+      {
+        document = json.generate "exo-config-unchecked.json" cfg.configDocument;
+        nativeBuildInputs = [ pkgs.buildPackages.exo-nixos ];
+      }
+      ''
+        exo-nixos config validate --quiet --name services.exo "$document"
+        cp "$document" "$out"
+      '';
   role = if cfg.mode == "master" then "master" else "worker";
   # hardware.nodePerGpu (exo-hardware.nix): the node unit is a template, one instance per GPU
   # group, each named after its GPUs' device minors (gpu0, gpu2-3)
@@ -62,8 +74,6 @@ let
   declaredHome = dir: lib.any (u: u.home != "/" && inside u.home dir) (lib.attrValues config.users.users);
   unknownHomeModelDirs = lib.filter (d: underHome d.dir && closedHomeOf d.dir == null && !declaredHome d.dir) modelDirOptions;
 
-  badEnvNames = lib.filter (n: !exoTypes.envName.check n) (lib.attrNames cfg.environmentVariables);
-
   hc = cfg.healthCheck;
   # pings follow passing probes; this many milliseconds without one means EXO is hung
   watchdogMs = builtins.ceil ((hc.intervalSec * hc.failures + hc.timeoutSec) * 1000);
@@ -87,7 +97,7 @@ in
     };
 
     mode = mkOption {
-      type = types.enum [ "master" "worker" "auto" ];
+      type = exoTypes.mode;
       default = "auto";
       example = "master";
       description = ''
@@ -126,7 +136,7 @@ in
     };
 
     logLevel = mkOption {
-      type = types.enum [ "error" "warning" "info" "debug" ];
+      type = exoTypes.logLevel;
       default = "info";
       description = "Log level of the supervisor; `debug` also makes EXO verbose (`-v`).";
     };
@@ -200,7 +210,8 @@ in
         description = "Seconds a probe may take before it counts as failed.";
       };
       failures = mkOption {
-        type = types.ints.between 1 100;
+        # at most 100: the config model's bound, checked when config.json is built
+        type = types.ints.positive;
         default = 3;
         description = "Consecutive failed probes before the node counts as down.";
       };
@@ -324,6 +335,8 @@ in
   };
 
   config = mkIf cfg.enable {
+    # Only the checks that need NixOS context are assertions; the config contract's own rules
+    # are the config model's, judged when configFile is built.
     assertions = [
       {
         assertion = configManaged;
@@ -333,16 +346,7 @@ in
       let home = closedHomeOf d.dir; in {
         assertion = false;
         message = ''services.exo.${d.option}: "${d.dir}" lies in ${home.home}, the home of ${home.name} (mode ${home.mode}), which the ${sec.user} user cannot enter, so EXO could never ${if d.option == "readOnlyModelDirs" then "read" else "use"} it. Keep models outside home directories (e.g. "/srv/models"), or bind-mount them there: fileSystems."/srv/models" = { device = "${d.dir}"; options = [ "bind" ]; };'';
-      }) unreachableModelDirs ++ [
-      {
-        assertion = badEnvNames == [ ];
-        message = "services.exo.environmentVariables: ${lib.concatMapStringsSep ", " builtins.toJSON badEnvNames} must each be ${exoTypes.envName.description}.";
-      }
-      {
-        assertion = cfg.noWorker -> cfg.mode == "master";
-        message = ''services.exo.noWorker only applies to mode "master"; set services.exo.mode = "master" or remove noWorker.'';
-      }
-    ];
+      }) unreachableModelDirs;
 
     warnings = map (d: ''services.exo.${d.option}: "${d.dir}" lies under a home directory that users.users does not declare; NixOS creates homes with mode 700, which the ${sec.user} user cannot enter. Keep models outside home directories (e.g. "/srv/models"); the pre-flight check fails at start if the directory cannot be reached.'') unknownHomeModelDirs;
 

@@ -7,9 +7,18 @@
 }:
 let
   cfg = config;
+  # what a stub derivation (../tests/stub-pkgs.nix) is made from, as data tests/nixeval.py
+  # builds: generated files by value, packages by name, other settings as they are
+  input = value:
+    if value ? generatedValue then { generated = value.generatedValue; }
+    else if lib.isDerivation value then { package = value.name; }
+    else if builtins.isList value then map input value
+    else value;
+  recipe = drv: { __build = { inherit (drv) name command; env = lib.mapAttrs (_: input) drv.env; }; };
   fileContent = entry:
     if entry.text != null then entry.text
     else if entry.source ? generatedValue then entry.source.generatedValue
+    else if entry.source ? command then recipe entry.source
     else toString entry.source;
   # StartLimit*= are in unitConfig, as NixOS writes them; the options have no default
   unit = u: builtins.removeAttrs u [ "restartTriggers" "reloadTriggers" "startLimitIntervalSec" "startLimitBurst" ];

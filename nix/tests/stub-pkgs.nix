@@ -1,11 +1,14 @@
 # A stand-in for nixpkgs' `pkgs` that evaluates without building anything: packages are
-# attribute sets that look like derivations, `formats.json` keeps the value it would write.
+# attribute sets that look like derivations, `formats.json` keeps the value it would write,
+# and `runCommand` keeps its environment and command, which tests/nixeval.py builds as stdenv
+# would (see its `build`).
 { lib }:
 let
   fakePackage = import ./fake-package.nix;
   generated = name: value: fakePackage name // { passthru.generatedValue = value; generatedValue = value; };
+  runCommand = name: env: command: fakePackage name // { inherit env command; };
 in
-lib.genAttrs [
+lib.fix (self: lib.genAttrs [
   "exo-complete"
   "exo-rocm"
   "exo-mlx"
@@ -55,5 +58,9 @@ lib.genAttrs [
       legacy_535 = driver "535.274.02";
     };
   writeText = name: text: generated name text;
-  runCommand = name: env: command: fakePackage name // { inherit env command; };
-}
+  inherit runCommand;
+  # nixpkgs: runCommand with preferLocalBuild and allowSubstitutes = false
+  runCommandLocal = name: env: runCommand name ({ preferLocalBuild = true; allowSubstitutes = false; } // env);
+  # one platform: the build platform's packages are these
+  buildPackages = self;
+})

@@ -47,6 +47,7 @@ from exo_nixos.basetypes import (
     check,
 )
 from exo_nixos.errors import ConfigError, describe_value
+from exo_nixos.fsutil import os_reason
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -410,7 +411,10 @@ class Gateway(_Section):
             raise ValueError("tlsCertificateFile and tlsKeyFile must be set together")
         exposed = not ipaddress.ip_address(self.listen_address).is_loopback
         if not self.local_backend and not self.static_backends and self.enable:
-            raise ValueError("localBackend is false and staticBackends is empty: no backend")
+            raise ValueError(
+                "localBackend is false and staticBackends is empty: no backend; set "
+                "localBackend to true or list staticBackends"
+            )
         if self.enable and self.api_keys_file is None and exposed:
             raise ValueError(
                 f"listenAddress {self.listen_address} without apiKeysFile would expose "
@@ -531,7 +535,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.no_worker and self.mode is not Mode.MASTER:
-            raise ValueError("noWorker is only meaningful with mode 'master'")
+            raise ValueError(
+                "noWorker is only meaningful with mode 'master': set mode to 'master' or "
+                "remove noWorker"
+            )
         tcp = {"apiPort": self.api_port, "networking.zenohPort": self.networking.zenoh_port}
         if self.gateway.enable:
             tcp["gateway.port"] = self.gateway.port
@@ -540,10 +547,15 @@ class Config(_Section):
         seen: dict[int, str] = {}
         for name, port in tcp.items():
             if port in seen:
-                raise ValueError(f"{name} and {seen[port]} are both TCP port {port}")
+                raise ValueError(
+                    f"{name} and {seen[port]} are both TCP port {port}; give each its own port"
+                )
             seen[port] = name
         if self.k3s.integration and self.k3s.token_file and not self.k3s.api_server:
-            raise ValueError("k3s.tokenFile needs k3s.apiServer (the API server URL)")
+            raise ValueError(
+                "k3s.tokenFile needs k3s.apiServer, the API server URL "
+                "(for example https://10.0.0.1:6443)"
+            )
         if self.k3s.kubeconfig_file and self.k3s.token_file:
             raise ValueError("set k3s.kubeconfigFile or k3s.tokenFile, not both")
         custom = [m for m, spec in self.models.items() if spec.custom]
@@ -721,9 +733,11 @@ def _drop(doc: Any, loc: tuple[int | str, ...]) -> None:
         _drop(doc, loc[:-1])
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; every failure is a one-line ConfigError."""
+def load_config(path: str | Path, name: str | None = None) -> Config:
+    """Read and validate a config file; every failure is a one-line ConfigError naming the
+    file (or ``name``, where given)."""
     source = Path(path)
+    shown = name or str(source)
     if "\0" in str(source):
         raise ConfigError(
             f"--config {describe_value(str(source))}: a path cannot contain a NUL byte"
@@ -736,16 +750,15 @@ def load_config(path: str | Path) -> Config:
             "elsewhere pass --config FILE"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"{source}: cannot read the config file: {reason}") from None
+        raise ConfigError(f"{source}: cannot read the config file: {os_reason(exc)}") from None
     try:
         document = jsonio.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{shown}: {exc}") from None
     try:
         return parse_config(document)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}", [f"{source}: {p}" for p in exc.problems]) from None
+        raise ConfigError(f"{shown}: {exc}", [f"{shown}: {p}" for p in exc.problems]) from None
 
 
 def default_config() -> Config:

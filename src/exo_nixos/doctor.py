@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exo_nixos import __version__
+from exo_nixos.addresses import local_api_url
 from exo_nixos.config import Config, default_config, load_config
 from exo_nixos.findings import Finding, Severity, of
-from exo_nixos.preflight import CheckResult, Host, Status, run_checks
+from exo_nixos.hosttree import Tree
+from exo_nixos.preflight import CheckResult, Status, run_checks
 
 if TYPE_CHECKING:
     from exo_nixos.hardware import Decision, Inventory
@@ -162,7 +164,7 @@ def _node_section(config: Config) -> tuple[Section, bool]:
     """The local node's section, and whether this node's EXO answers (holds its ports)."""
     from exo_nixos.nodehealth import Target, Verdict, assess
 
-    url = f"http://127.0.0.1:{config.api_port}"
+    url = local_api_url(config.api_port)
     report = assess(Target(url, NODE_PROBE_TIMEOUT_S))
     section = Section("EXO node", f"{report.verdict.value} at {url}")
     if report.view is not None:
@@ -181,7 +183,7 @@ def diagnose(
 ) -> Report:
     """``required``: the config was named explicitly, so a missing file is an error."""
     config, source, installed = _load(config_path, required=required)
-    host = Host(root)
+    host = Tree(root)
     from exo_nixos.hardware import detect
 
     inventory = detect(root, use_nvml=use_nvml, models_dir=config.effective_models_dir)

@@ -14,6 +14,14 @@ from pathlib import Path
 HOST_FILE_LIMIT = 1 << 20
 
 
+def os_reason(exc: BaseException) -> str:
+    """Why a file could not be read or written, as a message can quote it: the OS's words
+    (``Permission denied``), else the exception's text, else its type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def read_bounded(path: str | os.PathLike[str], limit: int = HOST_FILE_LIMIT) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. A FIFO, device or socket (a
     captured tree can hold anything) is refused without blocking, as is a larger file: both
@@ -47,7 +55,7 @@ def write_output(option: str, path: str | os.PathLike[str], data: str) -> None:
     try:
         atomic_write(target, data)
     except OSError as exc:
-        raise UserError(f"{option} {target}: cannot write: {exc.strerror or exc}") from None
+        raise UserError(f"{option} {target}: cannot write: {os_reason(exc)}") from None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644) -> None:

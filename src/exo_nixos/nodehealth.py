@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.config import DEFAULT_CONFIG_PATH, Config, load_config
 from exo_nixos.exoapi import (
@@ -27,6 +28,7 @@ from exo_nixos.exoapi import (
     read_master_hint,
     run_coroutine,
 )
+from exo_nixos.fsutil import os_reason
 from exo_nixos.supervisor.environment import role_for
 
 DEFAULT_TIMEOUT_S = 3.0
@@ -75,7 +77,7 @@ def resolve_target(
     elif url is None and DEFAULT_CONFIG_PATH.exists():
         config = load_config(DEFAULT_CONFIG_PATH)
     if url is None:
-        url = f"http://127.0.0.1:{config.api_port}" if config else DEFAULT_URL
+        url = local_api_url(config.api_port) if config else DEFAULT_URL
     if timeout_s is None:
         timeout_s = config.health_check.timeout_sec if config else DEFAULT_TIMEOUT_S
     hint_dir = Path(config.security.runtime_dir) if config else None
@@ -149,5 +151,5 @@ def _unreadable(path: Path) -> str | None:
     except PermissionError:
         return f"cannot read {path} as this user; run as root or the service user"
     except OSError as exc:
-        return f"cannot read {path}: {exc.strerror or exc}"
+        return f"cannot read {path}: {os_reason(exc)}"
     return None

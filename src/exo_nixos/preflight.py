@@ -20,9 +20,10 @@ from pathlib import Path
 from exo_nixos.config import Accelerator, Config, MemoryLimit
 from exo_nixos.fsutil import read_bounded
 from exo_nixos.hardware.model import Disk, Inventory
+from exo_nixos.hosttree import Tree
 from exo_nixos.k3s.credentials import credential_path
+from exo_nixos.units import GIB, gib
 
-GIB = 1 << 30
 DISK_FAIL_BYTES = 2 * GIB
 DISK_WARN_BYTES = 50 * GIB
 
@@ -56,18 +57,6 @@ def _warn(check: str, reason: str, fix: str) -> CheckResult:
 
 def _fail(check: str, reason: str, fix: str) -> CheckResult:
     return CheckResult(check, Status.FAIL, reason, fix)
-
-
-class Host:
-    """Paths of the host under a root prefix ("/" for the live system)."""
-
-    def __init__(self, root: Path = Path("/")) -> None:
-        self.root = root
-        # this machine's own root: live sockets and the local node belong to the same host
-        self.is_live = root.resolve() == Path("/")
-
-    def path(self, absolute: str | Path) -> Path:
-        return self.root / str(absolute).lstrip("/")
 
 
 # ---------------------------------------------------------------- ports
@@ -128,7 +117,7 @@ def check_ports(config: Config, *, exo_running: bool = False) -> CheckResult:
 # ---------------------------------------------------------------- interface
 
 
-def check_interface(config: Config, host: Host) -> list[CheckResult]:
+def check_interface(config: Config, host: Tree) -> list[CheckResult]:
     """The configured cluster interface, judged as ``exo-nixos net`` judges it."""
     from exo_nixos.network import choose_cluster_interface, inspect
 
@@ -152,7 +141,7 @@ def check_interface(config: Config, host: Host) -> list[CheckResult]:
     return results
 
 
-def check_downloads(config: Config, host: Host) -> list[CheckResult]:
+def check_downloads(config: Config, host: Tree) -> list[CheckResult]:
     """Model downloads on, but the default route on an interface the node unit may not use."""
     net = config.networking
     allowed = net.allowed_interfaces
@@ -175,7 +164,7 @@ def check_downloads(config: Config, host: Host) -> list[CheckResult]:
     ]
 
 
-def check_model_cache(config: Config, host: Host) -> list[CheckResult]:
+def check_model_cache(config: Config, host: Tree) -> list[CheckResult]:
     """The fast part of ``exo-nixos models verify`` (headers and sizes, no hashing) over the
     model dirs: damage only warns, EXO downloads what it finds missing or unusable."""
     from exo_nixos.models.verify import verify
@@ -245,7 +234,7 @@ def _parents(path: str) -> list[str]:
     return [str(Path(*parts[:depth])) for depth in range(1, len(parts))]
 
 
-def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str, str] | None:
+def _blocked_for(user: str, host: Tree, path: str, *, write: bool) -> tuple[str, str] | None:
     """Where ``user`` is stopped on the way to ``path`` (read, or write with ``write``), and
     how that was judged; None when it gets there.
 
@@ -283,7 +272,7 @@ def _blocked_for(user: str, host: Host, path: str, *, write: bool) -> tuple[str,
     return None
 
 
-def check_directory(spec: DirectorySpec, host: Host, config: Config) -> CheckResult:
+def check_directory(spec: DirectorySpec, host: Tree, config: Config) -> CheckResult:
     check = f"directory {spec.path}"
     path = host.path(spec.path)
     try:
@@ -368,7 +357,7 @@ def check_disk(config: Config, disk: Disk | None) -> CheckResult:
     if disk is None:
         return _warn("disk", f"cannot find {config.effective_models_dir}", "create the model dir")
     free = disk.free_bytes
-    text = f"{free / GIB:.1f} GiB free for models in {config.effective_models_dir}"
+    text = f"{gib(free)} free for models in {config.effective_models_dir}"
     if free < DISK_FAIL_BYTES:
         return _fail("disk", text, "free space or set modelsDir to a larger filesystem")
     if free < DISK_WARN_BYTES:
@@ -386,7 +375,7 @@ def check_memory(config: Config, total: int | None) -> CheckResult:
         return _warn("memory", "cannot read MemTotal from /proc/meminfo", "check /proc is mounted")
     text = config.hardware.memory_limit
     if text is None:
-        return _ok("memory", f"no memoryLimit; EXO may use all {total / GIB:.1f} GiB")
+        return _ok("memory", f"no memoryLimit; EXO may use all {gib(total)}")
     limit = MemoryLimit.parse(text).resolve(total)
     if limit < MEMORY_LIMIT_FLOOR_BYTES:
         return _fail(
@@ -399,11 +388,10 @@ def check_memory(config: Config, total: int | None) -> CheckResult:
     if limit > total:
         return _fail(
             "memory",
-            f"hardware.memoryLimit {text} ({limit / GIB:.1f} GiB) exceeds physical memory "
-            f"({total / GIB:.1f} GiB)",
+            f"hardware.memoryLimit {text} ({gib(limit)}) exceeds physical memory ({gib(total)})",
             "lower hardware.memoryLimit or give it as a percentage",
         )
-    return _ok("memory", f"memoryLimit {text} = {limit / GIB:.1f} GiB of {total / GIB:.1f} GiB")
+    return _ok("memory", f"memoryLimit {text} = {gib(limit)} of {gib(total)}")
 
 
 # ---------------------------------------------------------------- devices
@@ -416,14 +404,14 @@ DEVICE_NODES: dict[Accelerator, tuple[str, ...]] = {
 }
 
 
-def _expand(host: Host, pattern: str) -> list[Path]:
+def _expand(host: Tree, pattern: str) -> list[Path]:
     if "*" not in pattern:
         return [host.path(pattern)]
     parent = host.path(os.path.dirname(pattern))
     return sorted(parent.glob(os.path.basename(pattern))) if parent.is_dir() else []
 
 
-def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
+def check_devices(accelerator: Accelerator, host: Tree) -> CheckResult:
     patterns = DEVICE_NODES[accelerator]
     if not patterns:
         return _ok("devices", f"{accelerator} needs no device nodes")
@@ -452,7 +440,7 @@ def check_devices(accelerator: Accelerator, host: Host) -> CheckResult:
 # ---------------------------------------------------------------- kubernetes
 
 
-def check_kube_credentials(config: Config, host: Host) -> CheckResult:
+def check_kube_credentials(config: Config, host: Tree) -> CheckResult:
     """Credentials of the K3s registrar. EXO itself runs without them, so problems only warn."""
     k3s = config.k3s
     if not k3s.integration:
@@ -497,7 +485,7 @@ def check_kube_credentials(config: Config, host: Host) -> CheckResult:
 
 def run_checks(
     config: Config,
-    host: Host,
+    host: Tree,
     inventory: Inventory,
     accelerator: Accelerator,
     *,

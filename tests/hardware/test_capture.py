@@ -1,9 +1,11 @@
 """scripts/capture-hw-tree: a captured tree diagnoses the same as the machine it came from."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,39 @@ def test_capture_into_a_directory_that_cannot_be_made(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"capture-hw-tree: cannot create {blocker / 'tree'}: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+def _seen(root: Path) -> dict[str, Any]:
+    """What detection makes of ``root`` (NVML not asked), with the root cut from warnings."""
+    data = to_json(detect(root, use_nvml=False))
+    data.pop("root")
+    data.pop("disk")
+    data["warnings"] = [w.replace(str(root), "<root>") for w in data["warnings"]]
+    return data
+
+
+FIXTURE_NAMES = sorted(p.name for p in fixture("cpu-vm-cgroup").parent.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_capture_holds_what_detection_reads(tmp_path, name):
+    """The capture is what the reader recorded: detection of the copy, warnings included,
+    is detection of the original, for every fixture."""
+    out = tmp_path / "captured"
+    capture(fixture(name), out)
+    assert _seen(out) == _seen(fixture(name))
+
+
+def test_capture_of_entries_that_are_not_directories(tmp_path):
+    """A sandbox's /sys can list PCI devices as plain files (seen on a real H100 host in
+    gVisor): the copy lists them too, so it warns as the machine did."""
+    source = tmp_path / "source"
+    shutil.copytree(fixture("cpu-vm-cgroup"), source, symlinks=True)
+    devices = source / "sys/bus/pci/devices"
+    devices.mkdir(parents=True, exist_ok=True)
+    (devices / "0000:7f:00.0").write_text("")
+    out = tmp_path / "captured"
+    capture(source, out)
+    seen = _seen(out)
+    assert any("0000:7f:00.0/class: unreadable" in w for w in seen["warnings"]), seen["warnings"]
+    assert seen == _seen(source)

@@ -12,6 +12,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     validate = sub.add_parser("validate", help="check a config file; one line per problem")
     validate.add_argument("file", help="the config JSON (on a host: /etc/exo/config.json)")
     validate.add_argument("--quiet", "-q", action="store_true", help="print nothing when valid")
+    validate.add_argument(
+        "--name",
+        metavar="NAME",
+        help="call the document NAME in messages (the NixOS module's build check: services.exo)",
+    )
     sub.add_parser("schema", help="print the JSON Schema of the config document")
 
 
@@ -22,7 +27,8 @@ def main(args: argparse.Namespace) -> int:
         json.dump(config.json_schema(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
         return 0
-    loaded = config.load_config(args.file)
+    loaded = config.load_config(args.file, name=args.name)
     if not args.quiet:
-        print(f"{args.file}: valid (schemaVersion {loaded.schema_version}, mode {loaded.mode})")
+        shown = args.name or args.file
+        print(f"{shown}: valid (schemaVersion {loaded.schema_version}, mode {loaded.mode})")
     return 0

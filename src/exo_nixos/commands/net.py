@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.rootarg import add_root_argument, checked_root
+from exo_nixos.fsutil import os_reason
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -79,14 +80,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _capture(dest: Path, root: Path) -> int:
     from exo_nixos.errors import UserError
-    from exo_nixos.network.sysfs import capture
+    from exo_nixos.network.capture import capture
 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"--capture {dest}: exists and is not an empty directory; name a new one")
     try:
         inv, written = capture(dest, root)
     except OSError as exc:
-        raise UserError(f"--capture {dest}: cannot write: {exc.strerror or exc}") from None
+        raise UserError(f"--capture {dest}: cannot write: {os_reason(exc)}") from None
     names = ", ".join(i.name for i in inv.interfaces) or "no interfaces"
     print(
         f"captured {written} files ({names}) to {dest}; read it with: exo-nixos net --root {dest}"

@@ -44,10 +44,11 @@ def format_results(results: list[CheckResult]) -> str:
 def main(args: argparse.Namespace) -> int:
     from exo_nixos.config import load_config
     from exo_nixos.hardware import choose, detect
-    from exo_nixos.preflight import Host, Status, run_checks
+    from exo_nixos.hosttree import Tree
+    from exo_nixos.preflight import Status, run_checks
 
     config = load_config(args.config)
-    host = Host(checked_root(args.root))
+    host = Tree(checked_root(args.root))
     inventory = detect(host.root, models_dir=config.effective_models_dir)
     results = run_checks(config, host, inventory, choose(config, inventory).accelerator)
     if args.instance is not None:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     hc = config.health_check
     settings = Settings(
         role=shown_role,
-        api_url=f"http://127.0.0.1:{config.api_port}",
+        api_url=local_api_url(config.api_port),
         interval=hc.interval_sec,
         timeout=hc.timeout_sec,
         failures=hc.failures,

@@ -15,13 +15,14 @@ One concern per module:
 The names below are the public interface; import them from ``exo_nixos.exoapi``.
 """
 
+from exo_nixos.addresses import url_for
 from exo_nixos.exoapi.client import get_json, probe, probe_sync, request_json
 from exo_nixos.exoapi.errors import ExoApiError
 from exo_nixos.exoapi.hint import MASTER_HINT_FILE, read_master_hint, write_master_hint
 from exo_nixos.exoapi.logs import LogEvent, parse_log_line
 from exo_nixos.exoapi.state import State, parse_state_doc
 from exo_nixos.exoapi.sync import run_coroutine
-from exo_nixos.exoapi.urls import DEFAULT_URL, normalize_url, short_id, url_for
+from exo_nixos.exoapi.urls import DEFAULT_URL, normalize_url, short_id
 from exo_nixos.exoapi.view import (
     Instance,
     NodeView,

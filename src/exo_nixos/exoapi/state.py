@@ -17,7 +17,6 @@ skipped by the readers.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from exo_nixos.addresses import multiaddr
 from exo_nixos.exoapi.errors import ExoApiError
 
 __all__ = [
@@ -141,9 +141,6 @@ class SystemProfile(_Doc):
     ecpu_usage: float = 0.0
 
 
-_MULTIADDR = re.compile(r"^/(ip4|ip6|dns4?|dns6)/([^/]+)(?:/tcp/(\d{1,5}))?")
-
-
 class Multiaddr(_Doc):
     address: str = ""
     ip_address: str | None = None
@@ -157,8 +154,8 @@ class Multiaddr(_Doc):
     @property
     def endpoint(self) -> tuple[str, int | None] | None:
         """``(host, port)`` from the address, else from the computed fields upstream adds."""
-        if match := _MULTIADDR.match(self.address):
-            return match.group(2), int(match.group(3)) if match.group(3) else None
+        if found := multiaddr(self.address):
+            return found[1], found[2]
         if self.ip_address:
             return self.ip_address, self.port
         return None

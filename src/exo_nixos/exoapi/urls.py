@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.basetypes import EXO_API_PORT
 from exo_nixos.exoapi.errors import ExoApiError
 
-DEFAULT_URL = f"http://127.0.0.1:{EXO_API_PORT}"
+DEFAULT_URL = local_api_url(EXO_API_PORT)
 
 
 def normalize_url(base_url: str) -> str:
@@ -28,13 +29,6 @@ def normalize_url(base_url: str) -> str:
     if not valid:
         raise ExoApiError(f"invalid URL {base_url!r}: expected http://HOST:PORT", kind="url")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
-
-
-def url_for(host: str, port: int, scheme: str = "http") -> str:
-    """``scheme://host:port``, an IPv6 address in brackets (``http://[::1]:52417``): every
-    URL built from an address and a port goes through here."""
-    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"{scheme}://{bracketed}:{port}"
 
 
 def short_id(node_id: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from exo_nixos.addresses import url_for
 from exo_nixos.exoapi.state import State, parse_state_doc
-from exo_nixos.exoapi.urls import url_for
 
 
 @dataclass(frozen=True)

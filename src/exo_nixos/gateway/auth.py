@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exo_nixos.errors import UserError
+from exo_nixos.fsutil import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ def read_key_file(path: Path) -> list[ApiKey]:
             "make it readable by the gateway's user"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UserError(f"{path}: cannot read the API key file: {reason}") from None
+        raise UserError(f"{path}: cannot read the API key file: {os_reason(exc)}") from None
     return parse_keys(text, str(path))
 
 

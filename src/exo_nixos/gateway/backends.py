@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from exo_nixos import exoapi
-from exo_nixos.exoapi import NodeView, url_for
+from exo_nixos.addresses import multiaddr, url_for
+from exo_nixos.exoapi import NodeView
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.hysteresis import UpDown
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ def address_host(address: str) -> str | None:
     need an interface scope the gateway cannot know)."""
     text = address.strip()
     if text.startswith("/"):
-        parts = text.split("/")
-        text = parts[2] if len(parts) > 2 and parts[1] in {"ip4", "ip6"} else ""
+        found = multiaddr(text)
+        text = found[1] if found and found[0] in {"ip4", "ip6"} else ""
     elif text.startswith("["):
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
@@ -66,7 +68,7 @@ class Backend:
     expected_node_id: str | None = None
     healthy: bool = False
     reported: bool | None = None  # the state last logged; None before the first
-    failures: int = 0
+    probes: UpDown = field(kw_only=True)  # limit: the pool's healthCheck.failures
     inflight: int = 0
     _index: int = field(default=0, repr=False)
 
@@ -103,8 +105,10 @@ class BackendPool:
         self.failure_threshold = failures
         self.metrics = metrics
         self._probe = probe
-        self.local: Backend | None = Backend([local_url], "local") if local_url else None
-        self.static = [Backend([url], "static") for url in dict.fromkeys(static_urls)]
+        self.local = Backend([local_url], "local", probes=UpDown(failures)) if local_url else None
+        self.static = [
+            Backend([url], "static", probes=UpDown(failures)) for url in dict.fromkeys(static_urls)
+        ]
         self.peers: dict[str, Backend] = {}
         self._turn = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +138,7 @@ class BackendPool:
 
     def mark_failed(self, backend: Backend, reason: str) -> None:
         """A request could not reach the backend: it is down until a probe passes."""
-        backend.failures = max(backend.failures, self.failure_threshold)
+        backend.probes.give_up()
         self._set_health(backend, False, reason)
         if len(backend.urls) > 1:
             backend.next_address()
@@ -177,14 +181,14 @@ class BackendPool:
                 wrong_node = True
                 view = None
         if not reason:
-            backend.failures = 0
+            backend.probes.passed()
             self._set_health(backend, True, "")
         else:
-            backend.failures += 1
+            backend.probes.failed_probe()
             # down: another node answered, enough probes failed, or it never was up (the
             # first failure says why, once)
             never_up = backend.reported is None
-            if wrong_node or never_up or backend.failures >= self.failure_threshold:
+            if wrong_node or never_up or backend.probes.failing:
                 self._set_health(backend, False, reason)
             if not backend.healthy and len(backend.urls) > 1:
                 backend.next_address()
@@ -237,7 +241,13 @@ class BackendPool:
             current = self.peers.get(peer.node_id)
             if current is None:
                 log.info("peer %s found at %s", peer.node_id, ", ".join(urls))
-                backend = Backend(urls, "peer", node_id=peer.node_id, expected_node_id=peer.node_id)
+                backend = Backend(
+                    urls,
+                    "peer",
+                    node_id=peer.node_id,
+                    expected_node_id=peer.node_id,
+                    probes=UpDown(self.failure_threshold),
+                )
                 self.peers[peer.node_id] = backend
                 self._publish(backend)
                 new.append(backend)

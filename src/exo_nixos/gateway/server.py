@@ -12,10 +12,10 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from exo_nixos.addresses import local_api_url, url_for
 from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
-from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
@@ -104,7 +104,7 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
     # one node per GPU: the host's nodes, each at its own address, are the local backends
     nodes = node_urls(config) if gw.local_backend else []
     pool = BackendPool(
-        local_url=url_for("127.0.0.1", config.api_port) if gw.local_backend and not nodes else None,
+        local_url=local_api_url(config.api_port) if gw.local_backend and not nodes else None,
         static_urls=[*gw.static_backends, *nodes],
         api_port=config.api_port,
         interval=config.health_check.interval_sec,

@@ -142,7 +142,7 @@ def _nvidia_checks(tree: Tree, gpu: Gpu) -> None:
         wanted.append(f"/dev/nvidia{minor}")
     _nodes(tree, gpu, wanted)
     if minor is None and not any(
-        n.removeprefix("nvidia").isdigit() for n in tree.listdir("/dev") if n.startswith("nvidia")
+        n.removeprefix("nvidia").isdigit() for n in tree.listdir("/dev", prefix="nvidia")
     ):
         gpu.missing_nodes.append("/dev/nvidia<N>")
     for node in gpu.missing_nodes:

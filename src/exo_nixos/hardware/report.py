@@ -8,13 +8,9 @@ from typing import Any
 from exo_nixos.hardware.decide import Decision
 from exo_nixos.hardware.instances import NodePlan
 from exo_nixos.hardware.model import Inventory, to_json
+from exo_nixos.units import gib
 
-GiB = 1 << 30
 _PLAIN = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
-
-
-def _gib(value: int | None) -> str:
-    return "unknown" if value is None else f"{value / GiB:.1f} GiB"
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -79,19 +75,17 @@ def text_lines(inventory: Inventory, decision: Decision) -> list[str]:
         f"  inference flags: {' '.join(cpu.flags) or 'none'}",
     ]
     if cpu.numa_nodes:
-        nodes = ", ".join(
-            f"node{n.id} cpus {n.cpus} {_gib(n.memory_bytes)}" for n in cpu.numa_nodes
-        )
+        nodes = ", ".join(f"node{n.id} cpus {n.cpus} {gib(n.memory_bytes)}" for n in cpu.numa_nodes)
         lines.append(f"  NUMA: {nodes}")
-    limit = _gib(memory.cgroup_limit_bytes) if memory.cgroup_limit_bytes else "none"
+    limit = gib(memory.cgroup_limit_bytes) if memory.cgroup_limit_bytes else "none"
     lines.append(
-        f"Memory: {_gib(memory.total_bytes)} physical, {_gib(memory.available_bytes)} "
+        f"Memory: {gib(memory.total_bytes)} physical, {gib(memory.available_bytes)} "
         f"available, cgroup limit {limit}"
     )
     if inventory.disk is not None:
         disk = inventory.disk
         lines.append(
-            f"Disk: {_gib(disk.free_bytes)} free of {_gib(disk.total_bytes)} at {disk.measured}"
+            f"Disk: {gib(disk.free_bytes)} free of {gib(disk.total_bytes)} at {disk.measured}"
             f" (models dir {disk.requested})"
         )
     if inventory.apple is not None:
@@ -101,7 +95,7 @@ def text_lines(inventory: Inventory, decision: Decision) -> list[str]:
     for gpu in inventory.gpus:
         details = [gpu.kind.value, f"driver {gpu.driver or 'none'}"]
         if gpu.memory_bytes is not None:
-            details.append(f"{_gib(gpu.memory_bytes)} ({gpu.memory_source})")
+            details.append(f"{gib(gpu.memory_bytes)} ({gpu.memory_source})")
         if gpu.compute_capability:
             details.append(f"compute {gpu.compute_capability}")
         if gpu.gfx_target:

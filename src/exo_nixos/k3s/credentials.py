@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from exo_nixos.config import K3s
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
+from exo_nixos.fsutil import os_reason
 
 if TYPE_CHECKING:
     from lightkube import KubeConfig
@@ -33,7 +34,7 @@ def _readable(path: Path, option: str) -> Path:
     except FileNotFoundError:
         raise UserError(f"k3s.{option}: {path} does not exist; create it or fix the path") from None
     except OSError as exc:
-        raise UserError(f"k3s.{option}: cannot read {path}: {exc.strerror}") from None
+        raise UserError(f"k3s.{option}: cannot read {path}: {os_reason(exc)}") from None
     return path
 
 

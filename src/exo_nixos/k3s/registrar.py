@@ -30,6 +30,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.discovery_v1 import EndpointSlice
 
 from exo_nixos.backoff import Backoff
+from exo_nixos.hysteresis import UpDown
 from exo_nixos.k3s.render import MANAGED_BY, MANAGED_BY_LABEL, PORT_NAME, SERVICE_NAME_LABEL
 
 HealthCheck = Callable[[], Awaitable[bool]]
@@ -168,15 +169,18 @@ class Registrar:
         self.address = address
         self.health = health
         self.interval = interval
-        self.failures = failures
+        self.probes = UpDown(failures)
         self.resync = resync
         self.backoff = backoff or Backoff()
         self.stop_timeout = stop_timeout
-        self.ready = False
         self.published: bool | None = None
         self.last_error: str | None = None
         self._current: EndpointSlice | None = None
-        self._bad_probes = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether the endpoint is published as ready (the node passed its last probes)."""
+        return self.probes.up
 
     async def _probe(self) -> None:
         try:
@@ -185,15 +189,10 @@ class Registrar:
             log.debug("health probe raised %s: %s", type(exc).__name__, exc)
             healthy = False
         if healthy:
-            self._bad_probes = 0
-            if not self.ready:
+            if self.probes.passed():
                 log.info("node healthy: endpoint ready")
-            self.ready = True
-            return
-        self._bad_probes += 1
-        if self.ready and self._bad_probes >= self.failures:
-            log.warning("%d failed probes: endpoint not ready", self._bad_probes)
-            self.ready = False
+        elif self.probes.failed_probe():
+            log.warning("%d failed probes: endpoint not ready", self.probes.failed)
 
     async def _get(self) -> EndpointSlice | None:
         try:

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 
+from exo_nixos.addresses import local_api_url, url_for
 from exo_nixos.backoff import Backoff
 from exo_nixos.config import Config
 from exo_nixos.errors import UserError
@@ -26,13 +27,13 @@ def node_health(config: Config) -> HealthCheck:
     """Healthy when this node's EXO API probe finds no problem (the verdict of
     ``exo-nixos health`` exit 0: ``/node_id``, ``/state`` synced with a master, ``/models``)
     and, when the Service points at the gateway, the gateway answers ``/health`` with 200."""
-    from exo_nixos.exoapi import ExoApiError, probe, url_for
+    from exo_nixos.exoapi import ExoApiError, probe
     from exo_nixos.k3s.render import exposure
     from exo_nixos.network.instance_net import node_urls
 
     timeout = config.health_check.timeout_sec
     # one node per GPU: the host is healthy while one of its nodes is
-    nodes = node_urls(config) or [url_for("127.0.0.1", config.api_port)]
+    nodes = node_urls(config) or [local_api_url(config.api_port)]
     gateway_url: str | None = None
     if exposure(config).via_gateway:
         gateway = config.gateway

@@ -5,7 +5,7 @@ pyroute2 when it starts.
 """
 
 from exo_nixos.network.choose import InterfaceChoice, choose_cluster_interface
-from exo_nixos.network.sysfs import (
+from exo_nixos.network.model import (
     Bond,
     BondSlave,
     Interface,
@@ -14,8 +14,8 @@ from exo_nixos.network.sysfs import (
     RdmaDevice,
     RdmaPort,
     Thunderbolt,
-    inspect,
 )
+from exo_nixos.network.sysfs import inspect
 from exo_nixos.network.watch import (
     LinkEvent,
     LinkHealth,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from exo_nixos.basetypes import EXO_DISCOVERY_PORT
-from exo_nixos.network.sysfs import Interface, NetInventory
+from exo_nixos.network.model import Interface, NetInventory
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -196,59 +196,45 @@ def _rdma_findings(config: Config, inv: NetInventory) -> tuple[list[str], list[s
     return warnings, notes
 
 
-def choose_cluster_interface(config: Config | None, inv: NetInventory) -> InterfaceChoice:
-    """The cluster interface for this host: the configured one, or the best candidate."""
-    port = config.networking.discovery_port if config else EXO_DISCOVERY_PORT
-    reasons: list[str] = []
-    problems: list[str] = []
-    warnings: list[str] = []
-    notes: list[str] = list(inv.notes)
-    configured = config.networking.bond_interface if config else None
-    by_name = sorted((i for i in inv.interfaces if _candidate(i)), key=lambda i: i.name)
-    # best score first; among equals the first name (the sort is stable)
-    candidates = sorted(by_name, key=lambda i: _score(i, inv), reverse=True)
-    chosen: Interface | None
-    if configured is not None:
-        chosen = inv.interface(configured)
-        if chosen is None:
-            known = ", ".join(i.name for i in inv.interfaces) or "none"
-            return InterfaceChoice(
-                name=configured,
-                reasons=[f"{configured} is set as networking.bondInterface"],
-                problems=[
-                    f"the configured cluster interface {configured} (networking.bondInterface) "
-                    f"does not exist on this host (interfaces: {known}); create it or fix "
-                    "the option"
-                ],
-                configured=True,
-                candidates=[c.name for c in candidates],
-            )
-        reasons.append(f"{configured} is set as networking.bondInterface: {describe(chosen, inv)}")
-    elif candidates:
-        chosen = candidates[0]
-        reasons.append(f"{chosen.name} is the best candidate: {describe(chosen, inv)}")
-        for other in candidates[1:]:
-            reasons.append(f"not {other.name}: {describe(other, inv)}")
-        reasons.append(
-            "nothing is configured: set services.exo.networking.bondInterface to pin the choice"
-        )
-    else:
-        return InterfaceChoice(
-            name=None,
-            reasons=[
-                "no interface qualifies (loopback, bond slaves and container, VPN or "
-                "virtual bridge interfaces are never chosen)"
-            ],
-            problems=["no network interface for EXO's cluster traffic: EXO would only see itself"],
-            notes=notes,
-        )
-    reasons.append(
-        "EXO itself uses every interface with an IPv6 address; the cluster interface is where "
-        "exo-nixos opens the firewall, restricts the units and watches the link"
+def _missing(configured: str, inv: NetInventory, candidates: list[Interface]) -> InterfaceChoice:
+    known = ", ".join(i.name for i in inv.interfaces) or "none"
+    return InterfaceChoice(
+        name=configured,
+        reasons=[f"{configured} is set as networking.bondInterface"],
+        problems=[
+            f"the configured cluster interface {configured} (networking.bondInterface) "
+            f"does not exist on this host (interfaces: {known}); create it or fix the option"
+        ],
+        configured=True,
+        candidates=[c.name for c in candidates],
     )
-    found, doubtful = _discovery_problems(chosen, port, "cluster interface")
-    problems.extend(found)
-    warnings.extend(doubtful)
+
+
+def _none_qualifies(notes: list[str]) -> InterfaceChoice:
+    return InterfaceChoice(
+        name=None,
+        reasons=[
+            "no interface qualifies (loopback, bond slaves and container, VPN or "
+            "virtual bridge interfaces are never chosen)"
+        ],
+        problems=["no network interface for EXO's cluster traffic: EXO would only see itself"],
+        notes=notes,
+    )
+
+
+def _best(candidates: list[Interface], inv: NetInventory) -> list[str]:
+    """Why the first candidate and not the others."""
+    chosen, *others = candidates
+    return [
+        f"{chosen.name} is the best candidate: {describe(chosen, inv)}",
+        *(f"not {other.name}: {describe(other, inv)}" for other in others),
+        "nothing is configured: set services.exo.networking.bondInterface to pin the choice",
+    ]
+
+
+def _link_findings(chosen: Interface, inv: NetInventory, port: int) -> tuple[list[str], list[str]]:
+    """What stops (problems) or risks (warnings) EXO's traffic on the cluster interface."""
+    problems, warnings = _discovery_problems(chosen, port, "cluster interface")
     bond = inv.bond(chosen.name)
     if bond is not None and chosen.link_up:
         warnings.extend(bond.problems)
@@ -259,38 +245,74 @@ def choose_cluster_interface(config: Config | None, inv: NetInventory) -> Interf
             f"{chosen.name} is enslaved to {chosen.master}: use {chosen.master} as the cluster "
             "interface"
         )
+    return problems, warnings
+
+
+def _other_links(
+    config: Config, chosen: Interface, inv: NetInventory, port: int
+) -> tuple[list[str], list[str]]:
+    """Warnings and notes about the extra and backup interfaces and RDMA/Thunderbolt."""
+    net = config.networking
+    warnings: list[str] = []
+    notes: list[str] = []
+    for extra in net.extra_interfaces:
+        if extra == chosen.name:
+            continue
+        iface = inv.interface(extra)
+        if iface is None:
+            warnings.append(
+                f"extra cluster interface {extra} (networking.extraInterfaces) does not exist"
+            )
+            continue
+        found, doubtful = _discovery_problems(iface, port, "extra cluster interface")
+        warnings.extend(found + doubtful)
+        xbond = inv.bond(extra)
+        if xbond is not None:
+            warnings.extend(xbond.problems)
+    if net.backup_interface is not None:
+        backup = inv.interface(net.backup_interface)
+        if backup is None:
+            warnings.append(
+                f"backup interface {net.backup_interface} (networking.backupInterface) "
+                "does not exist: no failover possible"
+            )
+        elif not backup.link_up:
+            warnings.append(
+                f"backup interface {backup.name} is down: no failover possible right now"
+            )
+        else:
+            notes.append(f"backup interface {backup.name}: {describe(backup, inv)}")
+    rdma_warnings, rdma_notes = _rdma_findings(config, inv)
+    return warnings + rdma_warnings, notes + rdma_notes
+
+
+def choose_cluster_interface(config: Config | None, inv: NetInventory) -> InterfaceChoice:
+    """The cluster interface for this host: the configured one, or the best candidate."""
+    port = config.networking.discovery_port if config else EXO_DISCOVERY_PORT
+    notes: list[str] = list(inv.notes)
+    configured = config.networking.bond_interface if config else None
+    by_name = sorted((i for i in inv.interfaces if _candidate(i)), key=lambda i: i.name)
+    # best score first; among equals the first name (the sort is stable)
+    candidates = sorted(by_name, key=lambda i: _score(i, inv), reverse=True)
+    if configured is not None:
+        chosen = inv.interface(configured)
+        if chosen is None:
+            return _missing(configured, inv, candidates)
+        reasons = [f"{configured} is set as networking.bondInterface: {describe(chosen, inv)}"]
+    elif candidates:
+        chosen = candidates[0]
+        reasons = _best(candidates, inv)
+    else:
+        return _none_qualifies(notes)
+    reasons.append(
+        "EXO itself uses every interface with an IPv6 address; the cluster interface is where "
+        "exo-nixos opens the firewall, restricts the units and watches the link"
+    )
+    problems, warnings = _link_findings(chosen, inv, port)
     if config is not None:
-        net = config.networking
-        for extra in net.extra_interfaces:
-            if extra == chosen.name:
-                continue
-            iface = inv.interface(extra)
-            if iface is None:
-                warnings.append(
-                    f"extra cluster interface {extra} (networking.extraInterfaces) does not exist"
-                )
-            else:
-                found, doubtful = _discovery_problems(iface, port, "extra cluster interface")
-                warnings.extend(found + doubtful)
-                xbond = inv.bond(extra)
-                if xbond is not None:
-                    warnings.extend(xbond.problems)
-        if net.backup_interface is not None:
-            backup = inv.interface(net.backup_interface)
-            if backup is None:
-                warnings.append(
-                    f"backup interface {net.backup_interface} (networking.backupInterface) "
-                    "does not exist: no failover possible"
-                )
-            elif not backup.link_up:
-                warnings.append(
-                    f"backup interface {backup.name} is down: no failover possible right now"
-                )
-            else:
-                notes.append(f"backup interface {backup.name}: {describe(backup, inv)}")
-        rdma_warnings, rdma_notes = _rdma_findings(config, inv)
-        warnings.extend(rdma_warnings)
-        notes.extend(rdma_notes)
+        more_warnings, more_notes = _other_links(config, chosen, inv, port)
+        warnings += more_warnings
+        notes += more_notes
     return InterfaceChoice(
         name=chosen.name,
         reasons=reasons,

@@ -156,7 +156,7 @@ def host_up(
 def node_urls(config: Config, machine_id: str | None = None) -> list[str]:
     """The API URLs of this host's nodes (hardware.nodePerGpu), as the host reaches them
     through ``exo-host``; empty when the option is off. The gateway's and the registrar's."""
-    from exo_nixos.exoapi import url_for
+    from exo_nixos.addresses import url_for
     from exo_nixos.hardware.instances import instances
 
     nodes = instances(config.hardware.node_per_gpu)

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from exo_nixos.network.choose import InterfaceChoice
-from exo_nixos.network.sysfs import Interface, NetInventory
+from exo_nixos.network.model import Interface, NetInventory
 
 
 def _interface_json(iface: Interface) -> dict[str, Any]:

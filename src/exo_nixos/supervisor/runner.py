@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import aiohttp
 
 from exo_nixos import exoapi
+from exo_nixos.fsutil import os_reason
+from exo_nixos.hysteresis import UpDown
 from exo_nixos.monitoring import psi
 from exo_nixos.supervisor.environment import Launch
 from exo_nixos.supervisor.notify import Notifier
@@ -74,8 +76,8 @@ class Settings:
 
 @dataclass
 class _State:
+    health: UpDown  # the probes after ready: UNHEALTHY while failing
     ready: bool = False
-    failed_probes: int = 0
     stopping: bool = False
     last: Topology | None = None
     node_id: str | None = None  # from EXO's "Starting node ID" line
@@ -227,7 +229,7 @@ class Supervisor:
         self.links: LinkSource | None = None
         self.memory_cgroup: Path | None = None
         """The node unit's cgroup: sustained memory pressure there shows in STATUS."""
-        self.state = _State()
+        self.state = _State(UpDown(settings.failures))
         self.child: Child | None = None
         self._kill_task: asyncio.Task[None] | None = None
 
@@ -248,6 +250,28 @@ class Supervisor:
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._announce()
+        for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.notifier.status(self._status(None))
+        log.info("starting %s", " ".join(self.launch.argv))
+        child = Child(self._pass_on)
+        failed = await self._spawn(loop, child)
+        if failed is not None:
+            return failed
+        self.child = child
+        if self.state.stopping:  # asked to stop while EXO was being started
+            self._on_signal(signal.SIGTERM, again=True)
+        status = exit_status(await self._supervise(loop, child))
+        if self.state.stopping:
+            log.info("EXO stopped (status %d)", status)
+        else:
+            log.error("EXO exited unexpectedly with status %d", status)
+            self.notifier.status(f"EXO exited with status {status}")
+        return status
+
+    def _announce(self) -> None:
+        """Log the accelerator decision and the topology the last run saw."""
         sel = self.launch.selection
         if sel.fallback:
             log.warning("accelerator fallback: %s", sel.fallback)
@@ -264,11 +288,9 @@ class Supervisor:
                     previous.topology.master_id,
                     peers,
                 )
-        for sig in FORWARDED:  # before the child exists: a stop signal then cancels the start
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        self.notifier.status(self._status(None))
-        log.info("starting %s", " ".join(self.launch.argv))
-        child = Child(self._pass_on)
+
+    async def _spawn(self, loop: asyncio.AbstractEventLoop, child: Child) -> int | None:
+        """Start EXO as ``child``; None once started, else the exit status to give."""
         try:
             await loop.subprocess_exec(
                 lambda: child,
@@ -282,17 +304,18 @@ class Supervisor:
         except (OSError, ValueError) as exc:  # ValueError: a NUL or '=' where execve refuses it
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
-            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            reason = os_reason(exc)
             log.error("cannot start %s: %s", self.launch.argv[0], reason)
             self.notifier.status(f"cannot start EXO: {reason}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        self.child = child
-        if self.state.stopping:  # asked to stop while EXO was being started
-            self._on_signal(signal.SIGTERM, again=True)
+        return None
+
+    async def _supervise(self, loop: asyncio.AbstractEventLoop, child: Child) -> int:
+        """Probe EXO and watch the links until it exits; then clean up. EXO's return code."""
         health = asyncio.create_task(self._health_loop())
         links = await self._start_links()
         try:
-            returncode = await asyncio.shield(child.exited)
+            return await asyncio.shield(child.exited)
         finally:
             if links is not None:
                 with contextlib.suppress(Exception):
@@ -309,13 +332,6 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(child.output_closed), DRAIN_TIMEOUT)
             child.close()
-        status = exit_status(returncode)
-        if self.state.stopping:
-            log.info("EXO stopped (status %d)", status)
-        else:
-            log.error("EXO exited unexpectedly with status %d", status)
-            self.notifier.status(f"EXO exited with status {status}")
-        return status
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -436,17 +452,18 @@ class Supervisor:
             if not self.state.ready:
                 log.debug("not ready yet: %s", reason)
                 return False
-            self.state.failed_probes += 1
-            level = logging.ERROR if self.state.failed_probes >= s.failures else logging.WARNING
-            log.log(level, "health probe %d failed: %s", self.state.failed_probes, reason)
-            if self.state.failed_probes >= s.failures:
+            health = self.state.health
+            health.failed_probe()
+            level = logging.ERROR if health.failing else logging.WARNING
+            log.log(level, "health probe %d failed: %s", health.failed, reason)
+            if health.failing:
                 self.notifier.status(
-                    f"{s.role}; UNHEALTHY: {self.state.failed_probes} failed probes ({reason})"
+                    f"{s.role}; UNHEALTHY: {health.failed} failed probes ({reason})"
                 )
             return False
-        if self.state.failed_probes:
-            log.info("EXO healthy again after %d failed probes", self.state.failed_probes)
-        self.state.failed_probes = 0
+        if self.state.health.failed:
+            log.info("EXO healthy again after %d failed probes", self.state.health.failed)
+        self.state.health.passed()
         self._record(topo)
         self.state.problem = view.problems[0] if view.problems else None
         if self.state.ready:
