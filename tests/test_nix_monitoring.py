@@ -42,7 +42,7 @@ def test_exporter_unit_config_and_firewall():
     assert 9400 in opened["firewall"]["allowedTCPPorts"]
     assert any("listens on 127.0.0.1 only" in w for w in opened["warnings"])
     # judged by the config model while config.json is built
-    with pytest.raises(NixBuildError, match="exporter.listenAddress: '999.1.1.1'"):
+    with pytest.raises(NixBuildError, match=r"exporter\.listenAddress: '999\.1\.1\.1'"):
         evaluate(exo(exporter={"enable": True, "listenAddress": "999.1.1.1"}))
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.commands.health import _positive_seconds
 from exo_nixos.errors import UserError
+from exo_nixos.units import size
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -215,15 +216,13 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _size(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
-
-
 def render_verify(reports: list[ModelReport], quarantine_dir: Path | None) -> str:
     lines: list[str] = []
     for report in reports:
         state = "ok" if report.clean else "DAMAGED"
-        lines.append(f"{state:<8}{report.directory} ({report.files} files, {_size(report.bytes)})")
+        lines.append(
+            f"{state:<8}{report.directory} ({report.files} files, {size(report.bytes, 2)})"
+        )
         lines += [f"  {d.line()}" for d in report.damage]
         lines += [f"  note: {n}" for n in report.notes]
         lines += [f"  moved {a} -> {b}" for a, b in report.moved]

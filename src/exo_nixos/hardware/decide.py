@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from exo_nixos.basetypes import Accelerator, MemoryLimit
 from exo_nixos.findings import Finding, Severity
 from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor, Inventory
+from exo_nixos.units import size
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config, Hardware
@@ -202,11 +203,7 @@ class _Option:
 
 
 def _size(value: int | None) -> str:
-    if value is None:
-        return "memory unknown"
-    if value >= GiB:
-        return f"{value / GiB:.0f} GiB"
-    return f"{value / MiB:.0f} MiB"
+    return "memory unknown" if value is None else size(value, 0)
 
 
 def _describe(gpus: list[Gpu]) -> str:

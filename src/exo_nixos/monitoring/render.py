@@ -8,12 +8,12 @@ from rich.text import Text
 
 from exo_nixos import exoapi
 from exo_nixos.monitoring.cluster import ClusterView, NodeRow
-
-_GIB = 1 << 30
+from exo_nixos.units import GIB
 
 
 def gib(value: int | None) -> str:
-    return "?" if value is None else f"{value / _GIB:.1f}"
+    """A number of GiB for a table whose column says the unit."""
+    return "?" if value is None else f"{value / GIB:.1f}"
 
 
 def _memory(node: NodeRow) -> str:
