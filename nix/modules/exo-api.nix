@@ -12,7 +12,7 @@ let
   tls = gw.tlsCertificateFile != null && gw.tlsKeyFile != null;
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
   netns = cfg.networking.networkNamespace;
-  hardening = import ./lib/hardening.nix;
+  networkService = import ./lib/network-service.nix;
 in
 {
   imports = [ ./exo-service.nix ];
@@ -172,7 +172,7 @@ in
       wants = cfg.nodeServices;
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
-      serviceConfig = hardening // {
+      serviceConfig = networkService // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} gateway --config ${cfg.configFile}";
@@ -195,15 +195,6 @@ in
         # EXO in a network namespace answers on that namespace's loopback and interfaces only:
         # the gateway joins it (clients reach it on the interfaces moved there).
         NetworkNamespacePath = mkIf (netns != null) "/run/netns/${netns}";
-
-        # Hardening beyond the baseline (lib/hardening.nix): a network proxy needs no
-        # devices, IPC, keyring, resource control or netlink.
-        PrivateDevices = true;
-        DevicePolicy = "closed";
-        PrivateIPC = true;
-        KeyringMode = "private";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
       };
     };
   };

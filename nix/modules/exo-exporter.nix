@@ -9,7 +9,7 @@ let
   exe = lib.getExe' cfg.toolPackage "exo-nixos";
   loopback = import ./lib/loopback.nix ex.listenAddress;
   netns = cfg.networking.networkNamespace;
-  hardening = import ./lib/hardening.nix;
+  networkService = import ./lib/network-service.nix;
 in
 {
   imports = [ ./exo-service.nix ./exo-networking.nix ];
@@ -56,7 +56,7 @@ in
       after = [ "network.target" ] ++ cfg.nodeServices;
       partOf = [ "exo.target" ];
       wantedBy = [ "exo.target" ];
-      serviceConfig = hardening // {
+      serviceConfig = networkService // {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} exporter --config ${cfg.configFile}";
@@ -66,15 +66,8 @@ in
         User = cfg.security.user;
         Group = cfg.security.group;
         NetworkNamespacePath = mkIf (netns != null) "/run/netns/${netns}";
-        # Beyond the baseline (lib/hardening.nix), as tight as the gateway: no devices, IPC,
-        # keyring or resource control; the node unit's cgroup files are read through the
-        # read-only /sys/fs/cgroup that ProtectControlGroups leaves.
-        PrivateDevices = true;
-        DevicePolicy = "closed";
-        PrivateIPC = true;
-        KeyringMode = "private";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
+        # the node unit's cgroup files are read through the read-only /sys/fs/cgroup that
+        # ProtectControlGroups leaves
         MemoryMax = "256M";
       };
     };

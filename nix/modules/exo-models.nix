@@ -9,7 +9,7 @@ let
   exoTypes = import ./lib/types.nix { inherit lib; };
   inherit (exoTypes) absolutePath;
   exe = lib.getExe' cfg.toolPackage "exo-nixos";
-  hardening = import ./lib/hardening.nix;
+  networkService = import ./lib/network-service.nix;
   sec = cfg.security;
   netns = cfg.networking.networkNamespace;
   inside = parent: dir: dir == parent || lib.hasPrefix "${parent}/" dir;
@@ -142,7 +142,7 @@ in
       restartTriggers = [ cfg.configFile ];
       # no start rate limit: the exponential backoff below paces restarts forever
       startLimitIntervalSec = 0;
-      serviceConfig = hardening // {
+      serviceConfig = networkService // {
         # READY=1 at once (it must not hold up boot while the cluster forms), STATUS= per pass
         Type = "notify";
         NotifyAccess = "main";
@@ -162,15 +162,6 @@ in
         ProtectHome = config.systemd.services.${cfg.nodeUnit}.serviceConfig.ProtectHome;
         # the node API is on this host (in the EXO network namespace when there is one)
         NetworkNamespacePath = mkIf (netns != null) "/run/netns/${netns}";
-
-        # Hardening beyond the baseline (lib/hardening.nix): an HTTP client that moves files
-        # needs no devices, IPC, keyring, resource control or netlink.
-        PrivateDevices = true;
-        DevicePolicy = "closed";
-        PrivateIPC = true;
-        KeyringMode = "private";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        SystemCallFilter = hardening.SystemCallFilter ++ [ "~@resources" ];
       };
     };
 
