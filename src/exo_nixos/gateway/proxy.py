@@ -1,5 +1,13 @@
-"""The gateway's HTTP server: authentication, its own ``/health`` and ``/metrics``, and the
-reverse proxy to the backend pool with failover and unbuffered streaming."""
+"""The gateway's HTTP application, on aiohttp's extension points.
+
+Two middlewares run around every handler: ``timed`` (connection bookkeeping, the request
+counters and durations, nginx's 499 for a client that left) and ``authenticated`` (the API
+key, except on public paths). ``/health`` and ``/metrics`` are routes of their own; every
+other path goes to ``proxy``, which tries the backends in turn: ``attempt`` sends the request
+and reads a whole document (so a backend failing half way through one is retried elsewhere),
+``relay`` passes a stream on as it arrives. When a response starts (its headers go out) is
+recorded by the application's ``on_response_prepare`` signal, not by each branch.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from exo_nixos.gateway.auth import KeyStore, presented_key
@@ -50,6 +59,11 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # Responses up to this size with a known length are read whole before answering, so a backend
 # failing in the middle of one is retried like a failure before the response.
 BUFFER_LIMIT = 1 << 20
+
+# When the request arrived (time.perf_counter()), set by the first code that sees it.
+STARTED = web.RequestKey("exo_gateway_started", float)
+# The name of the key the request was authenticated with (absent: no key needed).
+KEY_NAME = web.RequestKey("exo_gateway_key", str)
 
 
 @dataclass(frozen=True)
@@ -99,13 +113,19 @@ def _cut(request: web.Request) -> None:
         request.transport.close()
 
 
-class _BackendFailed(Exception):
-    """The backend failed before anything was sent to the client: try another."""
+class BackendFailed(Exception):
+    """The backend failed before anything was sent to the client: try another.
+    ``responded``: its response had started (it failed while the gateway read it)."""
+
+    def __init__(self, reason: str, *, responded: bool = False) -> None:
+        super().__init__(reason)
+        self.responded = responded
 
 
-def _error(
+def error_response(
     status: int, message: str, kind: str, headers: dict[str, str] | None = None
 ) -> web.Response:
+    """An OpenAI-style JSON error, as clients of EXO's API expect one."""
     body = json.dumps({"error": {"message": message, "type": kind, "code": status}})
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
@@ -145,6 +165,115 @@ def forward_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[st
     return _end_to_end(upstream.headers, _RESPONSE_DROP, _RESPONSE_DROP_PREFIX)
 
 
+@dataclass(frozen=True)
+class Forward:
+    """What one attempt sends: the request as the backend gets it."""
+
+    method: str
+    target: str  # path and query, as the client sent them
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Answer:
+    """A backend's response as far as ``attempt`` read it: ``body`` whole when ``complete``,
+    else its first bytes, the rest still to come from ``upstream``."""
+
+    upstream: aiohttp.ClientResponse
+    headers: CIMultiDict[str]
+    body: bytes
+    complete: bool
+
+
+async def attempt(
+    session: aiohttp.ClientSession,
+    backend: Backend,
+    forward: Forward,
+    settings: ProxySettings,
+) -> Answer:
+    """Send ``forward`` to ``backend`` and read a whole document (the start of a stream).
+    BackendFailed when nothing can have reached the client yet and another backend may
+    answer; the caller releases ``Answer.upstream``."""
+    label = backend.label
+    try:
+        async with asyncio.timeout(settings.response_timeout):
+            upstream = await session.request(
+                forward.method,
+                backend.url + forward.target,
+                headers=forward.headers,
+                data=forward.body if forward.body else None,
+                allow_redirects=False,
+                # only the client's headers: no added Accept-Encoding (bodies pass
+                # undecoded), User-Agent or Content-Type
+                skip_auto_headers=_NO_AUTO_HEADERS,
+            )
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise BackendFailed(f"{label}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+    headers = forward_response_headers(upstream)
+    if not _whole_document(upstream):
+        return Answer(upstream, headers, b"", complete=False)
+    try:
+        body, complete = await _read_upto(upstream, BUFFER_LIMIT, settings.stream_idle_timeout)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        upstream.release()
+        reason = f"{label}: response cut off: {type(exc).__name__}"
+        raise BackendFailed(reason, responded=True) from None
+    return Answer(upstream, headers, body, complete)
+
+
+@dataclass(frozen=True)
+class RelayEnd:
+    """How a relayed stream ended: ``None`` when complete, else which side failed."""
+
+    failed: str | None = None  # "client", "client-stalled", "backend", "backend-stalled"
+    error: BaseException | None = None
+
+
+async def relay(
+    request: web.Request, response: web.StreamResponse, answer: Answer, idle: float
+) -> RelayEnd:
+    """Pass the rest of ``answer`` to the client as it arrives (its headers are out). A side
+    that fails or stalls for ``idle`` seconds ends it; the client's connection is then cut
+    so it sees an incomplete response, never a shortened one that looks whole."""
+    upstream = answer.upstream
+    chunk = answer.body
+    while True:
+        if chunk:
+            try:
+                async with asyncio.timeout(idle):
+                    await response.write(chunk)
+            except ConnectionError:  # the client went away; closing upstream stops EXO
+                upstream.close()
+                return RelayEnd("client")
+            except TimeoutError:  # the client stopped reading: free both connections
+                upstream.close()
+                _cut(request)
+                return RelayEnd("client-stalled")
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await upstream.content.readany()
+        except TimeoutError:
+            upstream.close()
+            _cut(request)
+            return RelayEnd("backend-stalled")
+        except (aiohttp.ClientError, OSError) as exc:
+            _cut(request)
+            return RelayEnd("backend", exc)
+        if not chunk:
+            break
+    await response.write_eof()
+    return RelayEnd()
+
+
+def started_at(request: web.Request) -> float:
+    """When the request arrived; recorded by the first code that asks."""
+    started = request.get(STARTED)
+    if started is None:
+        started = request[STARTED] = time.perf_counter()
+    return started
+
+
 class Gateway:
     """The aiohttp application and the state its handlers share."""
 
@@ -165,8 +294,16 @@ class Gateway:
             header_timeout=settings.header_read_timeout,
             metrics=metrics,
         )
-        self.app = web.Application(client_max_size=settings.max_body_bytes)
-        self.app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
+        self.app = web.Application(
+            client_max_size=settings.max_body_bytes,
+            middlewares=[self.timed, self.authenticated],
+        )
+        # every method: a POST to /health is the gateway's, never EXO's
+        routes = self.app.router
+        routes.add_route("*", HEALTH_PATH, self.health, expect_handler=self._expect)
+        routes.add_route("*", METRICS_PATH, self.metrics_page, expect_handler=self._expect)
+        routes.add_route("*", "/{tail:.*}", self.proxy, expect_handler=self._expect)
+        self.app.on_response_prepare.append(self._responding)
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
         metrics.api_keys.set(len(keys))
@@ -196,32 +333,48 @@ class Gateway:
         self.metrics.api_keys.set(len(self.keys))
         return ok
 
-    # --- request handling -------------------------------------------------------------
+    # --- middleware and signals ----------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
+    @web.middleware
+    async def timed(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Count every answer with its status and duration (499: the client left first)."""
+        started = started_at(request)
         self.connections.arrived(request.transport)
         method = request.method
         try:
-            response = await self._dispatch(request, started)
+            response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own, e.g. 413 from request.read()
-            response = _error(exc.status, exc.reason, "invalid_request_error")
+            response = error_response(exc.status, exc.reason, "invalid_request_error")
         except asyncio.CancelledError:  # the client closed the connection (nginx's 499)
             self.metrics.answered(method, CLIENT_CLOSED, time.perf_counter() - started)
             raise
         self.metrics.answered(method, response.status, time.perf_counter() - started)
         return response
 
+    @web.middleware
+    async def authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
+        return await handler(request)
+
+    async def _responding(self, request: web.Request, _response: web.StreamResponse) -> None:
+        """A response's headers are about to go out: the latency to its start."""
+        self.metrics.responding(request.method, time.perf_counter() - started_at(request))
+
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
-        """``Expect: 100-continue``: the key and the declared body size are checked before
-        the client is told to send its body; a refused client gets its answer instead."""
-        started = time.perf_counter()
+        """``Expect: 100-continue`` (before the middleware runs): the key and the declared
+        body size are checked before the client is told to send its body; a refused client
+        gets its answer instead."""
+        started = started_at(request)
         self.connections.arrived(request.transport)
         expect = request.headers.get("Expect", "")
         http11 = request.version == aiohttp.HttpVersion11
-        refused = self._authenticate(request, started) or self._too_large(request)
+        refused = self._authenticate(request) or self._too_large(request)
         if refused is None and http11 and expect.lower() != "100-continue":
-            refused = _error(417, f"unknown expectation {expect!r}", "invalid_request_error")
+            refused = error_response(
+                417, f"unknown expectation {expect!r}", "invalid_request_error"
+            )
         if refused is not None:
             refused.force_close()  # the body the client may send anyway is not read
             self.metrics.answered(request.method, refused.status, time.perf_counter() - started)
@@ -231,42 +384,46 @@ class Gateway:
             request.writer.output_size = 0  # the response proper has not started
         return None
 
-    def _authenticate(self, request: web.Request, started: float) -> web.Response | None:
-        if not self.keys.enabled or request.path in self.settings.public_paths:
+    def _authenticate(self, request: web.Request) -> web.Response | None:
+        """None when the request may go on (its key's name in ``request[KEY_NAME]``)."""
+        if KEY_NAME in request or not self.keys.enabled:
+            return None
+        if request.path in self.settings.public_paths:
             return None
         presented = presented_key(request.headers)
         name = self.keys.check(presented)
         if name is None:
             reason = "missing" if presented is None else "invalid"
             self.metrics.auth_failures.labels(reason).inc()
-            self.metrics.responding(request.method, time.perf_counter() - started)
             message = (
                 "an API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
                 if presented is None
                 else "the API key is not valid"
             )
-            return _error(
+            return error_response(
                 401,
                 message,
                 "authentication_error",
                 {"WWW-Authenticate": 'Basic realm="exo", charset="UTF-8"'},
             )
+        request[KEY_NAME] = name
         self.metrics.authenticated(name)
         return None
 
-    async def _dispatch(self, request: web.Request, started: float) -> web.StreamResponse:
-        refused = self._authenticate(request, started)
-        if refused is not None:
-            return refused
-        if request.path == HEALTH_PATH:
-            self.metrics.responding(request.method, time.perf_counter() - started)
-            return self._health()
-        if request.path == METRICS_PATH:
-            self.metrics.responding(request.method, time.perf_counter() - started)
-            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-        return await self._proxy(request, started)
+    def _too_large(self, request: web.Request) -> web.Response | None:
+        declared = request.content_length
+        if declared is not None and declared > self.settings.max_body_bytes:
+            return error_response(
+                413,
+                f"request body of {declared} bytes is over the limit of "
+                f"{self.settings.max_body_bytes}",
+                "invalid_request_error",
+            )
+        return None
 
-    def _health(self) -> web.Response:
+    # --- handlers ------------------------------------------------------------------------
+
+    async def health(self, _request: web.Request) -> web.Response:
         summary = self.pool.summary()
         status = "ok" if summary["healthy"] == summary["total"] else "degraded"
         if summary["healthy"] == 0:
@@ -278,157 +435,87 @@ class Gateway:
             content_type="application/json",
         )
 
-    def _too_large(self, request: web.Request) -> web.Response | None:
-        declared = request.content_length
-        if declared is not None and declared > self.settings.max_body_bytes:
-            return _error(
-                413,
-                f"request body of {declared} bytes is over the limit of "
-                f"{self.settings.max_body_bytes}",
-                "invalid_request_error",
-            )
-        return None
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
         too_large = self._too_large(request)
         if too_large is not None:
             return too_large
-        body = await request.read() if request.can_read_body else b""
-        headers = forward_request_headers(request)
+        forward = Forward(
+            request.method,
+            request.raw_path if request.raw_path.startswith("/") else str(request.rel_url),
+            forward_request_headers(request),
+            await request.read() if request.can_read_body else b"",
+        )
         candidates = self.pool.candidates()
         if not candidates:
-            return _error(503, "no EXO node API is known to the gateway", "gateway_error")
-        for attempt, backend in enumerate(candidates[: self.settings.max_attempts]):
-            if attempt:
+            return error_response(503, "no EXO node API is known to the gateway", "gateway_error")
+        for number, backend in enumerate(candidates[: self.settings.max_attempts]):
+            if number:
                 self.metrics.retries.inc()
             try:
-                return await self._forward(request, backend, headers, body, started)
-            except _BackendFailed:
+                return await self._through(request, backend, forward)
+            except BackendFailed:
                 continue  # why is logged by the pool when the backend's state changes
         # The client learns no backend address or client-library error; the log has them.
-        return _error(502, "no EXO node could answer the request", "gateway_error")
+        return error_response(502, "no EXO node could answer the request", "gateway_error")
 
-    async def _forward(
-        self,
-        request: web.Request,
-        backend: Backend,
-        headers: CIMultiDict[str],
-        body: bytes,
-        started: float,
+    async def _through(
+        self, request: web.Request, backend: Backend, forward: Forward
     ) -> web.StreamResponse:
+        """One backend's answer to the client: whole, or relayed as it arrives."""
         assert self.session is not None
-        target = request.raw_path if request.raw_path.startswith("/") else str(request.rel_url)
-        url = backend.url + target
-        label = backend.label
         self.pool.started(backend)
-        upstream: aiohttp.ClientResponse | None = None
         try:
             try:
-                async with asyncio.timeout(self.settings.response_timeout):
-                    upstream = await self.session.request(
-                        request.method,
-                        url,
-                        headers=headers,
-                        data=body if body else None,
-                        allow_redirects=False,
-                        # only the client's headers: no added Accept-Encoding (bodies pass
-                        # undecoded), User-Agent or Content-Type
-                        skip_auto_headers=_NO_AUTO_HEADERS,
-                    )
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                reason = f"{label}: {type(exc).__name__}: {exc}".rstrip(": ")
-                self.metrics.forwarded(label, "error")
-                self.pool.mark_failed(backend, reason)
-                raise _BackendFailed(reason) from None
-            self.metrics.forwarded(label, "response")
-            response_headers = forward_response_headers(upstream)
-            head = b""
-            if _whole_document(upstream):
-                try:
-                    head, complete = await _read_upto(
-                        upstream, BUFFER_LIMIT, self.settings.stream_idle_timeout
-                    )
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    reason = f"{label}: response cut off: {type(exc).__name__}"
-                    self.pool.mark_failed(backend, reason)
-                    raise _BackendFailed(reason) from None
-                if complete:
-                    self.metrics.responding(request.method, time.perf_counter() - started)
+                answer = await attempt(self.session, backend, forward, self.settings)
+            except BackendFailed as exc:
+                self.metrics.forwarded(backend.label, "response" if exc.responded else "error")
+                self.pool.mark_failed(backend, str(exc))
+                raise
+            self.metrics.forwarded(backend.label, "response")
+            try:
+                upstream = answer.upstream
+                if answer.complete:
                     return web.Response(
                         status=upstream.status,
                         reason=upstream.reason,
-                        body=head,
-                        headers=response_headers,
+                        body=answer.body,
+                        headers=answer.headers,
                     )
-            return await self._stream(
-                request, upstream, response_headers, backend, head=head, started=started
-            )
+                response = web.StreamResponse(
+                    status=upstream.status, reason=upstream.reason, headers=answer.headers
+                )
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                end = await relay(request, response, answer, self.settings.stream_idle_timeout)
+                self._relay_ended(request, backend, end)
+                return response
+            finally:
+                answer.upstream.release()
         finally:
-            if upstream is not None:
-                upstream.release()
             self.pool.finished(backend)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
-        backend: Backend,
-        *,
-        head: bytes,
-        started: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
-        self.metrics.responding(request.method, time.perf_counter() - started)
+    def _relay_ended(self, request: web.Request, backend: Backend, end: RelayEnd) -> None:
         idle = self.settings.stream_idle_timeout
-        chunk = head
-        while True:
-            if chunk:
-                try:
-                    async with asyncio.timeout(idle):
-                        await response.write(chunk)
-                except ConnectionError:  # the client went away; closing upstream stops EXO
-                    upstream.close()
-                    return response
-                except TimeoutError:  # the client stopped reading: free both connections
-                    self.metrics.stalled_streams.labels("client").inc()
-                    log.info(
-                        "client %s took no data for %gs: stream from %s closed",
-                        request.remote,
-                        idle,
-                        backend.label,
-                    )
-                    upstream.close()
-                    _cut(request)
-                    return response
-            try:
-                async with asyncio.timeout(idle):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
-                # EXO stalled: cut the client off (it sees an incomplete response) and close
-                # the connection to EXO, rather than keep both open for ever.
-                self.metrics.aborted_streams.inc()
-                self.metrics.stalled_streams.labels("backend").inc()
-                log.warning("stream from %s stalled: no data for %gs; cut off", backend.label, idle)
-                upstream.close()
-                _cut(request)
-                return response
-            except (aiohttp.ClientError, OSError) as exc:
-                # Part of the response is out: it cannot be retried. Cut the client's
-                # connection so it sees an incomplete response, never a shortened one that
-                # looks whole.
-                self.metrics.aborted_streams.inc()
-                reason = f"{backend.label}: stream cut off: {type(exc).__name__}"
-                self.pool.mark_failed(backend, reason)
-                log.warning("stream from %s cut off: %s", backend.label, exc)
-                _cut(request)
-                return response
-            if not chunk:
-                break
-        await response.write_eof()
-        return response
+        if end.failed == "client-stalled":
+            self.metrics.stalled_streams.labels("client").inc()
+            log.info(
+                "client %s took no data for %gs: stream from %s closed",
+                request.remote,
+                idle,
+                backend.label,
+            )
+        elif end.failed == "backend-stalled":
+            # EXO stalled: the client is cut off rather than both kept open for ever.
+            self.metrics.aborted_streams.inc()
+            self.metrics.stalled_streams.labels("backend").inc()
+            log.warning("stream from %s stalled: no data for %gs; cut off", backend.label, idle)
+        elif end.failed == "backend":
+            # Part of the response is out: it cannot be retried.
+            self.metrics.aborted_streams.inc()
+            reason = f"{backend.label}: stream cut off: {type(end.error).__name__}"
+            self.pool.mark_failed(backend, reason)
+            log.warning("stream from %s cut off: %s", backend.label, end.error)
