@@ -17,6 +17,8 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from exo_nixos import exoapi
 from exo_nixos.exoapi import NodeView, url_for
@@ -54,6 +56,14 @@ def address_host(address: str) -> str | None:
     return str(ip)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without a user name and password (what logs, metrics and /health show)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 @dataclass(eq=False)
 class Backend:
     """One node API. ``urls`` are the addresses it may answer on; ``url`` the one in use."""
@@ -76,7 +86,8 @@ class Backend:
 
     @property
     def label(self) -> str:
-        return self.urls[0]
+        """The backend's name in logs, metrics and ``/health``: never a password."""
+        return without_credentials(self.urls[0])
 
     def next_address(self) -> None:
         self._index = (self._index + 1) % len(self.urls)
@@ -198,7 +209,7 @@ class BackendPool:
             return
         backend.reported = healthy
         if healthy:
-            log.info("backend %s up (node %s)", backend.url, backend.node_id)
+            log.info("backend %s up (node %s)", without_credentials(backend.url), backend.node_id)
         else:
             log.warning("backend %s down: %s", backend.label, reason)
 
@@ -285,3 +296,17 @@ class BackendPool:
 
     def summary(self) -> dict[str, int]:
         return {"healthy": len(self.healthy()), "total": len(self.all())}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each backend as ``/health`` lists it: the address in use (without credentials),
+        its node, whether it is up and the requests it serves now."""
+        return [
+            {
+                "url": without_credentials(b.url),
+                "nodeId": b.node_id,
+                "source": b.source,
+                "up": b.healthy,
+                "inflight": b.inflight,
+            }
+            for b in self.all()
+        ]

@@ -428,7 +428,7 @@ class Gateway:
         status = "ok" if summary["healthy"] == summary["total"] else "degraded"
         if summary["healthy"] == 0:
             status = "down"
-        body = json.dumps({"status": status, "backends": summary})
+        body = json.dumps({"status": status, "backends": summary, "nodes": self.pool.describe()})
         return web.Response(
             status=503 if status == "down" else 200,
             text=body,
