@@ -41,6 +41,8 @@ def gateway_config(
     tls: tuple[Path, Path] | None = None,
     interval: float = 0.5,
     log_level: str = "info",
+    key_policies: dict[str, Any] | None = None,
+    policy_file: Path | None = None,
 ) -> dict[str, Any]:
     gateway: dict[str, Any] = {
         "listenAddress": "127.0.0.1",
@@ -54,6 +56,10 @@ def gateway_config(
         gateway["publicPaths"] = public_paths
     if max_body_bytes is not None:
         gateway["maxBodyBytes"] = max_body_bytes
+    if key_policies is not None:
+        gateway["keyPolicies"] = key_policies
+    if policy_file is not None:
+        gateway["policyFile"] = str(policy_file)
     if tls is not None:
         gateway["tlsCertificateFile"] = str(tls[0])
         gateway["tlsKeyFile"] = str(tls[1])

@@ -13,6 +13,7 @@ let
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
   netns = cfg.networking.networkNamespace;
   hardening = import ./lib/hardening.nix;
+  json = pkgs.formats.json { };
 in
 {
   imports = [ ./exo-service.nix ];
@@ -131,6 +132,37 @@ in
         (logged once per address while it is at the limit).
       '';
     };
+    keyPolicies = mkOption {
+      # free-form here: the rules (names, limits, fields) are the config model's
+      # (KeyPolicy in src/exo_nixos/config.py), checked when the gateway starts or reloads
+      type = types.attrsOf json.type;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          alice = { requestsPerMinute = 60; concurrency = 4; tokensPerMinute = 200000; };
+          ci-runner = { models = [ "mlx-community/Llama-3.2-1B-Instruct-4bit" ]; };
+          "*" = { requestsPerMinute = 20; };
+        }
+      '';
+      description = ''
+        Limits by API key name (the names in `apiKeysFile`); `"*"` applies to every key
+        without an entry of its own. Each entry may set `requestsPerMinute`, `concurrency`
+        (requests in flight), `tokensPerMinute` (prompt plus completion tokens, from EXO's
+        `usage`) and `models` (the models the key may name; others get 403). A request over
+        a limit gets 429 with `Retry-After`. Needs `apiKeysFile`.
+      '';
+    };
+    policyFile = mkOption {
+      type = types.nullOr absolutePath;
+      default = null;
+      example = "/run/secrets/exo-api-policy.json";
+      description = ''
+        JSON file of key policies shaped like `keyPolicies` (whose entries it replaces by
+        name), kept next to `apiKeysFile` and re-read with it by `systemctl reload exo-api`;
+        a file that does not parse keeps the policies already loaded. Readable by the
+        service's group.
+      '';
+    };
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -146,7 +178,8 @@ in
       inherit (gw)
         enable listenAddress port apiKeysFile tlsCertificateFile tlsKeyFile publicPaths
         staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec
-        headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress;
+        headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress
+        keyPolicies policyFile;
     };
 
     assertions = mkIf gw.enable [
@@ -189,8 +222,8 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} gateway --config ${cfg.configFile}";
-        # A key file that does not parse fails the reload visibly (the running gateway would
-        # keep its keys anyway); a good one is re-read on SIGHUP.
+        # A key or policy file that does not parse fails the reload visibly (the running
+        # gateway would keep what it has anyway); good ones are re-read on SIGHUP.
         ExecReload = [
           "${exe} gateway --check --config ${cfg.configFile}"
           "${pkgs.coreutils}/bin/kill -HUP $MAINPID"

@@ -62,8 +62,27 @@ class GatewayMetrics:
         )
         self.requests_by_key = Counter(
             "exo_gateway_key_requests",
-            "Authenticated requests by key name.",
-            ["key"],
+            "Authenticated requests answered, by key name and model (the request's model "
+            "when EXO answered it, else empty).",
+            ["key", "model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "exo_gateway_key_prompt_tokens",
+            "Prompt tokens by key name and model, from EXO's usage.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "exo_gateway_key_completion_tokens",
+            "Completion tokens by key name and model, from EXO's usage.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "exo_gateway_key_limited",
+            "Requests refused by the key's policy (403 model, 429 limits), by key and limit.",
+            ["key", "limit"],
             registry=r,
         )
         self.retries = Counter(
@@ -125,12 +144,20 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        self.policy_reloads = Counter(
+            "exo_gateway_policy_reloads",
+            "Reloads of the key policy file (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
 
         # Labelled children by label values (see _child).
         self._answered: dict[tuple[str, ...], Counter] = {}
         self._latency: dict[tuple[str, ...], Histogram] = {}
         self._duration: dict[tuple[str, ...], Histogram] = {}
         self._by_key: dict[tuple[str, ...], Counter] = {}
+        self._prompt: dict[tuple[str, ...], Counter] = {}
+        self._completion: dict[tuple[str, ...], Counter] = {}
         self._forwarded: dict[tuple[str, ...], Counter] = {}
         self._inflight: dict[tuple[str, ...], Gauge] = {}
 
@@ -146,8 +173,13 @@ class GatewayMetrics:
         """A response started (its headers are about to go out) ``seconds`` after arrival."""
         _child(self._latency, self.latency, method).observe(seconds)
 
-    def authenticated(self, key: str) -> None:
-        _child(self._by_key, self.requests_by_key, key).inc()
+    def key_used(self, key: str, model: str, prompt: int, completion: int) -> None:
+        """A request of ``key`` was answered, having used these tokens."""
+        _child(self._by_key, self.requests_by_key, key, model).inc()
+        if prompt:
+            _child(self._prompt, self.prompt_tokens, key, model).inc(prompt)
+        if completion:
+            _child(self._completion, self.completion_tokens, key, model).inc(completion)
 
     def forwarded(self, backend: str, outcome: str) -> None:
         _child(self._forwarded, self.backend_requests, backend, outcome).inc()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -26,6 +27,7 @@ from exo_nixos.gateway.auth import KeyStore, presented_key
 from exo_nixos.gateway.backends import Backend, BackendPool
 from exo_nixos.gateway.connections import ConnectionLimits
 from exo_nixos.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from exo_nixos.gateway.policy import Limiter, Refusal, Usage, UsageScanner, request_model
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,10 @@ BUFFER_LIMIT = 1 << 20
 STARTED = web.RequestKey("exo_gateway_started", float)
 # The name of the key the request was authenticated with (absent: no key needed).
 KEY_NAME = web.RequestKey("exo_gateway_key", str)
+# The model a proxied request names, and the tokens its answer reported.
+MODEL = web.RequestKey("exo_gateway_model", str)
+USAGE = web.RequestKey("exo_gateway_usage", Usage)
+_REFUSAL_TYPES = {403: "permission_error", 429: "rate_limit_error"}
 
 
 @dataclass(frozen=True)
@@ -231,15 +237,22 @@ class RelayEnd:
 
 
 async def relay(
-    request: web.Request, response: web.StreamResponse, answer: Answer, idle: float
+    request: web.Request,
+    response: web.StreamResponse,
+    answer: Answer,
+    idle: float,
+    observe: Callable[[bytes], None] | None = None,
 ) -> RelayEnd:
     """Pass the rest of ``answer`` to the client as it arrives (its headers are out). A side
     that fails or stalls for ``idle`` seconds ends it; the client's connection is then cut
-    so it sees an incomplete response, never a shortened one that looks whole."""
+    so it sees an incomplete response, never a shortened one that looks whole. ``observe``
+    sees each chunk passed on."""
     upstream = answer.upstream
     chunk = answer.body
     while True:
         if chunk:
+            if observe is not None:
+                observe(chunk)
             try:
                 async with asyncio.timeout(idle):
                     await response.write(chunk)
@@ -283,8 +296,10 @@ class Gateway:
         pool: BackendPool,
         metrics: GatewayMetrics,
         settings: ProxySettings,
+        limiter: Limiter | None = None,
     ) -> None:
         self.keys = keys
+        self.limiter = limiter
         self.pool = pool
         self.metrics = metrics
         self.settings = settings
@@ -328,9 +343,15 @@ class Gateway:
             await self.session.close()
 
     async def reload_keys(self) -> bool:
+        """Re-read the key file and the key policy file (each kept as it was when its
+        file is bad); True when both were read."""
         ok = await self.keys.reload()
         self.metrics.key_reloads.labels("ok" if ok else "error").inc()
         self.metrics.api_keys.set(len(self.keys))
+        if self.limiter is not None and self.limiter.store.path is not None:
+            read = await self.limiter.store.reload()
+            self.metrics.policy_reloads.labels("ok" if read else "error").inc()
+            ok = ok and read
         return ok
 
     # --- middleware and signals ----------------------------------------------------------
@@ -347,9 +368,23 @@ class Gateway:
             response = error_response(exc.status, exc.reason, "invalid_request_error")
         except asyncio.CancelledError:  # the client closed the connection (nginx's 499)
             self.metrics.answered(method, CLIENT_CLOSED, time.perf_counter() - started)
+            self._key_used(request, CLIENT_CLOSED)
             raise
         self.metrics.answered(method, response.status, time.perf_counter() - started)
+        self._key_used(request, response.status)
         return response
+
+    def _key_used(self, request: web.Request, status: int) -> None:
+        key = request.get(KEY_NAME)
+        if key is None:
+            return
+        # only models EXO answered for: a label per made-up model name would be unbounded
+        model = request.get(MODEL, "") if status < 400 else ""
+        usage = request.get(USAGE)
+        if usage is None:
+            self.metrics.key_used(key, model, 0, 0)
+        else:
+            self.metrics.key_used(key, model, usage.prompt, usage.completion)
 
     @web.middleware
     async def authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -407,7 +442,6 @@ class Gateway:
                 {"WWW-Authenticate": 'Basic realm="exo", charset="UTF-8"'},
             )
         request[KEY_NAME] = name
-        self.metrics.authenticated(name)
         return None
 
     def _too_large(self, request: web.Request) -> web.Response | None:
@@ -448,6 +482,28 @@ class Gateway:
             forward_request_headers(request),
             await request.read() if request.can_read_body else b"",
         )
+        key = request.get(KEY_NAME)
+        if key is None:  # no key needed: no policy, no usage to count
+            return await self._try_backends(request, forward)
+        model = request_model(forward.body)
+        if model is not None:
+            request[MODEL] = model
+        usage = request[USAGE] = Usage()
+        admitted = self.limiter.admit(key, model) if self.limiter is not None else None
+        if isinstance(admitted, Refusal):
+            self.metrics.key_limited.labels(key, admitted.limit).inc()
+            retry = {"Retry-After": str(admitted.retry_after)} if admitted.retry_after else None
+            kind = _REFUSAL_TYPES.get(admitted.status, "invalid_request_error")
+            return error_response(admitted.status, admitted.message, kind, retry)
+        try:
+            return await self._try_backends(request, forward, usage)
+        finally:
+            if admitted is not None and self.limiter is not None:
+                self.limiter.done(admitted, key, usage.total)
+
+    async def _try_backends(
+        self, request: web.Request, forward: Forward, usage: Usage | None = None
+    ) -> web.StreamResponse:
         candidates = self.pool.candidates()
         if not candidates:
             return error_response(503, "no EXO node API is known to the gateway", "gateway_error")
@@ -455,14 +511,14 @@ class Gateway:
             if number:
                 self.metrics.retries.inc()
             try:
-                return await self._through(request, backend, forward)
+                return await self._through(request, backend, forward, usage)
             except BackendFailed:
                 continue  # why is logged by the pool when the backend's state changes
         # The client learns no backend address or client-library error; the log has them.
         return error_response(502, "no EXO node could answer the request", "gateway_error")
 
     async def _through(
-        self, request: web.Request, backend: Backend, forward: Forward
+        self, request: web.Request, backend: Backend, forward: Forward, usage: Usage | None
     ) -> web.StreamResponse:
         """One backend's answer to the client: whole, or relayed as it arrives."""
         assert self.session is not None
@@ -478,6 +534,8 @@ class Gateway:
             try:
                 upstream = answer.upstream
                 if answer.complete:
+                    if usage is not None and upstream.status < 400:
+                        usage.take_body(answer.body)
                     return web.Response(
                         status=upstream.status,
                         reason=upstream.reason,
@@ -490,7 +548,9 @@ class Gateway:
                 if upstream.content_length is not None:
                     response.content_length = upstream.content_length
                 await response.prepare(request)
-                end = await relay(request, response, answer, self.settings.stream_idle_timeout)
+                observe = UsageScanner(usage).feed if usage is not None else None
+                idle = self.settings.stream_idle_timeout
+                end = await relay(request, response, answer, idle, observe)
                 self._relay_ended(request, backend, end)
                 return response
             finally:

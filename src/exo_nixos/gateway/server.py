@@ -19,7 +19,9 @@ from exo_nixos.exoapi import url_for
 from exo_nixos.gateway.auth import KeyStore
 from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.gateway.policy import KEY_FIELDS, Limiter, PolicyStore
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
+from exo_nixos.gateway.shared import SharedTable
 from exo_nixos.supervisor.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -90,13 +92,35 @@ def check(config: Config) -> str:
     """Load what the gateway needs at start and on reload; raise UserError on a problem."""
     gw = config.gateway
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    policies = _policies(config)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
+    if len(policies):
+        auth += f", {len(policies)} key policies"
     url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
     return f"gateway config usable: {url}, {auth}"
 
 
-def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
+def _policies(config: Config) -> PolicyStore:
+    gw = config.gateway
+    return PolicyStore(gw.key_policies, Path(gw.policy_file) if gw.policy_file else None)
+
+
+# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
+KEY_ROWS = 4096
+
+
+def build_limiter(config: Config, workers: int = 1) -> Limiter | None:
+    """The key policies' limiter, over a table shared by ``workers`` processes (made before
+    they are forked); None without API keys."""
+    if not config.gateway.api_keys_file:
+        return None
+    return Limiter(_policies(config), SharedTable(KEY_ROWS, KEY_FIELDS, workers))
+
+
+def build_gateway(
+    config: Config, probe: Probe = default_probe, limiter: Limiter | None = None
+) -> Gateway:
     gw = config.gateway
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
     metrics = GatewayMetrics()
@@ -119,7 +143,7 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
         header_read_timeout=gw.header_read_timeout_sec,
         max_connections_per_address=gw.max_connections_per_address,
     )
-    return Gateway(keys, pool, metrics, settings)
+    return Gateway(keys, pool, metrics, settings, limiter or build_limiter(config))
 
 
 async def serve(config: Config, probe: Probe = default_probe) -> None:
