@@ -43,12 +43,14 @@ def gateway_config(
     log_level: str = "info",
     key_policies: dict[str, Any] | None = None,
     policy_file: Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     gateway: dict[str, Any] = {
         "listenAddress": "127.0.0.1",
         "port": port,
         "localBackend": local_backend,
         "staticBackends": static_backends or [],
+        "workers": workers,
     }
     if keys_file is not None:
         gateway["apiKeysFile"] = str(keys_file)

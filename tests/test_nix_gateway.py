@@ -203,3 +203,12 @@ def test_key_policies_reach_the_config_document_and_python_judges_them():
     document = evaluate(exo(gateway=bad))["etc"]["exo/config.json"]
     with pytest.raises(ConfigError, match=r"keyPolicies\.alice\.requestsPerMinute"):
         parse_config(document)
+
+
+def test_workers_reach_the_config_document():
+    default = parse_config(evaluate(exo())["etc"]["exo/config.json"]).gateway
+    assert default.workers is None  # one per core, decided on the host
+    gateway = parse_config(evaluate(exo(gateway={"workers": 4}))["etc"]["exo/config.json"])
+    assert gateway.gateway.workers == 4
+    with pytest.raises(NixEvalError, match="workers"):
+        evaluate(exo(gateway={"workers": 0}))

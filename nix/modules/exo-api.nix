@@ -132,6 +132,16 @@ in
         (logged once per address while it is at the limit).
       '';
     };
+    workers = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 4;
+      description = ''
+        Gateway processes sharing the port (`SO_REUSEPORT`), each serving on one core; key
+        limits, backend health and metrics hold across them. `null`: one per CPU core the
+        service may use, at most 8.
+      '';
+    };
     keyPolicies = mkOption {
       # free-form here: the rules (names, limits, fields) are the config model's
       # (KeyPolicy in src/exo_nixos/config.py), checked when the gateway starts or reloads
@@ -179,7 +189,7 @@ in
         enable listenAddress port apiKeysFile tlsCertificateFile tlsKeyFile publicPaths
         staticBackends localBackend maxBodyBytes connectTimeoutSec responseTimeoutSec
         headerReadTimeoutSec keepAliveTimeoutSec streamIdleTimeoutSec maxConnectionsPerAddress
-        keyPolicies policyFile;
+        workers keyPolicies policyFile;
     };
 
     assertions = mkIf gw.enable [

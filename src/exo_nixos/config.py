@@ -382,6 +382,13 @@ class Gateway(_Section):
         description="Client connections open at once from one address; more are closed at once.",
     )
 
+    workers: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Gateway processes sharing the port (SO_REUSEPORT); null: one per CPU "
+        "core the gateway may use, at most 8.",
+    )
     key_policies: KeyPolicies = Field(
         default_factory=dict,
         description="Limits by API key name ('*': every key without an entry); policyFile "

@@ -1,13 +1,20 @@
-"""Prometheus metrics of the gateway, in a registry of its own (no process-wide state)."""
+"""Prometheus metrics of the gateway, in a registry of its own.
+
+With several worker processes, prometheus_client's multiprocess mode: each worker writes its
+values to memory-mapped files in one directory (``PROMETHEUS_MULTIPROC_DIR``, made by the
+master process before it forks), and ``/metrics`` in any worker reads them all, so counters
+add up over the workers and a gauge combines them as its ``multiprocess_mode`` says.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -31,7 +38,12 @@ def _child(children: dict[tuple[str, ...], M], metric: M, *values: str) -> M:
 class GatewayMetrics:
     """Every metric the gateway exports; ``render()`` gives the text exposition format."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # this process's values go to files there (set once per worker, before any
+            # metric exists; prometheus_client reads the directory from the environment)
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -100,6 +112,7 @@ class GatewayMetrics:
             "1 when the backend's health check passes, 0 when it is down.",
             ["backend"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.backend_requests = Counter(
             "exo_gateway_backend_requests",
@@ -112,14 +125,19 @@ class GatewayMetrics:
             "Requests a backend is serving now.",
             ["backend"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.backends_healthy = Gauge(
             "exo_gateway_backends_healthy",
             "Backends whose health check passes.",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.connections_open = Gauge(
-            "exo_gateway_connections_open", "Client connections open.", registry=r
+            "exo_gateway_connections_open",
+            "Client connections open.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_refused = Counter(
             "exo_gateway_connections_refused",
@@ -137,7 +155,12 @@ class GatewayMetrics:
             ["side"],
             registry=r,
         )
-        self.api_keys = Gauge("exo_gateway_api_keys", "API keys loaded.", registry=r)
+        self.api_keys = Gauge(
+            "exo_gateway_api_keys",
+            "API keys loaded.",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.key_reloads = Counter(
             "exo_gateway_key_reloads",
             "Reloads of the API key file (SIGHUP), by result.",
@@ -196,4 +219,8 @@ class GatewayMetrics:
                 self.backend_requests.remove(backend, outcome)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

@@ -76,6 +76,10 @@ class SharedTable:
     def set(self, base: int, field: int, value: float) -> None:
         self._values[base + field] = value
 
+    def set_own(self, base: int, value: float) -> None:
+        """Set the calling worker's column (no lock: no other process writes it)."""
+        self._values[base + self.fields + self.worker] = value
+
     def add_own(self, base: int, delta: float) -> float:
         """Add to the calling worker's column (no lock: no other process writes it)."""
         index = base + self.fields + self.worker
