@@ -259,7 +259,6 @@ class Usage:
                 self.take(json.loads(body))
 
 
-_MARKERS = (b'"usage"', b"eval_count")
 _MAX_LINE = 1 << 20
 
 
@@ -274,15 +273,14 @@ class UsageScanner:
     def feed(self, chunk: bytes) -> None:
         data = self._partial + chunk if self._partial else chunk
         end = data.rfind(b"\n")
-        if end < 0:
-            self._partial = data if len(data) <= _MAX_LINE else b""
+        # what follows the last newline is an unfinished line, kept for the next chunk
+        rest = data[end + 1 :]
+        self._partial = rest if len(rest) <= _MAX_LINE else b""
+        # the common case, on every event: nothing to parse (no generator, no copies)
+        if end < 0 or (b'"usage"' not in data and b"eval_count" not in data):
             return
-        self._partial = data[end + 1 :] if len(data) - end <= _MAX_LINE else b""
-        lines = data[:end]
-        if not any(marker in lines for marker in _MARKERS):
-            return
-        for line in lines.split(b"\n"):
-            if not any(marker in line for marker in _MARKERS):
+        for line in data[:end].split(b"\n"):
+            if b'"usage"' not in line and b"eval_count" not in line:
                 continue
             text = line.strip()
             if text.startswith(b"data:"):

@@ -236,45 +236,96 @@ class RelayEnd:
     error: BaseException | None = None
 
 
+class _Watchdog:
+    """The idle limit of a relayed stream: one timer per stream instead of one per chunk.
+
+    Before each wait the relay says which side it waits on (a stamp, no timer); the timer
+    wakes at most every ``idle`` seconds, and when the side waited on has made no progress
+    for ``idle`` it closes both connections, which ends the pending wait with an error."""
+
+    def __init__(
+        self,
+        idle: float,
+        upstream: aiohttp.ClientResponse,
+        request: web.Request,
+        on_stall: Callable[[str], None] | None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.on_stall = on_stall
+        self.idle = idle
+        self.upstream = upstream
+        self.request = request
+        self.side = ""
+        self.since = self.loop.time()
+        self.stalled: str | None = None
+        self._timer = self.loop.call_at(self.since + idle, self._check)
+
+    def waiting(self, side: str) -> None:
+        self.side = side
+        self.since = self.loop.time()
+
+    def _check(self) -> None:
+        due = self.since + self.idle
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+            return
+        self.stalled = self.side
+        if self.on_stall is not None:  # now: the handler may be cancelled by what follows
+            self.on_stall(self.side)
+        self.upstream.close()
+        if self.side == "client" and self.request.transport is not None:
+            # close() would wait for the client to take what is buffered: it does not
+            self.request.transport.abort()
+        else:
+            _cut(self.request)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
 async def relay(
     request: web.Request,
     response: web.StreamResponse,
     answer: Answer,
     idle: float,
     observe: Callable[[bytes], None] | None = None,
+    on_stall: Callable[[str], None] | None = None,
 ) -> RelayEnd:
     """Pass the rest of ``answer`` to the client as it arrives (its headers are out). A side
     that fails or stalls for ``idle`` seconds ends it; the client's connection is then cut
     so it sees an incomplete response, never a shortened one that looks whole. ``observe``
-    sees each chunk passed on."""
+    sees each chunk passed on; ``on_stall`` hears of a stall (``"client"``, ``"backend"``)
+    when it happens (cutting a client off may cancel the handler)."""
     upstream = answer.upstream
     chunk = answer.body
-    while True:
-        if chunk:
-            if observe is not None:
-                observe(chunk)
-            try:
-                async with asyncio.timeout(idle):
+    watchdog = _Watchdog(idle, upstream, request, on_stall)
+    try:
+        while True:
+            if chunk:
+                if observe is not None:
+                    observe(chunk)
+                watchdog.waiting("client")
+                try:
                     await response.write(chunk)
-            except ConnectionError:  # the client went away; closing upstream stops EXO
-                upstream.close()
-                return RelayEnd("client")
-            except TimeoutError:  # the client stopped reading: free both connections
-                upstream.close()
-                _cut(request)
-                return RelayEnd("client-stalled")
-        try:
-            async with asyncio.timeout(idle):
+                except ConnectionError:  # the client went away; closing upstream stops EXO
+                    upstream.close()
+                    return RelayEnd("client-stalled" if watchdog.stalled else "client")
+            watchdog.waiting("backend")
+            try:
                 chunk = await upstream.content.readany()
-        except TimeoutError:
-            upstream.close()
-            _cut(request)
-            return RelayEnd("backend-stalled")
-        except (aiohttp.ClientError, OSError) as exc:
-            _cut(request)
-            return RelayEnd("backend", exc)
-        if not chunk:
-            break
+            except (aiohttp.ClientError, OSError) as exc:
+                if watchdog.stalled == "client":
+                    return RelayEnd("client-stalled")
+                if watchdog.stalled == "backend":
+                    return RelayEnd("backend-stalled")
+                _cut(request)
+                return RelayEnd("backend", exc)
+            if watchdog.stalled:  # cut while the data was on its way
+                return RelayEnd(f"{watchdog.stalled}-stalled")
+            if not chunk:
+                break
+    finally:
+        watchdog.stop()
     await response.write_eof()
     return RelayEnd()
 
@@ -550,30 +601,38 @@ class Gateway:
                 await response.prepare(request)
                 observe = UsageScanner(usage).feed if usage is not None else None
                 idle = self.settings.stream_idle_timeout
-                end = await relay(request, response, answer, idle, observe)
-                self._relay_ended(request, backend, end)
+                end = await relay(
+                    request,
+                    response,
+                    answer,
+                    idle,
+                    observe,
+                    lambda side: self._stalled(request, backend, side),
+                )
+                self._relay_ended(backend, end)
                 return response
             finally:
                 answer.upstream.release()
         finally:
             self.pool.finished(backend)
 
-    def _relay_ended(self, request: web.Request, backend: Backend, end: RelayEnd) -> None:
+    def _stalled(self, request: web.Request, backend: Backend, side: str) -> None:
         idle = self.settings.stream_idle_timeout
-        if end.failed == "client-stalled":
-            self.metrics.stalled_streams.labels("client").inc()
+        self.metrics.stalled_streams.labels(side).inc()
+        if side == "client":
             log.info(
                 "client %s took no data for %gs: stream from %s closed",
                 request.remote,
                 idle,
                 backend.label,
             )
-        elif end.failed == "backend-stalled":
+        else:
             # EXO stalled: the client is cut off rather than both kept open for ever.
             self.metrics.aborted_streams.inc()
-            self.metrics.stalled_streams.labels("backend").inc()
             log.warning("stream from %s stalled: no data for %gs; cut off", backend.label, idle)
-        elif end.failed == "backend":
+
+    def _relay_ended(self, backend: Backend, end: RelayEnd) -> None:
+        if end.failed == "backend":
             # Part of the response is out: it cannot be retried.
             self.metrics.aborted_streams.inc()
             reason = f"{backend.label}: stream cut off: {type(end.error).__name__}"
