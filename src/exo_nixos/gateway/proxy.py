@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -62,13 +63,21 @@ _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # failing in the middle of one is retried like a failure before the response.
 BUFFER_LIMIT = 1 << 20
 
-# When the request arrived (time.perf_counter()), set by the first code that sees it.
-STARTED = web.RequestKey("exo_gateway_started", float)
-# The name of the key the request was authenticated with (absent: no key needed).
-KEY_NAME = web.RequestKey("exo_gateway_key", str)
-# The model a proxied request names, and the tokens its answer reported.
-MODEL = web.RequestKey("exo_gateway_model", str)
-USAGE = web.RequestKey("exo_gateway_usage", Usage)
+
+@dataclass
+class RequestState:
+    """What the gateway learns about one request, kept on it."""
+
+    started: float  # time.perf_counter() when it arrived
+    key: str | None = None  # the name of the key it was let in with (None: none needed)
+    model: str = ""  # the model it names
+    usage: Usage | None = None  # the tokens its answer reported
+
+
+try:
+    _STATE: Any = web.RequestKey("exo_gateway", RequestState)
+except AttributeError:  # aiohttp before 3.12 (Debian 13 ships 3.11): a plain key
+    _STATE = "exo_gateway"
 _REFUSAL_TYPES = {403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -330,12 +339,12 @@ async def relay(
     return RelayEnd()
 
 
-def started_at(request: web.Request) -> float:
-    """When the request arrived; recorded by the first code that asks."""
-    started = request.get(STARTED)
-    if started is None:
-        started = request[STARTED] = time.perf_counter()
-    return started
+def state_of(request: web.Request) -> RequestState:
+    """The request's state, made by the first code that asks (its arrival time)."""
+    state = request.get(_STATE)
+    if state is None:
+        state = request[_STATE] = RequestState(time.perf_counter())
+    return cast(RequestState, state)
 
 
 class Gateway:
@@ -410,7 +419,7 @@ class Gateway:
     @web.middleware
     async def timed(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Count every answer with its status and duration (499: the client left first)."""
-        started = started_at(request)
+        started = state_of(request).started
         self.connections.arrived(request.transport)
         method = request.method
         try:
@@ -426,12 +435,13 @@ class Gateway:
         return response
 
     def _key_used(self, request: web.Request, status: int) -> None:
-        key = request.get(KEY_NAME)
+        state = state_of(request)
+        key = state.key
         if key is None:
             return
         # only models EXO answered for: a label per made-up model name would be unbounded
-        model = request.get(MODEL, "") if status < 400 else ""
-        usage = request.get(USAGE)
+        model = state.model if status < 400 else ""
+        usage = state.usage
         if usage is None:
             self.metrics.key_used(key, model, 0, 0)
         else:
@@ -446,13 +456,13 @@ class Gateway:
 
     async def _responding(self, request: web.Request, _response: web.StreamResponse) -> None:
         """A response's headers are about to go out: the latency to its start."""
-        self.metrics.responding(request.method, time.perf_counter() - started_at(request))
+        self.metrics.responding(request.method, time.perf_counter() - state_of(request).started)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue`` (before the middleware runs): the key and the declared
         body size are checked before the client is told to send its body; a refused client
         gets its answer instead."""
-        started = started_at(request)
+        started = state_of(request).started
         self.connections.arrived(request.transport)
         expect = request.headers.get("Expect", "")
         http11 = request.version == aiohttp.HttpVersion11
@@ -471,8 +481,9 @@ class Gateway:
         return None
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
-        """None when the request may go on (its key's name in ``request[KEY_NAME]``)."""
-        if KEY_NAME in request or not self.keys.enabled:
+        """None when the request may go on (its key's name in its state)."""
+        state = state_of(request)
+        if state.key is not None or not self.keys.enabled:
             return None
         if request.path in self.settings.public_paths:
             return None
@@ -492,7 +503,7 @@ class Gateway:
                 "authentication_error",
                 {"WWW-Authenticate": 'Basic realm="exo", charset="UTF-8"'},
             )
-        request[KEY_NAME] = name
+        state.key = name
         return None
 
     def _too_large(self, request: web.Request) -> web.Response | None:
@@ -533,13 +544,14 @@ class Gateway:
             forward_request_headers(request),
             await request.read() if request.can_read_body else b"",
         )
-        key = request.get(KEY_NAME)
+        state = state_of(request)
+        key = state.key
         if key is None:  # no key needed: no policy, no usage to count
             return await self._try_backends(request, forward)
         model = request_model(forward.body)
         if model is not None:
-            request[MODEL] = model
-        usage = request[USAGE] = Usage()
+            state.model = model
+        usage = state.usage = Usage()
         admitted = self.limiter.admit(key, model) if self.limiter is not None else None
         if isinstance(admitted, Refusal):
             self.metrics.key_limited.labels(key, admitted.limit).inc()

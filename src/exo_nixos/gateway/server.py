@@ -215,10 +215,10 @@ async def serve(config: Config, probe: Probe = default_probe, worker: Worker | N
         ) from None
     if worker is None or worker.shared.index == 0:
         log.info(
-            "gateway listening on %s (%d API keys, %d worker processes)",
+            "gateway listening on %s (%d API keys)%s",
             url_for(gw.listen_address, gw.port, "https" if context else "http"),
             len(gateway.keys),
-            worker.shared.workers if worker else 1,
+            f" in {worker.shared.workers} worker processes" if worker else "",
         )
     stop = asyncio.Event()
     notifier = Notifier.from_environ() if worker is None else None
