@@ -117,23 +117,24 @@ def test_connections_spread_and_usage_adds_up_across_workers(keys: Path):
 
             async def scenario() -> None:
                 used = [0, 0]
-                for n in range(40):  # each on a new connection: both workers serve some
+                began = time.monotonic()
+                served = 0
+                for n in range(80):  # each on a new connection: both workers serve some
                     body = say(1 + n % 5, stream=n % 2 == 0)
                     status, raw = await fresh(
                         "POST", gateway.url + "/v1/chat/completions", json=body, headers=AUTH
                     )
+                    if status == 429:
+                        break
                     assert status == 200, raw
+                    served += 1
                     prompt, completed = answer_usage(raw, body["stream"])
                     used[0] += prompt
                     used[1] += completed
-                # the key's rpm holds across the workers: the 41st request in the minute
-                status, raw = await fresh(
-                    "POST",
-                    gateway.url + "/v1/chat/completions",
-                    json=say(1, stream=False),
-                    headers=AUTH,
-                )
-                assert status == 429, raw
+                # the key's 40 a minute hold across the workers (each alone would let 40
+                # through): 40, plus one per 1.5 s of refill while the requests ran
+                refilled = (time.monotonic() - began) / 1.5
+                assert 40 <= served <= 40 + refilled + 1, (served, refilled)
                 samples = await metrics(gateway.url)
 
                 def value(name: str) -> float:
@@ -143,7 +144,7 @@ def test_connections_spread_and_usage_adds_up_across_workers(keys: Path):
                         if s.name.endswith("_total") and s.labels.get("model") == MODEL
                     )
 
-                assert value("exo_gateway_key_requests") == 40
+                assert value("exo_gateway_key_requests") == served
                 assert value("exo_gateway_key_prompt_tokens") == used[0]
                 assert value("exo_gateway_key_completion_tokens") == used[1]
 
