@@ -313,3 +313,26 @@ def test_limits_models_usage_and_reload_through_the_gateway(tmp_path: Path):
                 time.sleep(0.05)
             status, _, _ = asyncio.run(post(gateway.url, say(1, stream=False), AUTH_A))
             assert status == 200
+
+
+def test_check_reads_the_policy_file_and_policies_need_keys(tmp_path: Path):
+    """`gateway --check` (the unit's ExecReload) fails on a bad policy file, so a reload
+    with one fails visibly; policies without a key file are a config error."""
+    from exo_nixos.config import parse_config
+    from exo_nixos.errors import ConfigError
+    from exo_nixos.gateway.server import check
+
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"alice": {"concurrency": 2}, "*": {"requestsPerMinute": 5}}')
+    document = gateway_config(
+        port=free_port(), keys_file=keys, policy_file=policy, static_backends=["http://127.0.0.1:1"]
+    )
+    document["gateway"]["keyPolicies"] = {"bob": {"concurrency": 1}}
+    assert check(parse_config(document)).endswith("1 API keys, 3 key policies")
+    policy.write_text('{"alice": {"concurrency": -1}}')
+    with pytest.raises(UserError, match=r"alice\.concurrency"):
+        check(parse_config(document))
+    del document["gateway"]["apiKeysFile"]
+    with pytest.raises(ConfigError, match="set apiKeysFile"):
+        parse_config(document)
