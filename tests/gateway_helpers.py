@@ -41,12 +41,16 @@ def gateway_config(
     tls: tuple[Path, Path] | None = None,
     interval: float = 0.5,
     log_level: str = "info",
+    key_policies: dict[str, Any] | None = None,
+    policy_file: Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     gateway: dict[str, Any] = {
         "listenAddress": "127.0.0.1",
         "port": port,
         "localBackend": local_backend,
         "staticBackends": static_backends or [],
+        "workers": workers,
     }
     if keys_file is not None:
         gateway["apiKeysFile"] = str(keys_file)
@@ -54,6 +58,10 @@ def gateway_config(
         gateway["publicPaths"] = public_paths
     if max_body_bytes is not None:
         gateway["maxBodyBytes"] = max_body_bytes
+    if key_policies is not None:
+        gateway["keyPolicies"] = key_policies
+    if policy_file is not None:
+        gateway["policyFile"] = str(policy_file)
     if tls is not None:
         gateway["tlsCertificateFile"] = str(tls[0])
         gateway["tlsKeyFile"] = str(tls[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -1009,3 +1010,72 @@ def test_check_reports_usable_and_unusable_key_files(tmp_path: Path, keys_file):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0
     assert "line 1: key 'line1' is shorter than 16 characters" in bad.stderr
+
+
+def test_client_that_stops_reading_is_cut_after_the_idle_timeout(keys_file):
+    """A client that takes no data for streamIdleTimeoutSec while the backend has more: both
+    connections are closed and it is counted as a client stall."""
+    released: list[bool] = []
+
+    async def scenario() -> None:
+        from aiohttp import web
+
+        async def flood(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            event = b"data: " + b"x" * 65536 + b"\n\n"
+            try:
+                for _ in range(4096):  # 256 MiB: far more than the sockets buffer
+                    await response.write(event)
+            except (ConnectionError, asyncio.CancelledError):
+                released.append(True)
+                raise
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", flood)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        loop = asyncio.get_running_loop()
+        try:
+            config = gateway_config(
+                port=free_port(), keys_file=keys_file, static_backends=[f"http://127.0.0.1:{port}"]
+            )
+            config["gateway"]["streamIdleTimeoutSec"] = 1
+            with run_gateway(config) as gateway:
+                request = (
+                    f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {KEY_A}\r\nContent-Length: 0\r\n\r\n"
+                ).encode()
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+                await loop.sock_sendall(sock, request)
+                head = await asyncio.wait_for(loop.sock_recv(sock, 64), 10)
+                assert head.startswith(b"HTTP/1.1 200")
+                # and then read nothing: the gateway's writes back up
+                deadline = time.monotonic() + 20
+                while "took no data for 1s" not in gateway.log_text():
+                    assert time.monotonic() < deadline, gateway.log_text()
+                    await asyncio.sleep(0.1)
+                while not released:
+                    assert time.monotonic() < deadline, "the backend connection stays open"
+                    await asyncio.sleep(0.05)
+                with contextlib.suppress(ConnectionError):
+                    # the rest of what was buffered, then the end: the gateway closed it
+                    while await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
+                        pass
+                sock.close()
+                _, _, text = await fetch("GET", f"{gateway.url}/metrics", headers=AUTH)
+                stalled = metric_samples(text.decode())["exo_gateway_stalled_streams"]
+                assert {
+                    s.labels["side"]: s.value for s in stalled if s.name.endswith("_total")
+                } == {"client": 1}
+                await loop.run_in_executor(None, gateway.stop)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())

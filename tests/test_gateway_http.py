@@ -39,10 +39,56 @@ def test_health_is_ok_degraded_or_down():
                 code, headers, body = await get(url + "/health", method="GET")
                 assert code == status
                 assert headers["Content-Type"].startswith("application/json")
-                assert json.loads(body) == {
-                    "status": word,
-                    "backends": {"healthy": healthy, "total": 2},
-                }
+                document = json.loads(body)
+                assert document["status"] == word
+                assert document["backends"] == {"healthy": healthy, "total": 2}
+                assert [(n["url"], n["up"]) for n in document["nodes"]] == [
+                    (u, u in up) for u in urls
+                ]
+
+    asyncio.run(scenario())
+
+
+def test_health_lists_each_backend_without_credentials():
+    """/health names every backend: its address (never a password in it), node, state and
+    the requests it serves now."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response({"done": True})
+
+    async def scenario() -> None:
+        async with serving(FakeNode("slow", slow)) as node:
+            plain_url = node.url
+            secret_url = node.url.replace("http://", "http://ops:hunter2-secret@")
+            down = "http://127.0.0.1:1"
+            async with gateway_for([secret_url, down], {secret_url}) as (gateway, url):
+                pending = asyncio.create_task(get(url + "/v1/models", method="GET"))
+                for _ in range(100):
+                    if gateway.pool.all()[0].inflight:
+                        break
+                    await asyncio.sleep(0.01)
+                code, _, body = await get(url + "/health", method="GET")
+                release.set()
+                assert (await pending)[0] == 200
+                _, _, metrics = await get(url + "/metrics", method="GET")
+        assert code == 200
+        nodes = json.loads(body)["nodes"]
+        # (the scripted probe answers with its URL as the node id: only that may hold it)
+        shown = json.dumps([{k: v for k, v in n.items() if k != "nodeId"} for n in nodes])
+        assert "hunter2" not in shown and "ops:" not in shown
+        assert b"hunter2" not in metrics
+        assert nodes == [
+            {
+                "url": plain_url,
+                "nodeId": secret_url,  # the scripted probe answers with the URL as node id
+                "source": "static",
+                "up": True,
+                "inflight": 1,
+            },
+            {"url": down, "nodeId": None, "source": "static", "up": False, "inflight": 0},
+        ]
 
     asyncio.run(scenario())
 

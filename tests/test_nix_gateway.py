@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from exo_nixos.config import parse_config
+from exo_nixos.errors import ConfigError
 from tests.nixeval import NixBuildError, NixEvalError, evaluate, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
@@ -195,3 +196,34 @@ def test_gateway_joins_exos_network_namespace():
     assert result["services"]["exo-api"]["serviceConfig"]["NetworkNamespacePath"] == (
         "/run/netns/exo"
     )
+
+
+def test_key_policies_reach_the_config_document_and_python_judges_them():
+    policies = {
+        "alice": {"requestsPerMinute": 60, "concurrency": 4, "models": ["m1"]},
+        "*": {"tokensPerMinute": 100000},
+    }
+    settings = {
+        "apiKeysFile": "/run/secrets/exo-api-keys",
+        "keyPolicies": policies,
+        "policyFile": "/run/secrets/exo-api-policy.json",
+    }
+    document = evaluate(exo(gateway=settings))["etc"]["exo/config.json"]
+    gateway = parse_config(document).gateway
+    assert gateway.key_policies["alice"].requests_per_minute == 60
+    assert gateway.key_policies["*"].tokens_per_minute == 100000
+    assert gateway.policy_file == "/run/secrets/exo-api-policy.json"
+    # the module takes any JSON there; the config model is the one judge of its rules
+    bad = {**settings, "keyPolicies": {"alice": {"requestsPerMinute": 0}}}
+    document = evaluate(exo(gateway=bad))["etc"]["exo/config.json"]
+    with pytest.raises(ConfigError, match=r"keyPolicies\.alice\.requestsPerMinute"):
+        parse_config(document)
+
+
+def test_workers_reach_the_config_document():
+    default = parse_config(evaluate(exo())["etc"]["exo/config.json"]).gateway
+    assert default.workers is None  # one per core, decided on the host
+    gateway = parse_config(evaluate(exo(gateway={"workers": 4}))["etc"]["exo/config.json"])
+    assert gateway.gateway.workers == 4
+    with pytest.raises(NixEvalError, match="workers"):
+        evaluate(exo(gateway={"workers": 0}))

@@ -107,6 +107,7 @@ CASES: dict[str, list[str]] = {
     ],
     "envName": ["HF_TOKEN", "_x", "a1", "1a", "A=B", "A-B", "", "A B"],
     "publicPath": ["/health", "/metrics", "/v1/models", "/", "/healthz", "/health/", ""],
+    "apiKeyName": ["alice", "ci-runner.2_b", "a" * 64, "a" * 65, "", "a:b", "a b", "*", "ünï"],
     "clusterNamespace": ["rack-a", "lab.1", "a" * 64, "a" * 65, "", "a b", "a/b", "a*", "\x01"],
     "deviceId": ["0", "1", "GPU-8a2f7c1e-1234-5678", "MIG-GPU-x/1/0", "", "0,1", "a b"],
     "gfxVersion": ["10.3.0", "9.0.10", "10.3", "100.0.0"],
@@ -164,6 +165,7 @@ ALPHABETS: dict[str, str] = {
     "clusterNamespace": "ab-._/ *",
     "deviceId": "G0-:,. ",
     "publicPath": "/healthmetrics",
+    "apiKeyName": "ab._-:* ",
     "envName": "AB_=1 -",
     "k8sSubdomain": "ab0-._A",
 }

@@ -13,6 +13,7 @@ let
   inStore = path: path != null && lib.hasPrefix builtins.storeDir path;
   netns = cfg.networking.networkNamespace;
   networkService = import ./lib/network-service.nix;
+  json = pkgs.formats.json { };
 in
 {
   imports = [ ./exo-service.nix ];
@@ -133,6 +134,47 @@ in
         (logged once per address while it is at the limit).
       '';
     };
+    workers = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 4;
+      description = ''
+        Gateway processes sharing the port (`SO_REUSEPORT`), each serving on one core; key
+        limits, backend health and metrics hold across them. `null`: one per CPU core the
+        service may use, at most 8.
+      '';
+    };
+    keyPolicies = mkOption {
+      # free-form here: the rules (names, limits, fields) are the config model's
+      # (KeyPolicy in src/exo_nixos/config.py), checked when the gateway starts or reloads
+      type = types.attrsOf json.type;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          alice = { requestsPerMinute = 60; concurrency = 4; tokensPerMinute = 200000; };
+          ci-runner = { models = [ "mlx-community/Llama-3.2-1B-Instruct-4bit" ]; };
+          "*" = { requestsPerMinute = 20; };
+        }
+      '';
+      description = ''
+        Limits by API key name (the names in `apiKeysFile`); `"*"` applies to every key
+        without an entry of its own. Each entry may set `requestsPerMinute`, `concurrency`
+        (requests in flight), `tokensPerMinute` (prompt plus completion tokens, from EXO's
+        `usage`) and `models` (the models the key may name; others get 403). A request over
+        a limit gets 429 with `Retry-After`. Needs `apiKeysFile`.
+      '';
+    };
+    policyFile = mkOption {
+      type = types.nullOr absolutePath;
+      default = null;
+      example = "/run/secrets/exo-api-policy.json";
+      description = ''
+        JSON file of key policies shaped like `keyPolicies` (whose entries it replaces by
+        name), kept next to `apiKeysFile` and re-read with it by `systemctl reload exo-api`;
+        a file that does not parse keeps the policies already loaded. Readable by the
+        service's group.
+      '';
+    };
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -176,8 +218,8 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${exe} gateway --config ${cfg.configFile}";
-        # A key file that does not parse fails the reload visibly (the running gateway would
-        # keep its keys anyway); a good one is re-read on SIGHUP.
+        # A key or policy file that does not parse fails the reload visibly (the running
+        # gateway would keep what it has anyway); good ones are re-read on SIGHUP.
         ExecReload = [
           "${exe} gateway --check --config ${cfg.configFile}"
           "${pkgs.coreutils}/bin/kill -HUP $MAINPID"

@@ -335,6 +335,39 @@ class Security(_Section):
     runtime_dir: AbsolutePath = "/run/exo"
 
 
+class KeyPolicy(_Section):
+    """Limits of one API key; a limit left out (null) does not apply."""
+
+    requests_per_minute: StrictInt | None = Field(
+        None, ge=1, le=1_000_000, description="Requests per minute, in bursts of up to as many."
+    )
+    concurrency: StrictInt | None = Field(
+        None, ge=1, le=65535, description="Requests in flight at once."
+    )
+    tokens_per_minute: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=1_000_000_000,
+        description="Prompt plus completion tokens per minute, as EXO's usage reports them.",
+    )
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None,
+        description="The models the key may name in a request's 'model' (null: any).",
+    )
+
+
+def _policy_name(value: str) -> str:
+    if value == "*":  # the policy of every key without an entry of its own
+        return value
+    try:
+        return check("apiKeyName", value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or '*' for every other key)") from None
+
+
+KeyPolicies = dict[Annotated[str, AfterValidator(_policy_name)], KeyPolicy]
+
+
 class Gateway(_Section):
     enable: StrictBool = Field(True, description="Run the gateway (exo-api.service).")
     listen_address: IPAddress = Field(
@@ -405,6 +438,23 @@ class Gateway(_Section):
         description="Client connections open at once from one address; more are closed at once.",
     )
 
+    workers: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Gateway processes sharing the port (SO_REUSEPORT); null: one per CPU "
+        "core the gateway may use, at most 8.",
+    )
+    key_policies: KeyPolicies = Field(
+        default_factory=dict,
+        description="Limits by API key name ('*': every key without an entry); policyFile "
+        "entries replace these by name.",
+    )
+    policy_file: AbsolutePath | None = Field(
+        None,
+        description="JSON file of key policies, shaped like keyPolicies; SIGHUP reloads it.",
+    )
+
     @model_validator(mode="after")
     def _safe(self) -> Gateway:
         if (self.tls_certificate_file is None) != (self.tls_key_file is None):
@@ -414,6 +464,10 @@ class Gateway(_Section):
             raise ValueError(
                 "localBackend is false and staticBackends is empty: no backend; set "
                 "localBackend to true or list staticBackends"
+            )
+        if (self.key_policies or self.policy_file) and self.api_keys_file is None:
+            raise ValueError(
+                "keyPolicies and policyFile limit API keys: set apiKeysFile (or remove them)"
             )
         if self.enable and self.api_keys_file is None and exposed:
             raise ValueError(

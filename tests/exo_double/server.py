@@ -559,6 +559,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "choices": [choice],
             }
             if last:
+                # generate_chat_stream (same file) puts the usage on the chunk with the
+                # finish_reason only, dumped with exclude_none: no usage key before it
                 choice["finish_reason"] = finish
                 chunk["usage"] = usage
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -578,7 +580,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "finish_reason": finish,
             }
         ],
-        "usage": usage,
+        "usage": usage,  # collect_chat_response: the last chunk's usage
     }
     # Upstream answers non-streamed completions through a StreamingResponse as well:
     # application/json with chunked transfer encoding, no Content-Length.

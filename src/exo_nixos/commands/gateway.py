@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from exo_nixos.config import load_config
     from exo_nixos.errors import UserError
     from exo_nixos.gateway.server import check, serve
+    from exo_nixos.gateway.workers import default_workers, supervise
 
     config = load_config(args.config)
     if not config.gateway.enable:
@@ -43,6 +44,9 @@ def main(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    workers = config.gateway.workers or default_workers()
+    if workers > 1:
+        return supervise(config, workers, _loop_factory())
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve(config))
     return 0

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from exo_nixos.basetypes import PATTERNS
 from exo_nixos.errors import UserError
 from exo_nixos.fsutil import os_reason
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 MIN_KEY_LENGTH = 16
 # A key file holds a few lines; anything larger is not one.
 MAX_KEY_FILE_BYTES = 1 << 20
-_NAMED = re.compile(r"^(?P<name>[A-Za-z0-9._-]{1,64}):(?P<key>.*)$")
+_NAMED = re.compile(f"^(?P<name>{PATTERNS['apiKeyName']['pattern']}):(?P<key>.*)$")
 
 
 @dataclass(frozen=True)

@@ -15,19 +15,26 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from exo_nixos import exoapi
 from exo_nixos.addresses import multiaddr, url_for
 from exo_nixos.exoapi import NodeView
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.gateway.shared import SharedTable, TableFull
 from exo_nixos.hysteresis import UpDown
 
 log = logging.getLogger(__name__)
 
 
 Probe = Callable[[str, float], Awaitable[NodeView]]
+
+# rows of the shared backend table: the cluster's node APIs, and addresses they move to
+BACKEND_ROWS = 1024
 
 
 async def default_probe(base_url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
@@ -56,6 +63,14 @@ def address_host(address: str) -> str | None:
     return str(ip)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without a user name and password (what logs, metrics and /health show)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 @dataclass(eq=False)
 class Backend:
     """One node API. ``urls`` are the addresses it may answer on; ``url`` the one in use."""
@@ -70,6 +85,7 @@ class Backend:
     reported: bool | None = None  # the state last logged; None before the first
     probes: UpDown = field(kw_only=True)  # limit: the pool's healthCheck.failures
     inflight: int = 0
+    confirmed: float = 0.0  # time.monotonic() of the last probe that found it up
     _index: int = field(default=0, repr=False)
 
     @property
@@ -78,7 +94,8 @@ class Backend:
 
     @property
     def label(self) -> str:
-        return self.urls[0]
+        """The backend's name in logs, metrics and ``/health``: never a password."""
+        return without_credentials(self.urls[0])
 
     def next_address(self) -> None:
         self._index = (self._index + 1) % len(self.urls)
@@ -98,8 +115,14 @@ class BackendPool:
         failures: int,
         metrics: GatewayMetrics,
         probe: Probe = default_probe,
+        shared: SharedTable | None = None,
     ) -> None:
         self.api_port = api_port
+        # Shared with the other worker processes (one per backend label): when a request
+        # found the backend failing (field 0, time.monotonic()) and each worker's requests
+        # in flight there. A failure any worker saw holds until this worker's next passing
+        # probe, so no worker keeps sending requests to a node another found down.
+        self.shared = shared or SharedTable(BACKEND_ROWS, 1)
         self.interval = interval
         self.timeout = timeout
         self.failure_threshold = failures
@@ -122,7 +145,26 @@ class BackendPool:
         return fixed + self.static + list(self.peers.values())
 
     def healthy(self) -> list[Backend]:
-        return [b for b in self.all() if b.healthy]
+        return [b for b in self.all() if self.up(b)]
+
+    def _row(self, backend: Backend) -> int | None:
+        try:
+            return self.shared.row(backend.label)
+        except TableFull:
+            return None
+
+    def up(self, backend: Backend) -> bool:
+        """Up by this worker's probes, and not found failing by a request (in any worker)
+        since the last of them passed."""
+        if not backend.healthy:
+            return False
+        row = self._row(backend)
+        return row is None or self.shared.get(row, 0) <= backend.confirmed
+
+    def load(self, backend: Backend) -> int:
+        """Requests in flight at ``backend`` from every worker."""
+        row = self._row(backend)
+        return backend.inflight if row is None else int(self.shared.total(row))
 
     def candidates(self) -> list[Backend]:
         """Healthy backends, least busy first, ties taken in turn; when none is healthy, the
@@ -132,13 +174,16 @@ class BackendPool:
             return []
         start = next(self._turn) % len(backends)
         rotated = backends[start:] + backends[:start]
-        healthy = [b for b in rotated if b.healthy]
+        healthy = [b for b in rotated if self.up(b)]
         chosen = healthy or rotated
-        return sorted(chosen, key=lambda b: b.inflight)
+        return sorted(chosen, key=self.load)
 
     def mark_failed(self, backend: Backend, reason: str) -> None:
         """A request could not reach the backend: it is down until a probe passes."""
         backend.probes.give_up()
+        row = self._row(backend)
+        if row is not None:
+            self.shared.set(row, 0, time.monotonic())
         self._set_health(backend, False, reason)
         if len(backend.urls) > 1:
             backend.next_address()
@@ -152,10 +197,16 @@ class BackendPool:
 
     def started(self, backend: Backend) -> None:
         backend.inflight += 1
-        self.metrics.inflight(backend.label, backend.inflight)
+        self._count(backend)
 
     def finished(self, backend: Backend) -> None:
         backend.inflight -= 1
+        self._count(backend)
+
+    def _count(self, backend: Backend) -> None:
+        row = self._row(backend)
+        if row is not None:
+            self.shared.set_own(row, backend.inflight)
         self.metrics.inflight(backend.label, backend.inflight)
 
     async def _check(self, backend: Backend) -> NodeView | None:
@@ -182,6 +233,7 @@ class BackendPool:
                 view = None
         if not reason:
             backend.probes.passed()
+            backend.confirmed = time.monotonic()
             self._set_health(backend, True, "")
         else:
             backend.probes.failed_probe()
@@ -202,7 +254,7 @@ class BackendPool:
             return
         backend.reported = healthy
         if healthy:
-            log.info("backend %s up (node %s)", backend.url, backend.node_id)
+            log.info("backend %s up (node %s)", without_credentials(backend.url), backend.node_id)
         else:
             log.warning("backend %s down: %s", backend.label, reason)
 
@@ -295,3 +347,17 @@ class BackendPool:
 
     def summary(self) -> dict[str, int]:
         return {"healthy": len(self.healthy()), "total": len(self.all())}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each backend as ``/health`` lists it: the address in use (without credentials),
+        its node, whether it is up and the requests it serves now."""
+        return [
+            {
+                "url": without_credentials(b.url),
+                "nodeId": b.node_id,
+                "source": b.source,
+                "up": self.up(b),
+                "inflight": self.load(b),
+            }
+            for b in self.all()
+        ]

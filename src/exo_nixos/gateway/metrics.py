@@ -1,13 +1,20 @@
-"""Prometheus metrics of the gateway, in a registry of its own (no process-wide state)."""
+"""Prometheus metrics of the gateway, in a registry of its own.
+
+With several worker processes, prometheus_client's multiprocess mode: each worker writes its
+values to memory-mapped files in one directory (``PROMETHEUS_MULTIPROC_DIR``, made by the
+master process before it forks), and ``/metrics`` in any worker reads them all, so counters
+add up over the workers and a gauge combines them as its ``multiprocess_mode`` says.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -31,7 +38,12 @@ def _child(children: dict[tuple[str, ...], M], metric: M, *values: str) -> M:
 class GatewayMetrics:
     """Every metric the gateway exports; ``render()`` gives the text exposition format."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # this process's values go to files there (set once per worker, before any
+            # metric exists; prometheus_client reads the directory from the environment)
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -62,8 +74,27 @@ class GatewayMetrics:
         )
         self.requests_by_key = Counter(
             "exo_gateway_key_requests",
-            "Authenticated requests by key name.",
-            ["key"],
+            "Authenticated requests answered, by key name and model (the request's model "
+            "when EXO answered it, else empty).",
+            ["key", "model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "exo_gateway_key_prompt_tokens",
+            "Prompt tokens by key name and model, from EXO's usage.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "exo_gateway_key_completion_tokens",
+            "Completion tokens by key name and model, from EXO's usage.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "exo_gateway_key_limited",
+            "Requests refused by the key's policy (403 model, 429 limits), by key and limit.",
+            ["key", "limit"],
             registry=r,
         )
         self.retries = Counter(
@@ -81,6 +112,7 @@ class GatewayMetrics:
             "1 when the backend's health check passes, 0 when it is down.",
             ["backend"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.backend_requests = Counter(
             "exo_gateway_backend_requests",
@@ -93,14 +125,19 @@ class GatewayMetrics:
             "Requests a backend is serving now.",
             ["backend"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.backends_healthy = Gauge(
             "exo_gateway_backends_healthy",
             "Backends whose health check passes.",
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.connections_open = Gauge(
-            "exo_gateway_connections_open", "Client connections open.", registry=r
+            "exo_gateway_connections_open",
+            "Client connections open.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_refused = Counter(
             "exo_gateway_connections_refused",
@@ -118,10 +155,21 @@ class GatewayMetrics:
             ["side"],
             registry=r,
         )
-        self.api_keys = Gauge("exo_gateway_api_keys", "API keys loaded.", registry=r)
+        self.api_keys = Gauge(
+            "exo_gateway_api_keys",
+            "API keys loaded.",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.key_reloads = Counter(
             "exo_gateway_key_reloads",
             "Reloads of the API key file (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "exo_gateway_policy_reloads",
+            "Reloads of the key policy file (SIGHUP), by result.",
             ["result"],
             registry=r,
         )
@@ -131,6 +179,8 @@ class GatewayMetrics:
         self._latency: dict[tuple[str, ...], Histogram] = {}
         self._duration: dict[tuple[str, ...], Histogram] = {}
         self._by_key: dict[tuple[str, ...], Counter] = {}
+        self._prompt: dict[tuple[str, ...], Counter] = {}
+        self._completion: dict[tuple[str, ...], Counter] = {}
         self._forwarded: dict[tuple[str, ...], Counter] = {}
         self._inflight: dict[tuple[str, ...], Gauge] = {}
 
@@ -146,8 +196,13 @@ class GatewayMetrics:
         """A response started (its headers are about to go out) ``seconds`` after arrival."""
         _child(self._latency, self.latency, method).observe(seconds)
 
-    def authenticated(self, key: str) -> None:
-        _child(self._by_key, self.requests_by_key, key).inc()
+    def key_used(self, key: str, model: str, prompt: int, completion: int) -> None:
+        """A request of ``key`` was answered, having used these tokens."""
+        _child(self._by_key, self.requests_by_key, key, model).inc()
+        if prompt:
+            _child(self._prompt, self.prompt_tokens, key, model).inc(prompt)
+        if completion:
+            _child(self._completion, self.completion_tokens, key, model).inc(completion)
 
     def forwarded(self, backend: str, outcome: str) -> None:
         _child(self._forwarded, self.backend_requests, backend, outcome).inc()
@@ -164,4 +219,8 @@ class GatewayMetrics:
                 self.backend_requests.remove(backend, outcome)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

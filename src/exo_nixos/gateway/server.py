@@ -7,6 +7,8 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -17,9 +19,11 @@ from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 from exo_nixos.gateway.auth import KeyStore
-from exo_nixos.gateway.backends import BackendPool, Probe, default_probe
+from exo_nixos.gateway.backends import BACKEND_ROWS, BackendPool, Probe, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
+from exo_nixos.gateway.policy import KEY_FIELDS, Limiter, PolicyStore
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
+from exo_nixos.gateway.shared import SharedTable
 from exo_nixos.network.instance_net import node_urls
 from exo_nixos.supervisor.notify import Notifier
 
@@ -91,16 +95,51 @@ def check(config: Config) -> str:
     """Load what the gateway needs at start and on reload; raise UserError on a problem."""
     gw = config.gateway
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    policies = _policies(config)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
+    if len(policies):
+        auth += f", {len(policies)} key policies"
     url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
     return f"gateway config usable: {url}, {auth}"
 
 
-def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
+def _policies(config: Config) -> PolicyStore:
     gw = config.gateway
+    return PolicyStore(gw.key_policies, Path(gw.policy_file) if gw.policy_file else None)
+
+
+# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
+KEY_ROWS = 4096
+
+
+@dataclass
+class Shared:
+    """What the worker processes share, made before they are forked: the key policies'
+    table, the backends' table and the directory of the metrics' files."""
+
+    workers: int = 1
+    metrics_dir: str | None = None
+    index: int = 0  # the worker this process is
+
+    def __post_init__(self) -> None:
+        self.keys = SharedTable(KEY_ROWS, KEY_FIELDS, self.workers)
+        self.backends = SharedTable(BACKEND_ROWS, 1, self.workers)
+
+    def become(self, index: int) -> None:
+        """In a forked worker: this process is worker ``index``."""
+        self.index = index
+        self.keys.worker = self.backends.worker = index
+
+
+def build_gateway(
+    config: Config, probe: Probe = default_probe, shared: Shared | None = None
+) -> Gateway:
+    gw = config.gateway
+    shared = shared or Shared()
     keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(shared.metrics_dir)
+    limiter = Limiter(_policies(config), shared.keys) if keys.enabled else None
     # one node per GPU: the host's nodes, each at its own address, are the local backends
     nodes = node_urls(config) if gw.local_backend else []
     pool = BackendPool(
@@ -112,6 +151,7 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
         failures=config.health_check.failures,
         metrics=metrics,
         probe=probe,
+        shared=shared.backends,
     )
     settings = ProxySettings(
         public_paths=frozenset(gw.public_paths),
@@ -122,14 +162,25 @@ def build_gateway(config: Config, probe: Probe = default_probe) -> Gateway:
         header_read_timeout=gw.header_read_timeout_sec,
         max_connections_per_address=gw.max_connections_per_address,
     )
-    return Gateway(keys, pool, metrics, settings)
+    return Gateway(keys, pool, metrics, settings, limiter)
 
 
-async def serve(config: Config, probe: Probe = default_probe) -> None:
+@dataclass
+class Worker:
+    """A worker process under ``workers.supervise``: what it shares with the others, and
+    how it tells the master it listens or finished a reload (the master speaks to systemd)."""
+
+    shared: Shared
+    ready: Callable[[], None]
+    reloaded: Callable[[], None]
+
+
+async def serve(config: Config, probe: Probe = default_probe, worker: Worker | None = None) -> None:
+    """Serve until SIGTERM or SIGINT: the only process, or one of several ``worker``s."""
     gw = config.gateway
-    gateway = build_gateway(config, probe)
+    gateway = build_gateway(config, probe, worker.shared if worker else None)
     context = _tls(config)
-    if not gateway.keys.enabled:
+    if not gateway.keys.enabled and (worker is None or worker.shared.index == 0):
         log.warning("no apiKeysFile: every request is let through (listening on loopback only)")
     # handler_cancellation: a client that goes away cancels its request, and with it the
     # request to EXO, so no node keeps generating for nobody. keepalive_timeout: an idle
@@ -152,6 +203,9 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
             gw.listen_address,
             gw.port,
             reuse_address=True,
+            # several workers: each has a socket of its own on the port, and the kernel
+            # spreads new connections over them
+            reuse_port=worker is not None,
             ssl=context,
             # a TLS handshake is part of getting a request's headers in
             ssl_handshake_timeout=gw.header_read_timeout_sec if context else None,
@@ -162,23 +216,29 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
             f"cannot listen on {gw.listen_address} port {gw.port}: {exc.strerror}; "
             "choose another gateway.port or stop what uses it"
         ) from None
-    log.info(
-        "gateway listening on %s (%d API keys)",
-        url_for(gw.listen_address, gw.port, "https" if context else "http"),
-        len(gateway.keys),
-    )
+    if worker is None or worker.shared.index == 0:
+        log.info(
+            "gateway listening on %s (%d API keys)%s",
+            url_for(gw.listen_address, gw.port, "https" if context else "http"),
+            len(gateway.keys),
+            f" in {worker.shared.workers} worker processes" if worker else "",
+        )
     stop = asyncio.Event()
-    notifier = Notifier.from_environ()
+    notifier = Notifier.from_environ() if worker is None else None
 
     reloads: set[asyncio.Task[None]] = set()
 
     async def reload_keys() -> None:
         await gateway.reload_keys()
-        notifier.ready()
+        if notifier is not None:
+            notifier.ready()
+        if worker is not None:
+            worker.reloaded()
 
     def reload() -> None:
         # The key file is read in a worker thread: the loop keeps serving meanwhile.
-        notifier.send("RELOADING=1")
+        if notifier is not None:
+            notifier.send("RELOADING=1")
         task = asyncio.create_task(reload_keys(), name="exo-gateway-reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -186,13 +246,18 @@ async def serve(config: Config, probe: Probe = default_probe) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    notifier.ready()
+    if notifier is not None:
+        notifier.ready()
+    if worker is not None:
+        worker.ready()
     try:
         await stop.wait()
     finally:
-        notifier.stopping()
+        if notifier is not None:
+            notifier.stopping()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         listener.close()
         await runner.cleanup()  # closes the client connections
-        notifier.close()
+        if notifier is not None:
+            notifier.close()
