@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from exo_nixos.config import parse_config
-from exo_nixos.errors import ConfigError
 from tests.nixeval import NixBuildError, NixEvalError, evaluate, render_unit, requires_nix
 
 pytestmark = [pytest.mark.nix, requires_nix]
@@ -213,11 +212,11 @@ def test_key_policies_reach_the_config_document_and_python_judges_them():
     assert gateway.key_policies["alice"].requests_per_minute == 60
     assert gateway.key_policies["*"].tokens_per_minute == 100000
     assert gateway.policy_file == "/run/secrets/exo-api-policy.json"
-    # the module takes any JSON there; the config model is the one judge of its rules
+    # the module takes any JSON there; the config model, run while config.json is built, is
+    # the one judge of its rules
     bad = {**settings, "keyPolicies": {"alice": {"requestsPerMinute": 0}}}
-    document = evaluate(exo(gateway=bad))["etc"]["exo/config.json"]
-    with pytest.raises(ConfigError, match=r"keyPolicies\.alice\.requestsPerMinute"):
-        parse_config(document)
+    with pytest.raises(NixBuildError, match=r"keyPolicies\.alice\.requestsPerMinute: 0"):
+        evaluate(exo(gateway=bad))
 
 
 def test_workers_reach_the_config_document():
