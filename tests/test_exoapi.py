@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 from typing import Any
 
@@ -32,15 +33,21 @@ from tests.exo_double.fixture import free_port, run_double
 MODEL = "mlx-community/Qwen3-0.6B-4bit"
 
 
-def sample_state() -> dict[str, Any]:
+@functools.cache
+def _sample() -> dict[str, Any]:
     cluster = Cluster(
         node_id="self1",
         api_port=52415,
         peers=[PeerSpec("peer2", "10.0.0.2"), PeerSpec("peer3", "fd00::3")],
         instance_models=[MODEL],
     )
-    # a copy: the mangling tests change it in place, and the double may share its parts
-    return copy.deepcopy(cluster.state())
+    return cluster.state()
+
+
+def sample_state() -> dict[str, Any]:
+    # one document for the whole module (the double's instance ids are random, and hypothesis
+    # needs the same shape on every run); a copy: the mangling tests change it in place
+    return copy.deepcopy(_sample())
 
 
 def test_parse_state_reads_peers_instances_and_sync():
