@@ -116,8 +116,18 @@ def test_a_missing_directory_says_how_to_create_it(host: Host) -> None:
         "/srv/none/models (extraModelDirs) does not exist",
         f"create it: install -d {owner} /srv/none/models",
     )
-    # with the parent there, EXO creates it
+    # with the parent there, EXO creates it: the service user must write and enter it
     (host.root / "srv/none").mkdir(parents=True)
+    real_access, asked = os.access, []
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        asked.append(mode)
+        return real_access(path, mode)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", access)
+        check_directory(specs["/srv/none/models"], host, cfg)
+    assert asked[0] == os.W_OK | os.X_OK
     assert check_directory(specs["/srv/none/models"], host, cfg) == ok(
         "directory /srv/none/models", "/srv/none/models (extraModelDirs) will be created by EXO"
     )
@@ -357,6 +367,18 @@ def test_a_parent_the_service_user_cannot_enter_is_named(tmp_path: Path, parent_
 
 
 @root_only
+def test_the_tree_root_itself_must_be_enterable(tmp_path: Path) -> None:
+    (tmp_path / "srv/models").mkdir(parents=True)
+    (tmp_path / "srv").chmod(0o755)
+    tmp_path.chmod(0o700)  # the tree's "/"
+    cfg = nobody_config(tmp_path)
+    spec = DirectorySpec("modelsDir", "/srv/models", False, False, False)
+    assert check_directory(spec, Host(tmp_path), cfg).reason == (
+        f"nobody cannot enter /, so /srv/models (modelsDir) is out of reach ({JUDGED})"
+    )
+
+
+@root_only
 def test_a_parent_that_is_not_there_stops_the_service_user(tmp_path: Path) -> None:
     """A parent that cannot be looked at (here: a file where a directory should be) counts as
     closed."""
@@ -367,9 +389,23 @@ def test_a_parent_that_is_not_there_stops_the_service_user(tmp_path: Path) -> No
     assert _blocked_for("nobody", Host(tmp_path), "/srv/models", write=False) == ("/srv", JUDGED)
 
 
-def test_the_caller_as_the_service_user_is_judged_by_the_kernel(host: Host) -> None:
+def test_the_caller_as_the_service_user_is_judged_by_the_kernel(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Run as the service user (ExecStartPre), access(2) answers; root may enter anything."""
     from exo_nixos.preflight import _blocked_for
+
+    asked: list[int] = []
+    real_access = os.access
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        asked.append(mode)
+        return real_access(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    _blocked_for(ME, host, "/var/lib/exo", write=True)
+    _blocked_for(ME, host, "/etc/exo", write=False)
+    assert asked == [os.W_OK | os.X_OK, os.R_OK | os.X_OK]
 
     assert _blocked_for(ME, host, "/var/lib/exo", write=True) is None
     assert _blocked_for(ME, host, "/nonexistent/dir", write=False) == (
@@ -664,6 +700,21 @@ def test_cluster_interface_results_carry_the_choice(tmp_path: Path, tree: str, i
     assert check_interface(cfg, host) == (expected or [ok(check, choice.reasons[0])])
 
 
+def test_downloads_warning_wording(tmp_path: Path) -> None:
+    from tests.test_preflight import _downloads
+
+    assert _downloads("bond-balance-alb", tmp_path) == [
+        warn(
+            "downloads",
+            "model downloads are on, but the default route is on wlp2s0, which the node unit "
+            "may not use (RestrictNetworkInterfaces allows only lo, bond1), so EXO cannot reach "
+            "the model hub",
+            'set services.exo.networking.downloadInterfaces = [ "wlp2s0" ], or '
+            "services.exo.offline = true to serve local models only",
+        )
+    ]
+
+
 # ---------------------------------------------------------------- run_checks
 
 
@@ -689,6 +740,9 @@ def test_a_captured_tree_is_not_port_checked_and_its_fixes_say_where(host: Host)
     )
     assert all(r.fix == "" for r in results if r.status is Status.OK)
     assert by_check["memory"] == ok("memory", "no memoryLimit; EXO may use all 62.5 GiB")
+    # each check judged this config, this tree and this inventory
+    assert by_check["disk"] == check_disk(cfg, inventory.disk)
+    assert by_check["devices"] == check_devices(Accelerator.CPU, host)
     without = run_checks(cfg, host, inventory, Accelerator.CPU, interface=False)
     assert "interface" not in [r.check for r in without]
 
@@ -699,6 +753,7 @@ def test_the_live_host_is_port_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
 
     def ports(config: Config, *, exo_running: bool = False) -> CheckResult:
+        assert config is cfg
         calls.append(exo_running)
         return ok("ports", "stand-in")
 
@@ -706,13 +761,15 @@ def test_the_live_host_is_port_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     host = Host()
     assert host.is_live and host.root == Path("/")
     assert Host(Path("/tmp/..")).is_live
-    cfg = make_config(Path("/"))
+    cfg = make_config(Path("/"), k3s={"integration": True})
     from exo_nixos.hardware import detect
 
     inventory = detect(Path("/"), use_nvml=False, models_dir=cfg.effective_models_dir)
     results = run_checks(cfg, host, inventory, Accelerator.CPU, exo_running=True)
     assert calls == [True] and results[0] == ok("ports", "stand-in")
     assert not any("captured from" in r.fix for r in results)
+    # the credential check looked at this host (none configured: it says so)
+    assert results[-1].reason.startswith("k3s.integration is on but neither")
     run_checks(cfg, host, inventory, Accelerator.CPU)
     assert calls == [True, False]
 
@@ -723,3 +780,4 @@ def test_host_paths_are_under_its_root(tmp_path: Path) -> None:
     assert host.path("/etc/exo") == tmp_path / "etc/exo"
     assert host.path(Path("/etc/exo")) == tmp_path / "etc/exo"
     assert host.path("etc") == tmp_path / "etc"
+    assert host.path("/X11/xorg.conf") == tmp_path / "X11/xorg.conf"
