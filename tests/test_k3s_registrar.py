@@ -19,12 +19,23 @@ from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
 from exo_nixos.k3s.registrar import Backoff, Registrar, slice_name
 from exo_nixos.k3s.service import build_registrar
-from tests.kube_double import Fault, KubeApiDouble, until
+from tests.kube_double import Fault, KubeApiDouble
+from tests.kube_double import until as _until
 
 NS = "exo-system"
 NODE = "node-a"
 NAME = "exo-api-node-a"
 TOKEN = "good-token"
+
+
+# Every wait below takes well under a second when the registrar works; a broken one (a
+# planted bug, a mutant) fails in seconds rather than after the double's 20 s guard, which
+# keeps a mutation run of this module within minutes.
+WAIT_LIMIT = 5.0
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = WAIT_LIMIT) -> None:
+    await _until(check, what, limit)
 
 
 class Health:
@@ -93,7 +104,7 @@ def run_scenario(
         try:
             await scenario(double, registrar, health, stop)
             stop.set()
-            removed = await asyncio.wait_for(task, 10)
+            removed = await asyncio.wait_for(task, WAIT_LIMIT)
             assert removed is expect_removed
         finally:
             stop.set()
