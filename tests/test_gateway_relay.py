@@ -976,7 +976,8 @@ def test_requests_to_one_backend_run_side_by_side() -> None:
                 async with session.get(gateway.url + "/x") as r:
                     return await r.text()
 
-            assert await asyncio.gather(one(), one()) == ["met", "met"]
+            answers: list[str] = [*await asyncio.gather(one(), one())]
+            assert answers == ["met", "met"]
 
     run(scenario())
 
