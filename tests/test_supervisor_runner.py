@@ -390,7 +390,9 @@ def test_the_master_named_in_exos_log_reaches_status_snapshot_and_hint(tmp_path:
         "import os, time\n"
         "print('[ 12:00:00 ] Starting node node-a', flush=True)\n"
         "print('Node node-b elected master - demoting self', flush=True)\n"
-        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        "deadline = time.monotonic() + 30\n"
+        f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
         "print('\\x1b[1mNode elected Master - promoting self\\x1b[0m', flush=True)\n"
         "time.sleep(60)\n"
     )
