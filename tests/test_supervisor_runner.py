@@ -30,6 +30,7 @@ from exo_nixos.exoapi import ExoApiError, NodeView, Peer
 from exo_nixos.supervisor.environment import Launch, Selection
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.runner import (
+    LineSplitter,
     Settings,
     Supervisor,
     describe,
@@ -103,7 +104,7 @@ def settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-async def until(condition: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], what: str, limit: float = 5.0) -> None:
     deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:
@@ -122,7 +123,7 @@ class Run:
     output: io.BytesIO
     task: asyncio.Task[int]
 
-    async def result(self, limit: float = 10.0) -> int:
+    async def result(self, limit: float = 5.0) -> int:
         return await asyncio.wait_for(self.task, limit)
 
 
@@ -252,7 +253,9 @@ def test_a_crash_is_the_exit_status_and_said_in_status(caplog) -> None:
     assert errors == ["EXO exited unexpectedly with status 3"]
 
 
-def test_exit_is_seen_while_a_process_exo_spawned_holds_its_output(tmp_path: Path) -> None:
+def test_exit_is_seen_while_a_process_exo_spawned_holds_its_output(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """EXO's runners inherit its output pipe: EXO's exit must not wait for them, and they
     are killed with its process group."""
     pidfile = tmp_path / "runner.pid"
@@ -270,8 +273,10 @@ def test_exit_is_seen_while_a_process_exo_spawned_holds_its_output(tmp_path: Pat
         assert run.output.getvalue() == b"spawned\n"
 
     began = time.monotonic()
-    asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="exo_nixos.supervisor"):
+        asyncio.run(scenario())
     assert time.monotonic() - began < 5
+    assert "killed processes EXO left behind in its process group" in caplog.messages
     assert not _alive(int(pidfile.read_text()))
 
 
@@ -384,11 +389,16 @@ def test_exit_status_of_a_signal_is_the_shell_one() -> None:
 # ---------------------------------------------------------------- EXO's log and STATUS
 
 
-def test_the_master_named_in_exos_log_reaches_status_snapshot_and_hint(tmp_path: Path) -> None:
+def test_the_master_named_in_exos_log_reaches_status_snapshot_and_hint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probes stop once ready (an hour apart here): what changes after comes from the log."""
+    caplog.set_level(logging.INFO, logger="exo_nixos.supervisor")
     gate = tmp_path / "gate"
     code = (
         "import os, time\n"
         "print('[ 12:00:00 ] Starting node node-a', flush=True)\n"
+        "print('Node node-b elected master - demoting self', flush=True)\n"
         "print('Node node-b elected master - demoting self', flush=True)\n"
         "deadline = time.monotonic() + 30\n"
         f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
@@ -400,7 +410,13 @@ def test_the_master_named_in_exos_log_reaches_status_snapshot_and_hint(tmp_path:
     store = SnapshotStore(tmp_path / "topology.json")
 
     async def scenario() -> None:
-        run = start(fake_exo(code), probe=ScriptedProbe(view()), snapshots=store, hint_dir=hints)
+        run = start(
+            fake_exo(code),
+            probe=ScriptedProbe(view()),
+            snapshots=store,
+            hint_dir=hints,
+            settings={"interval": 3600.0},
+        )
         other = "worker; master node-b; 0 peers; 0 instances; cpu"
         await until(lambda: other in run.notifier.statuses(), "master node-b in STATUS")
         assert exoapi.read_master_hint(hints, "node-a") == "node-b"
@@ -415,10 +431,13 @@ def test_the_master_named_in_exos_log_reaches_status_snapshot_and_hint(tmp_path:
         saved = store.load()
         assert saved is not None and saved.topology.is_master
         assert saved.role == "worker"
+        assert run.probe.calls == 1
         stop_signal()
         await run.result()
 
     asyncio.run(scenario())
+    reports = [m for m in caplog.messages if m.startswith("EXO reports master")]
+    assert reports == ["EXO reports master node-b", "EXO reports master node-a (this node)"]
 
 
 def test_a_new_start_line_forgets_the_master(tmp_path: Path) -> None:
@@ -457,10 +476,46 @@ def test_an_unwritable_hint_dir_is_a_warning(tmp_path: Path, caplog) -> None:
         await run.result()
 
     asyncio.run(scenario())
-    assert any(
-        r.levelno == logging.WARNING and r.getMessage().startswith("cannot record the master in ")
-        for r in caplog.records
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"cannot record the master in {tmp_path / 'file/x'}: [Errno 20] Not a directory: "
+        f"'{tmp_path / 'file/x'}'"
+    ]
+
+
+def test_output_that_is_not_utf8_passes_unchanged_and_is_still_read() -> None:
+    code = (
+        "import sys, time\n"
+        "sys.stdout.buffer.write(b'Starting node node-a \\xff\\xfe\\n')\n"
+        "sys.stdout.buffer.write(b'Starting node node-a\\n')\n"
+        "sys.stdout.buffer.write(b'\\xffNode node-b elected master\\n')\n"
+        "sys.stdout.buffer.write(b'Node node-c elected master\\n')\n"
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
     )
+
+    async def scenario() -> None:
+        run = start(fake_exo(code), probe=ScriptedProbe(view()))
+        await until(lambda: run.supervisor.state.master_id == "node-c", "the master")
+        assert run.output.getvalue() == (
+            b"Starting node node-a \xff\xfe\nStarting node node-a\n"
+            b"\xffNode node-b elected master\nNode node-c elected master\n"
+        )
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
+
+
+def test_a_line_of_exactly_the_limit_is_passed_on_at_once() -> None:
+    lines: list[bytes] = []
+    splitter = LineSplitter(lines.append, limit=4)
+    splitter.feed(b"abcd")
+    assert lines == [b"abcd\n"]
+    splitter.feed(b"ef\ngh")
+    assert lines == [b"abcd\n", b"ef\n"]
+    splitter.close()
+    assert lines == [b"abcd\n", b"ef\n", b"gh\n"]
 
 
 def test_output_that_cannot_be_written_does_not_stop_reading(tmp_path: Path) -> None:
