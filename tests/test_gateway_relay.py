@@ -86,6 +86,10 @@ def test_an_event_stream_is_passed_on_as_it_arrives_with_end_to_end_headers() ->
                 == 1
             )
             assert await gateway.metric("exo_gateway_backend_inflight", backend=node.url) == 0
+            post = frozenset({("method", "POST")})
+            samples = await gateway.metrics()
+            assert samples[("exo_gateway_response_latency_seconds_count", post)] == 1
+            assert 0 < samples[("exo_gateway_response_latency_seconds_sum", post)] < 60
             assert (await gateway.health())["status"] == "ok"
 
     run(scenario())
@@ -347,7 +351,9 @@ def test_a_streamed_completion_of_the_double_is_relayed_whole() -> None:
 # ---------------------------------------------------------------- failover
 
 
-def test_a_backend_that_refuses_connections_fails_over_and_is_marked_down() -> None:
+def test_a_backend_that_refuses_connections_fails_over_and_is_marked_down(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="exo_nixos.gateway")
+
     async def scenario() -> None:
         async with backend() as doomed:
             dead = doomed.url
@@ -368,8 +374,12 @@ def test_a_backend_that_refuses_connections_fails_over_and_is_marked_down() -> N
             )
             assert await gateway.metric("exo_gateway_backend_up", backend=dead) == 0
             assert (await gateway.health())["backends"] == {"healthy": 1, "total": 2}
+            return dead
 
-    run(scenario())
+    dead = run(scenario())
+    # the pool logs why: the backend, the client error and its text
+    [down] = [m for m in caplog.messages if m.startswith(f"backend {dead} down: ")]
+    assert down.startswith(f"backend {dead} down: {dead}: ClientConnectorError: Cannot connect")
 
 
 def test_no_backend_answering_is_a_502_without_internals() -> None:
