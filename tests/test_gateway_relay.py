@@ -354,7 +354,7 @@ def test_a_streamed_completion_of_the_double_is_relayed_whole() -> None:
 def test_a_backend_that_refuses_connections_fails_over_and_is_marked_down(caplog) -> None:
     caplog.set_level(logging.INFO, logger="exo_nixos.gateway")
 
-    async def scenario() -> None:
+    async def scenario() -> str:
         async with backend() as doomed:
             dead = doomed.url
         # ``dead`` is closed now, but its probe passes: only a request finds out
