@@ -706,3 +706,64 @@ def test_topology_of_a_view() -> None:
         "node-a", "node-a", True, {"node-b": ["10.0.0.2", "fe80::1"]}, 0
     )
     assert not topology_of(view(master_id=None)).is_master
+
+
+class CountingStore(SnapshotStore):
+    """A snapshot store that counts its writes."""
+
+    saves = 0
+
+    def save(self, role: str, topology: Topology, now: float | None = None) -> None:
+        self.saves += 1
+        super().save(role, topology, now)
+
+
+def test_a_snapshot_is_written_when_the_topology_changes_only(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "topology.json")
+
+    async def scenario() -> None:
+        run = start(fake_exo(SLEEPER), probe=ScriptedProbe(view()), snapshots=store)
+        await until(lambda: run.probe.calls >= 5, "several probes")
+        assert store.saves == 1
+        run.probe.answer = view(peers=(Peer("node-b"),))
+        await until(lambda: store.saves == 2, "the new topology written")
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
+
+
+def test_a_snapshot_that_cannot_be_written_is_a_warning(tmp_path: Path, caplog) -> None:
+    (tmp_path / "file").write_text("")
+    store = SnapshotStore(tmp_path / "file/topology.json")
+
+    async def scenario() -> None:
+        run = start(fake_exo(SLEEPER), probe=ScriptedProbe(view()), snapshots=store)
+        await until(lambda: run.notifier.count("READY=1") == 1, "ready all the same")
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    path = tmp_path / "file/topology.json"
+    assert [w for w in warnings if w.startswith(f"cannot write topology snapshot {path}: ")]
+
+
+def test_a_master_from_the_log_is_not_applied_to_another_node(tmp_path: Path) -> None:
+    """The log names the master for the node that wrote it; a probe that finds another node
+    (EXO restarted with a new id) keeps what its API says."""
+    code = (
+        "import time\nprint('Starting node node-a', flush=True)\n"
+        "print('Node node-b elected master', flush=True)\ntime.sleep(60)\n"
+    )
+
+    async def scenario() -> None:
+        run = start(fake_exo(code), probe=ScriptedProbe(view("node-x")))
+        await until(lambda: run.supervisor.state.master_id == "node-b", "the master")
+        await until(lambda: run.notifier.count("READY=1") == 1, "ready")
+        await until(lambda: run.probe.calls >= 3, "more probes")
+        assert run.notifier.statuses()[-1].startswith("worker; master unknown;")
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
