@@ -174,3 +174,35 @@ def test_schema_documents_are_judged_and_accepted_ones_work_downstream(document)
     assert directory_specs(config)
     if config.hardware.memory_limit is not None:
         assert MemoryLimit.parse(config.hardware.memory_limit).resolve(64 << 30) > 0
+
+
+FUZZ_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz-config"
+
+
+def test_fuzz_script_refuses_a_count_that_is_not_a_positive_integer_in_one_line():
+    for argv, env_count in (
+        ([], "many"),
+        ([], "1e3"),
+        (["abc"], None),
+        (["0"], None),
+        (["-5"], None),
+        (["12x"], None),
+    ):
+        env = {k: v for k, v in os.environ.items() if k != "EXO_NIXOS_FUZZ_EXAMPLES"}
+        if env_count is not None:
+            env["EXO_NIXOS_FUZZ_EXAMPLES"] = env_count
+        result = subprocess.run(
+            [str(FUZZ_SCRIPT), *argv],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        shown = argv[0] if argv else env_count
+        assert result.returncode == 2, (argv, env_count, result)
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "positive integer" in lines[0] and f"'{shown}'" in lines[0]
+        assert "Traceback" not in result.stderr

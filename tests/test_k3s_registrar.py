@@ -20,12 +20,23 @@ from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
 from exo_nixos.k3s.registrar import Registrar, slice_name
 from exo_nixos.k3s.service import build_registrar
-from tests.kube_double import Fault, KubeApiDouble, until
+from tests.kube_double import Fault, KubeApiDouble
+from tests.kube_double import until as _until
 
 NS = "exo-system"
 NODE = "node-a"
 NAME = "exo-api-node-a"
 TOKEN = "good-token"
+
+
+# Every wait below takes well under a second when the registrar works; a broken one (a
+# planted bug, a mutant) fails in seconds rather than after the double's 20 s guard, which
+# keeps a mutation run of this module within minutes.
+WAIT_LIMIT = 5.0
+
+
+async def until(check: Callable[[], bool], what: str, limit: float = WAIT_LIMIT) -> None:
+    await _until(check, what, limit)
 
 
 class Health:
@@ -94,7 +105,7 @@ def run_scenario(
         try:
             await scenario(double, registrar, health, stop)
             stop.set()
-            removed = await asyncio.wait_for(task, 10)
+            removed = await asyncio.wait_for(task, WAIT_LIMIT)
             assert removed is expect_removed
         finally:
             stop.set()
@@ -628,3 +639,77 @@ def test_a_conflict_is_followed_by_a_read_then_a_write_with_the_new_version(
     assert seen == [("PUT", 409), ("GET", 200), ("PUT", 200)]
     assert ready is False
     assert ours is not None and theirs is not None and int(ours) > int(theirs)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda obj: obj["metadata"]["labels"].pop("endpointslice.kubernetes.io/managed-by"),
+        lambda obj: obj["metadata"]["labels"].update({"kubernetes.io/service-name": "other"}),
+        lambda obj: obj["ports"][0].update({"port": 1}),
+        lambda obj: obj["endpoints"][0].update({"addresses": ["10.0.0.9"]}),
+    ],
+    ids=["managed-by label", "service label", "port", "address"],
+)
+def test_a_slice_changed_by_someone_else_is_put_back_at_the_next_resync(
+    tmp_path: Path, change: Callable[[dict[str, Any]], Any]
+) -> None:
+    """What the Service routes by (its labels, address and port) is restored; nothing is
+    written while the object already says it."""
+    original: dict[str, Any] = {}
+
+    def content(obj: dict[str, Any] | None) -> Any:
+        assert obj is not None
+        return (obj["metadata"]["labels"], obj["addressType"], obj["endpoints"], obj["ports"])
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
+        original.update({"content": content(api.get(NS, NAME))})
+        assert api.statuses("PUT") == []
+        api.modify(NS, NAME, change)
+        assert content(api.get(NS, NAME)) != original["content"]
+        await until(lambda: content(api.get(NS, NAME)) == original["content"], "put back")
+
+    api = run_scenario(tmp_path, scenario)
+    assert api.statuses("PUT") == [200]
+
+
+def test_probe_verdicts_and_their_log_lines(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+
+    class Raising(Health):
+        async def __call__(self) -> bool:
+            self.calls += 1
+            if not self.healthy:
+                raise RuntimeError("probe broke")
+            return True
+
+    async def scenario(api: KubeApiDouble, reg: Registrar, health: Health, stop: asyncio.Event):
+        await until(lambda: api.ready(NS, NAME) is True, "ready")
+        health.healthy = False  # (a raising probe counts as a failed one)
+        calls = health.calls
+        await until(lambda: health.calls >= calls + 1, "one failed probe")
+        assert reg.ready  # one failure is not enough (failures: 2)
+        await until(lambda: api.ready(NS, NAME) is False, "not ready after two")
+        health.healthy = True
+        await until(lambda: api.ready(NS, NAME) is True, "ready again after one good probe")
+
+    async def main() -> None:
+        double = KubeApiDouble(token=TOKEN)
+        await double.start()
+        health = Raising(True)
+        registrar = registrar_for(tmp_path, double, health)
+        stop = asyncio.Event()
+        task = asyncio.create_task(registrar.run(stop))
+        try:
+            await scenario(double, registrar, health, stop)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT_LIMIT)
+            await registrar.client.close()
+            await double.stop()
+
+    asyncio.run(main())
+    messages = caplog.messages
+    assert messages.count("node healthy: endpoint ready") == 2
+    assert "2 failed probes: endpoint not ready" in messages
