@@ -13,12 +13,11 @@ import pytest
 
 from exo_nixos.config import Accelerator, Config
 from exo_nixos.hardware.model import Disk
+from exo_nixos.hosttree import Tree
 from exo_nixos.network import choose_cluster_interface, inspect
 from exo_nixos.preflight import (
-    GIB,
     CheckResult,
     DirectorySpec,
-    Host,
     Status,
     check_devices,
     check_directory,
@@ -29,6 +28,7 @@ from exo_nixos.preflight import (
     directory_specs,
     run_checks,
 )
+from exo_nixos.units import GIB
 from tests.test_preflight import ME, MY_GROUP, NETWORK_FIXTURES, build_host, make_config
 
 root_only = pytest.mark.skipif(os.getuid() != 0, reason="needs root to own files as nobody")
@@ -48,14 +48,14 @@ def fail(check: str, reason: str, fix: str) -> CheckResult:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Host:
+def host(tmp_path: Path) -> Tree:
     return build_host(tmp_path)
 
 
 # ---------------------------------------------------------------- directory_specs
 
 
-def test_directory_specs_list_every_directory_with_what_is_asked_of_it(host: Host) -> None:
+def test_directory_specs_list_every_directory_with_what_is_asked_of_it(host: Tree) -> None:
     cfg = make_config(
         host.root, extraModelDirs=["/srv/a", "/srv/b"], readOnlyModelDirs=["/ro/c", "/ro/d"]
     )
@@ -78,7 +78,7 @@ def test_directory_specs_list_every_directory_with_what_is_asked_of_it(host: Hos
 # ---------------------------------------------------------------- check_directory
 
 
-def test_every_directory_of_a_good_tree_is_ok_with_its_mode(host: Host) -> None:
+def test_every_directory_of_a_good_tree_is_ok_with_its_mode(host: Tree) -> None:
     cfg = make_config(host.root)
     results = [check_directory(s, host, cfg) for s in directory_specs(cfg)]
     assert results == [
@@ -93,7 +93,7 @@ def test_every_directory_of_a_good_tree_is_ok_with_its_mode(host: Host) -> None:
     ]
 
 
-def test_a_missing_directory_says_how_to_create_it(host: Host) -> None:
+def test_a_missing_directory_says_how_to_create_it(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/none/models"])
     (host.root / "var/lib/exo").rmdir()
     (host.root / "etc/exo").rmdir()
@@ -133,7 +133,7 @@ def test_a_missing_directory_says_how_to_create_it(host: Host) -> None:
     )
 
 
-def test_a_missing_read_only_model_dir_is_not_created_by_exo(host: Host) -> None:
+def test_a_missing_read_only_model_dir_is_not_created_by_exo(host: Tree) -> None:
     cfg = make_config(host.root, readOnlyModelDirs=["/srv/ro"])
     (host.root / "srv").mkdir()
     assert check_directory(directory_specs(cfg)[-1], host, cfg) == fail(
@@ -143,7 +143,7 @@ def test_a_missing_read_only_model_dir_is_not_created_by_exo(host: Host) -> None
     )
 
 
-def test_a_missing_owned_directory_is_not_left_to_exo(host: Host) -> None:
+def test_a_missing_owned_directory_is_not_left_to_exo(host: Tree) -> None:
     """The state directories must exist with their owner even where the parent is writable."""
     cfg = make_config(host.root)
     (host.root / "run/exo").rmdir()
@@ -151,7 +151,7 @@ def test_a_missing_owned_directory_is_not_left_to_exo(host: Host) -> None:
     assert result.status is Status.FAIL and result.reason.endswith("does not exist")
 
 
-def test_a_path_through_a_file_cannot_be_read(host: Host) -> None:
+def test_a_path_through_a_file_cannot_be_read(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/file/models"])
     (host.root / "srv").mkdir()
     (host.root / "srv/file").write_text("")
@@ -163,7 +163,7 @@ def test_a_path_through_a_file_cannot_be_read(host: Host) -> None:
 
 
 def test_a_directory_the_caller_cannot_reach_names_the_closed_parent(
-    host: Host, monkeypatch: pytest.MonkeyPatch
+    host: Tree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a non-root caller meets (stat answers EACCES): the first parent it cannot enter."""
     cfg = make_config(host.root, extraModelDirs=["/home/alice/models"])
@@ -199,7 +199,7 @@ def test_a_directory_the_caller_cannot_reach_names_the_closed_parent(
     )
 
 
-def test_a_file_where_a_directory_belongs(host: Host) -> None:
+def test_a_file_where_a_directory_belongs(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/file"])
     (host.root / "srv").mkdir()
     (host.root / "srv/file").write_text("")
@@ -209,7 +209,7 @@ def test_a_file_where_a_directory_belongs(host: Host) -> None:
 
 
 @pytest.mark.parametrize("mode", [0o751, 0o754, 0o752, 0o755])
-def test_a_private_directory_open_to_others_warns(host: Host, mode: int) -> None:
+def test_a_private_directory_open_to_others_warns(host: Tree, mode: int) -> None:
     cfg = make_config(host.root)
     (host.root / "var/cache/exo").chmod(mode)
     assert check_directory(directory_specs(cfg)[1], host, cfg) == warn(
@@ -219,7 +219,7 @@ def test_a_private_directory_open_to_others_warns(host: Host, mode: int) -> None
     )
 
 
-def test_a_shared_directory_may_be_readable_by_all_but_not_writable(host: Host) -> None:
+def test_a_shared_directory_may_be_readable_by_all_but_not_writable(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/models"])
     (host.root / "srv/models").mkdir(parents=True)
     spec = directory_specs(cfg)[5]
@@ -238,7 +238,7 @@ def test_a_shared_directory_may_be_readable_by_all_but_not_writable(host: Host) 
 
 
 @root_only
-def test_a_state_directory_owned_by_another_user_fails_with_chown(host: Host) -> None:
+def test_a_state_directory_owned_by_another_user_fails_with_chown(host: Tree) -> None:
     cfg = make_config(host.root)
     os.chown(host.root / "var/lib/exo", NOBODY, -1)
     assert check_directory(directory_specs(cfg)[0], host, cfg) == fail(
@@ -249,7 +249,7 @@ def test_a_state_directory_owned_by_another_user_fails_with_chown(host: Host) ->
 
 
 @root_only
-def test_a_state_directory_of_another_group_warns_with_chgrp(host: Host) -> None:
+def test_a_state_directory_of_another_group_warns_with_chgrp(host: Tree) -> None:
     cfg = make_config(host.root)
     os.chown(host.root / "run/exo", -1, NOBODY)
     assert check_directory(directory_specs(cfg)[2], host, cfg) == warn(
@@ -259,7 +259,7 @@ def test_a_state_directory_of_another_group_warns_with_chgrp(host: Host) -> None
     )
 
 
-def test_owner_and_group_are_not_judged_for_an_unknown_user(host: Host) -> None:
+def test_owner_and_group_are_not_judged_for_an_unknown_user(host: Tree) -> None:
     """A user or group this host does not know (a captured tree) is not held against it."""
     cfg = make_config(host.root)
     security = {**cfg.security.model_dump(by_alias=True), "user": "exo-x", "group": "exo-x"}
@@ -268,7 +268,7 @@ def test_owner_and_group_are_not_judged_for_an_unknown_user(host: Host) -> None:
     assert result == ok("directory /var/lib/exo", "/var/lib/exo exists and is writable (mode 0750)")
 
 
-def test_model_dirs_are_not_judged_for_owner_or_mode(host: Host) -> None:
+def test_model_dirs_are_not_judged_for_owner_or_mode(host: Tree) -> None:
     cfg = make_config(host.root, extraModelDirs=["/srv/models"])
     (host.root / "srv/models").mkdir(parents=True)
     (host.root / "srv/models").chmod(0o755)
@@ -325,7 +325,7 @@ def test_access_for_the_service_user_is_read_from_its_permission_bits(
     (tmp_path / "srv/models").chmod(mode)
     cfg = nobody_config(tmp_path)
     spec = DirectorySpec("modelsDir", "/srv/models", writable, False, False)
-    result = check_directory(spec, Host(tmp_path), cfg)
+    result = check_directory(spec, Tree(tmp_path), cfg)
     if allowed:
         what = "writable" if writable else "readable"
         assert result == ok(
@@ -356,14 +356,14 @@ def test_a_parent_the_service_user_cannot_enter_is_named(tmp_path: Path, parent_
     (tmp_path / "srv/deep/models").chmod(0o755)
     cfg = nobody_config(tmp_path)
     spec = DirectorySpec("extraModelDirs", "/srv/deep/models", False, False, False)
-    assert check_directory(spec, Host(tmp_path), cfg) == fail(
+    assert check_directory(spec, Tree(tmp_path), cfg) == fail(
         "directory /srv/deep/models",
         "nobody cannot enter /srv/deep, so /srv/deep/models (extraModelDirs) is out of reach "
         f"({JUDGED})",
         "chmod o+x /srv/deep (or a group nobody is in), or move extraModelDirs",
     )
     (tmp_path / "srv/deep").chmod(0o711)  # search is enough for a parent
-    assert check_directory(spec, Host(tmp_path), cfg).status is Status.OK
+    assert check_directory(spec, Tree(tmp_path), cfg).status is Status.OK
 
 
 @root_only
@@ -373,7 +373,7 @@ def test_the_tree_root_itself_must_be_enterable(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)  # the tree's "/"
     cfg = nobody_config(tmp_path)
     spec = DirectorySpec("modelsDir", "/srv/models", False, False, False)
-    assert check_directory(spec, Host(tmp_path), cfg).reason == (
+    assert check_directory(spec, Tree(tmp_path), cfg).reason == (
         f"nobody cannot enter /, so /srv/models (modelsDir) is out of reach ({JUDGED})"
     )
 
@@ -386,11 +386,11 @@ def test_a_parent_that_is_not_there_stops_the_service_user(tmp_path: Path) -> No
 
     tmp_path.chmod(0o755)
     (tmp_path / "srv").write_text("")
-    assert _blocked_for("nobody", Host(tmp_path), "/srv/models", write=False) == ("/srv", JUDGED)
+    assert _blocked_for("nobody", Tree(tmp_path), "/srv/models", write=False) == ("/srv", JUDGED)
 
 
 def test_the_caller_as_the_service_user_is_judged_by_the_kernel(
-    host: Host, monkeypatch: pytest.MonkeyPatch
+    host: Tree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Run as the service user (ExecStartPre), access(2) answers; root may enter anything."""
     from exo_nixos.preflight import _blocked_for
@@ -467,11 +467,11 @@ def disk(free: int) -> Disk:
         (GIB * 3 // 2 * 100, ok("disk", "150.0 GiB free for models in /var/lib/exo/models")),
     ],
 )
-def test_disk_thresholds_and_wording(host: Host, free: int, expected: CheckResult) -> None:
+def test_disk_thresholds_and_wording(host: Tree, free: int, expected: CheckResult) -> None:
     assert check_disk(make_config(host.root), disk(free)) == expected
 
 
-def test_disk_not_found_warns(host: Host) -> None:
+def test_disk_not_found_warns(host: Tree) -> None:
     assert check_disk(make_config(host.root, modelsDir="/m"), None) == warn(
         "disk", "cannot find /m", "create the model dir"
     )
@@ -509,17 +509,17 @@ TOTAL = 64 * GIB
         ),
     ],
 )
-def test_memory_limit_wording(host: Host, limit: str | None, expected: CheckResult) -> None:
+def test_memory_limit_wording(host: Tree, limit: str | None, expected: CheckResult) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": limit})
     assert check_memory(cfg, TOTAL) == expected
 
 
-def test_memory_limit_just_over_physical_memory_fails(host: Host) -> None:
+def test_memory_limit_just_over_physical_memory_fails(host: Tree) -> None:
     cfg = make_config(host.root, hardware={"memoryLimit": "65537M"})
     assert check_memory(cfg, TOTAL).status is Status.FAIL
 
 
-def test_memory_total_unknown_warns(host: Host) -> None:
+def test_memory_total_unknown_warns(host: Tree) -> None:
     assert check_memory(make_config(host.root), None) == warn(
         "memory", "cannot read MemTotal from /proc/meminfo", "check /proc is mounted"
     )
@@ -533,7 +533,7 @@ NO_DRIVER = (
 )
 
 
-def test_device_nodes_each_missing_one_named(host: Host) -> None:
+def test_device_nodes_each_missing_one_named(host: Tree) -> None:
     dev = host.root / "dev"
     dev.mkdir()
     assert check_devices(Accelerator.CUDA, host) == fail(
@@ -555,7 +555,7 @@ def test_device_nodes_each_missing_one_named(host: Host) -> None:
     )
 
 
-def test_rocm_device_nodes(host: Host) -> None:
+def test_rocm_device_nodes(host: Tree) -> None:
     dev = host.root / "dev"
     dev.mkdir()
     (dev / "kfd").write_text("")
@@ -572,7 +572,7 @@ def test_rocm_device_nodes(host: Host) -> None:
     )
 
 
-def test_a_dangling_device_node_is_missing(host: Host) -> None:
+def test_a_dangling_device_node_is_missing(host: Tree) -> None:
     dev = host.root / "dev"
     dev.mkdir()
     for name in ("nvidiactl", "nvidia-uvm", "nvidia0"):
@@ -582,11 +582,11 @@ def test_a_dangling_device_node_is_missing(host: Host) -> None:
 
 
 @pytest.mark.parametrize("accelerator", [Accelerator.CPU, Accelerator.MLX])
-def test_accelerators_without_device_nodes(host: Host, accelerator: Accelerator) -> None:
+def test_accelerators_without_device_nodes(host: Tree, accelerator: Accelerator) -> None:
     assert check_devices(accelerator, host) == ok("devices", f"{accelerator} needs no device nodes")
 
 
-def test_an_inaccessible_device_node_is_named(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_inaccessible_device_node_is_named(host: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
     dev = host.root / "dev"
     (dev / "dri").mkdir(parents=True)
     (dev / "kfd").write_text("")
@@ -613,7 +613,7 @@ def test_an_inaccessible_device_node_is_named(host: Host, monkeypatch: pytest.Mo
 # ---------------------------------------------------------------- kubernetes credentials
 
 
-def test_kube_credentials_wording(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kube_credentials_wording(host: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     assert check_kube_credentials(make_config(host.root), host) == ok(
         "k3s credentials", "K3s integration off"
@@ -653,7 +653,7 @@ def test_kube_credentials_wording(host: Host, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_kube_credentials_come_from_systemd_credentials_first(
-    host: Host, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    host: Tree, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In the registrar's unit the files arrive through LoadCredential: the copy in
     $CREDENTIALS_DIRECTORY is read, not the configured path (which need not exist here)."""
@@ -669,7 +669,7 @@ def test_kube_credentials_come_from_systemd_credentials_first(
 # ---------------------------------------------------------------- interface
 
 
-def test_no_cluster_interface_wording(host: Host) -> None:
+def test_no_cluster_interface_wording(host: Tree) -> None:
     assert check_interface(make_config(host.root), host) == [
         ok(
             "interface",
@@ -689,7 +689,7 @@ def test_no_cluster_interface_wording(host: Host) -> None:
     ],
 )
 def test_cluster_interface_results_carry_the_choice(tmp_path: Path, tree: str, interface: str):
-    host = Host(NETWORK_FIXTURES / tree)
+    host = Tree(NETWORK_FIXTURES / tree)
     cfg = make_config(tmp_path, networking={"bondInterface": interface, "rdmaEnabled": False})
     choice = choose_cluster_interface(cfg, inspect(host.root))
     check = f"interface {interface}"
@@ -718,7 +718,7 @@ def test_downloads_warning_wording(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- run_checks
 
 
-def test_a_captured_tree_is_not_port_checked_and_its_fixes_say_where(host: Host) -> None:
+def test_a_captured_tree_is_not_port_checked_and_its_fixes_say_where(host: Tree) -> None:
     from exo_nixos.hardware import detect
 
     cfg = make_config(host.root, readOnlyModelDirs=["/srv/ro"])
@@ -758,9 +758,9 @@ def test_the_live_host_is_port_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         return ok("ports", "stand-in")
 
     monkeypatch.setattr(preflight, "check_ports", ports)
-    host = Host()
+    host = Tree(Path("/"))
     assert host.is_live and host.root == Path("/")
-    assert Host(Path("/tmp/..")).is_live
+    assert Tree(Path("/tmp/..")).is_live
     cfg = make_config(Path("/"), k3s={"integration": True})
     from exo_nixos.hardware import detect
 
@@ -775,7 +775,7 @@ def test_the_live_host_is_port_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_host_paths_are_under_its_root(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = Tree(tmp_path)
     assert not host.is_live
     assert host.path("/etc/exo") == tmp_path / "etc/exo"
     assert host.path(Path("/etc/exo")) == tmp_path / "etc/exo"

@@ -27,6 +27,7 @@ import pytest
 from exo_nixos import exoapi
 from exo_nixos.config import Accelerator
 from exo_nixos.exoapi import ExoApiError, NodeView, Peer
+from exo_nixos.findings import Finding, Severity
 from exo_nixos.supervisor.environment import Launch, Selection
 from exo_nixos.supervisor.notify import Notifier
 from exo_nixos.supervisor.runner import (
@@ -85,7 +86,10 @@ def view(node: str = "node-a", **kwargs: Any) -> NodeView:
 
 def fake_exo(code: str, *, fallback: str | None = None) -> Launch:
     selection = Selection(
-        Accelerator.CPU, sys.executable, ["chosen by the test"], fallback=fallback
+        Accelerator.CPU,
+        sys.executable,
+        (Finding(Severity.REASON, "chosen by the test"),),
+        fallback=fallback,
     )
     return Launch([sys.executable, "-c", code], {"PATH": os.environ["PATH"]}, selection, None)
 
@@ -157,7 +161,7 @@ def test_ready_only_after_a_probe_passes_then_watchdog_then_a_forwarded_stop(cap
         run = start(fake_exo(SLEEPER))
         await until(lambda: run.probe.calls >= 3, "probes before ready")
         assert run.notifier.messages == [("STATUS=worker; starting; cpu",)]
-        assert run.supervisor.state.failed_probes == 0  # not ready: no failure counted
+        assert run.supervisor.state.health.failed == 0  # not ready: no failure counted
         run.probe.answer = view(peers=(Peer("node-b", ("10.0.0.2",)),))
         await until(lambda: run.notifier.count("WATCHDOG=1") >= 2, "watchdog pings")
         ready = [m for m in run.notifier.messages if "READY=1" in m]
@@ -194,7 +198,7 @@ def test_failed_probes_after_ready_stop_the_watchdog_and_say_unhealthy(caplog) -
         run.probe.answer = view(instances=())
         await until(lambda: run.notifier.count("WATCHDOG=1") > pings, "watchdog again")
         assert run.notifier.statuses()[-1] == "worker; master unknown; 0 peers; 0 instances; cpu"
-        assert run.supervisor.state.failed_probes == 0
+        assert run.supervisor.state.health.failed == 0
         stop_signal()
         await run.result()
 
