@@ -207,14 +207,9 @@ async def await_instance(request: web.Request) -> web.StreamResponse:
         return _unprocessable(
             ["query", "timeout_seconds"], "Input should be less than or equal to 300", "le"
         )
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "Connection": "close",
-            "X-Accel-Buffering": "no",
-        }
-    )
+    from tests.exo_double.server import SSE_HEADERS
+
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     await response.write(b": keep-alive\n\n")
     deadline = None if timeout == 0 else time.monotonic() + timeout

@@ -330,6 +330,16 @@ class Double:
         os._exit(code)
 
 
+# upstream's streamed answers: StreamingResponse(media_type="text/event-stream") with these
+# headers (src/exo/api/main.py at the pin); Starlette adds the charset
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "Connection": "close",
+    "X-Accel-Buffering": "no",
+}
+
+
 def _error(status: int, message: str, phrase: str) -> web.Response:
     """Upstream's ``ErrorResponse`` for an ``HTTPException``."""
     body = {"error": {"message": message, "type": phrase, "param": None, "code": status}}
@@ -534,14 +544,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _generation_failed(request, failing, streamed=streamed)
 
     if streamed:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "Connection": "close",
-                "X-Accel-Buffering": "no",
-            }
-        )
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         await response.write(b": keep-alive\n\n")
         for index, token in enumerate(tokens):
@@ -613,14 +616,7 @@ async def _generation_failed(
     without ``[DONE]`` or a last chunk.
     """
     if streamed:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "Connection": "close",
-                "X-Accel-Buffering": "no",
-            }
-        )
+        response = web.StreamResponse(headers=SSE_HEADERS)
     else:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.enable_chunked_encoding()
