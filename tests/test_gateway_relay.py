@@ -199,6 +199,37 @@ def test_a_stalled_stream_is_cut_off_after_the_idle_timeout(caplog) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_slow_but_steady_stream_outlasts_the_idle_timeout() -> None:
+    """The idle limit is per gap, not per stream: chunks 0.1 s apart for 1 s pass a 0.3 s
+    limit whole."""
+    parts = [f"data: {n}\n\n".encode() for n in range(10)]
+
+    async def steady(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+            await asyncio.sleep(0.1)
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with (
+            backend(steady) as node,
+            served([node.url], streamIdleTimeoutSec=0.3) as gateway,
+        ):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(gateway.url + "/v1/chat/completions") as r,
+            ):
+                assert r.status == 200
+                assert await asyncio.wait_for(r.read(), 5) == b"".join(parts)
+            assert await gateway.metric("exo_gateway_stalled_streams_total", side="backend") == 0
+            assert await gateway.metric("exo_gateway_aborted_streams_total") == 0
+
+    run(scenario())
+
+
 def test_a_client_that_goes_away_closes_the_stream_to_the_backend() -> None:
     """No node keeps generating for nobody: the backend's connection is closed too."""
     gone = asyncio.Event()
@@ -733,6 +764,75 @@ def test_sighup_reloads_the_key_file_and_a_bad_one_keeps_the_old_keys(tmp_path: 
             await until(refused)
             assert await status(url, KEY_B) == 200
             assert await gateway.metric("exo_gateway_api_keys") == 2
+
+    run(scenario())
+
+
+def test_sighup_reloads_the_policy_file_and_a_bad_one_keeps_the_last_good_policy(
+    tmp_path: Path,
+) -> None:
+    """The policy file is read again with the keys; each read is counted as ok or error, and a
+    bad file leaves the policy last read in force."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"alice": {"requestsPerMinute": 100}}')
+    policy.chmod(0o600)
+
+    async def status(url: str) -> int:
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
+            return r.status
+
+    async def reloads(gateway: Any, result: str, count: int) -> None:
+        for _ in range(250):  # a reload is a worker thread's read: polled, 5 s at most
+            if await gateway.metric("exo_gateway_policy_reloads_total", result=result) == count:
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no {result} reload seen in 5 s")
+
+    async def scenario() -> None:
+        async with (
+            backend() as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, policyFile=str(policy)) as gateway,
+        ):
+            url = gateway.url + "/v1/models"
+            assert await status(url) == 200
+            policy.write_text('{"alice": {"requestsPerMinute": 1}}')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await reloads(gateway, "ok", 1)
+            assert await gateway.metric("exo_gateway_policy_reloads_total", result="error") == 0
+            assert await status(url) == 429  # the new limit applies
+            policy.write_text('{"alice": {"requestsPerMinute": "lots"}}')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await reloads(gateway, "error", 1)
+            assert await gateway.metric("exo_gateway_policy_reloads_total", result="ok") == 1
+            assert await status(url) == 429  # the last good policy stays
+            assert await gateway.metric("exo_gateway_key_reloads_total", result="ok") == 2
+
+    run(scenario())
+
+
+def test_sighup_without_a_policy_file_counts_no_policy_reload(tmp_path: Path) -> None:
+    """Policies from the config alone: a SIGHUP reloads the keys, and no policy read is
+    counted (there is no file to read)."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+
+    async def scenario() -> None:
+        policies = {"alice": {"requestsPerMinute": 100}}
+        async with (
+            backend() as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, keyPolicies=policies) as gateway,
+        ):
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(250):
+                if await gateway.metric("exo_gateway_key_reloads_total", result="ok") == 1:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise TimeoutError("no key reload seen in 5 s")
+            for result in ("ok", "error"):
+                metric = "exo_gateway_policy_reloads_total"
+                assert await gateway.metric(metric, result=result) == 0
 
     run(scenario())
 
