@@ -344,6 +344,10 @@ def test_a_completion_cut_off_after_its_200_is_retried_on_another_node() -> None
             assert other.hits == 2
             assert await gateway.metric("exo_gateway_retries_total") == 1
             assert await gateway.metric("exo_gateway_backend_up", backend=exo) == 0
+            # it did answer (a 200 cut off), which is not a connection error
+            requests = "exo_gateway_backend_requests_total"
+            assert await gateway.metric(requests, backend=exo, outcome="response") == 1
+            assert await gateway.metric(requests, backend=exo, outcome="error") == 0
 
     run(scenario())
 
@@ -833,6 +837,84 @@ def test_sighup_without_a_policy_file_counts_no_policy_reload(tmp_path: Path) ->
             for result in ("ok", "error"):
                 metric = "exo_gateway_policy_reloads_total"
                 assert await gateway.metric(metric, result=result) == 0
+
+    run(scenario())
+
+
+def test_key_policies_limit_refuse_and_count_usage_in_process(tmp_path: Path) -> None:
+    """Per-key policy through the gateway's own process: a model outside the key's list is a
+    403, past its requests per minute a 429 with Retry-After, past its tokens per minute
+    (EXO's usage, from a document or a stream) a 429; usage counts by key and model, and an
+    error answer's usage is not counted."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\nbob:{KEY_B}\n")
+    usage_event = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+
+    async def exo(request: web.Request) -> web.StreamResponse:
+        document = json.loads(await request.read())
+        if document["model"] == "broken":
+            usage = {"prompt_tokens": 100, "completion_tokens": 100}
+            return web.json_response({"error": "bad", "usage": usage}, status=400)
+        if document.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"choices": []}\n\n' + usage_event + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        return web.json_response({"usage": {"prompt_tokens": 2, "completion_tokens": 5}})
+
+    async def post(url: str, key: str, model: str, stream: bool = False) -> Any:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": model, "stream": stream, "messages": []}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as r,
+        ):
+            return r.status, r.headers, await r.read()
+
+    policies = {
+        "alice": {"requestsPerMinute": 3, "models": ["m", "broken"]},
+        "bob": {"tokensPerMinute": 5},
+    }
+
+    async def scenario() -> None:
+        async with (
+            backend(exo) as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, keyPolicies=policies) as gateway,
+        ):
+            url = gateway.url + "/v1/chat/completions"
+            metric = gateway.metric
+            assert (await post(url, KEY_A, "m"))[0] == 200
+            assert (await post(url, KEY_A, "m", stream=True))[0] == 200
+            status, _, body = await post(url, KEY_A, "other")
+            assert status == 403
+            assert json.loads(body)["error"]["type"] == "permission_error"
+            assert await metric("exo_gateway_key_limited_total", key="alice", limit="model") == 1
+            assert (await post(url, KEY_A, "broken"))[0] == 400
+            status, headers, body = await post(url, KEY_A, "m")
+            assert status == 429
+            assert 1 <= int(headers["Retry-After"]) <= 60
+            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+            limit = "requests_per_minute"
+            assert await metric("exo_gateway_key_limited_total", key="alice", limit=limit) == 1
+            assert node.hits == 3
+            tokens = "exo_gateway_key_prompt_tokens_total"
+            assert await metric(tokens, key="alice", model="m") == 2 + 3
+            assert (
+                await metric("exo_gateway_key_completion_tokens_total", key="alice", model="m") == 9
+            )
+            assert await metric(tokens, key="alice", model="") == 0  # the 400's usage
+            requests = "exo_gateway_key_requests_total"
+            assert await metric(requests, key="alice", model="m") == 2
+            # bob: tokens per minute; an error answer's usage does not use them up
+            assert (await post(url, KEY_B, "broken"))[0] == 400
+            assert (await post(url, KEY_B, "m"))[0] == 200  # 7 tokens of 5 used
+            status, _, body = await post(url, KEY_B, "m")
+            assert status == 429
+            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+            limit = "tokens_per_minute"
+            assert await metric("exo_gateway_key_limited_total", key="bob", limit=limit) == 1
+            assert await metric(tokens, key="bob", model="m") == 2
 
     run(scenario())
 
