@@ -886,9 +886,11 @@ def test_key_policies_limit_refuse_and_count_usage_in_process(tmp_path: Path) ->
             metric = gateway.metric
             assert (await post(url, KEY_A, "m"))[0] == 200
             assert (await post(url, KEY_A, "m", stream=True))[0] == 200
-            status, _, body = await post(url, KEY_A, "other")
+            status, headers, body = await post(url, KEY_A, "other")
             assert status == 403
-            assert json.loads(body)["error"]["type"] == "permission_error"
+            assert "Retry-After" not in headers  # waiting would not help
+            error = json.loads(body)["error"]
+            assert error["type"] == "permission_error" and "'other'" in error["message"], error
             assert await metric("exo_gateway_key_limited_total", key="alice", limit="model") == 1
             assert (await post(url, KEY_A, "broken"))[0] == 400
             status, headers, body = await post(url, KEY_A, "m")
@@ -904,6 +906,10 @@ def test_key_policies_limit_refuse_and_count_usage_in_process(tmp_path: Path) ->
                 await metric("exo_gateway_key_completion_tokens_total", key="alice", model="m") == 9
             )
             assert await metric(tokens, key="alice", model="") == 0  # the 400's usage
+            completed = "exo_gateway_key_completion_tokens_total"
+            assert await metric(completed, key="alice", model="") == 0
+            # an answer of 400 and over is not counted under the model the request named
+            assert await metric("exo_gateway_key_requests_total", key="alice", model="broken") == 0
             requests = "exo_gateway_key_requests_total"
             assert await metric(requests, key="alice", model="m") == 2
             # bob: tokens per minute; an error answer's usage does not use them up
