@@ -898,3 +898,26 @@ def test_a_removal_the_api_refuses_is_retried_with_growing_delays_until_the_stop
     ]
     assert removed is True
     assert published is None
+
+
+def test_an_unexpected_error_in_the_loop_ends_run_with_that_error(tmp_path: Path) -> None:
+    """Only API failures are retried: anything else (here the address source breaking) ends
+    ``run`` with that error rather than a loop that silently stopped."""
+
+    async def main() -> None:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+
+        def broken() -> str | None:
+            raise RuntimeError("address source broke")
+
+        reg.address = broken
+        try:
+            with pytest.raises(RuntimeError, match="address source broke"):
+                await asyncio.wait_for(reg.run(asyncio.Event()), WAIT_LIMIT)
+        finally:
+            await reg.client.close()
+            await api.stop()
+
+    asyncio.run(main())
