@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -165,6 +166,27 @@ def test_usage_of_whole_answers_and_other_apis():
     assert request_model(b"not json") is None
 
 
+def test_usage_of_responses_ollama_and_unusual_framing():
+    """OpenAI responses put it in ``response.usage``; an Ollama answer may give only
+    ``eval_count``; an SSE ``data:`` without its space is still data; a body that names a
+    usage but is no JSON counts nothing and raises nothing."""
+    responses = Usage()
+    responses.take_body(
+        b'{"type": "response.completed", "response": '
+        b'{"usage": {"input_tokens": 4, "output_tokens": 9}}}'
+    )
+    assert (responses.prompt, responses.completion) == (4, 9)
+    ollama = Usage()
+    ollama.take_body(b'{"done": true, "eval_count": 8}')
+    assert (ollama.prompt, ollama.completion) == (0, 8)
+    tight = Usage()
+    UsageScanner(tight).feed(b'data:{"usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n')
+    assert (tight.prompt, tight.completion) == (3, 1)
+    broken = Usage()
+    broken.take_body(b'{"usage": {"prompt_tokens": 3')
+    assert (broken.prompt, broken.completion) == (0, 0)
+
+
 def test_policy_file_errors_are_one_line(tmp_path: Path):
     path = tmp_path / "policy.json"
     for text, fragment in [
@@ -190,10 +212,17 @@ def test_a_bad_policy_file_on_reload_keeps_the_old_policies(tmp_path: Path, capl
     path.write_text('{"alice": {"concurrency": "many"}}')
     assert asyncio.run(store.reload()) is False
     assert store.of("alice") == KeyPolicy(concurrency=1)
-    assert "key policies not reloaded, keeping the 2 loaded" in caplog.text
+    (refused,) = [r.getMessage() for r in caplog.records if r.name == "exo_nixos.gateway.policy"]
+    assert refused.startswith("key policies not reloaded, keeping the 2 loaded: "), refused
+    assert "alice.concurrency" in refused
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="exo_nixos.gateway.policy")
     path.write_text('{"bob": {"concurrency": 9}}')  # the file's entry replaces the config's
     assert asyncio.run(store.reload()) is True
     assert store.of("bob") == KeyPolicy(concurrency=9) and store.of("alice") is None
+    assert caplog.messages == [f"key policies reloaded from {path}: 1 entries"]
+    # policies from the config alone: nothing to read, nothing that can fail
+    assert asyncio.run(PolicyStore(base, None).reload()) is True
 
 
 # --- the gateway in front of the double ---------------------------------------------------

@@ -199,6 +199,37 @@ def test_a_stalled_stream_is_cut_off_after_the_idle_timeout(caplog) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_slow_but_steady_stream_outlasts_the_idle_timeout() -> None:
+    """The idle limit is per gap, not per stream: chunks 0.1 s apart for 1 s pass a 0.3 s
+    limit whole."""
+    parts = [f"data: {n}\n\n".encode() for n in range(10)]
+
+    async def steady(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+            await asyncio.sleep(0.1)
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with (
+            backend(steady) as node,
+            served([node.url], streamIdleTimeoutSec=0.3) as gateway,
+        ):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(gateway.url + "/v1/chat/completions") as r,
+            ):
+                assert r.status == 200
+                assert await asyncio.wait_for(r.read(), 5) == b"".join(parts)
+            assert await gateway.metric("exo_gateway_stalled_streams_total", side="backend") == 0
+            assert await gateway.metric("exo_gateway_aborted_streams_total") == 0
+
+    run(scenario())
+
+
 def test_a_client_that_goes_away_closes_the_stream_to_the_backend() -> None:
     """No node keeps generating for nobody: the backend's connection is closed too."""
     gone = asyncio.Event()
@@ -313,6 +344,10 @@ def test_a_completion_cut_off_after_its_200_is_retried_on_another_node() -> None
             assert other.hits == 2
             assert await gateway.metric("exo_gateway_retries_total") == 1
             assert await gateway.metric("exo_gateway_backend_up", backend=exo) == 0
+            # it did answer (a 200 cut off), which is not a connection error
+            requests = "exo_gateway_backend_requests_total"
+            assert await gateway.metric(requests, backend=exo, outcome="response") == 1
+            assert await gateway.metric(requests, backend=exo, outcome="error") == 0
 
     run(scenario())
 
@@ -733,6 +768,159 @@ def test_sighup_reloads_the_key_file_and_a_bad_one_keeps_the_old_keys(tmp_path: 
             await until(refused)
             assert await status(url, KEY_B) == 200
             assert await gateway.metric("exo_gateway_api_keys") == 2
+
+    run(scenario())
+
+
+def test_sighup_reloads_the_policy_file_and_a_bad_one_keeps_the_last_good_policy(
+    tmp_path: Path,
+) -> None:
+    """The policy file is read again with the keys; each read is counted as ok or error, and a
+    bad file leaves the policy last read in force."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"alice": {"requestsPerMinute": 100}}')
+    policy.chmod(0o600)
+
+    async def status(url: str) -> int:
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
+            return r.status
+
+    async def reloads(gateway: Any, result: str, count: int) -> None:
+        for _ in range(250):  # a reload is a worker thread's read: polled, 5 s at most
+            if await gateway.metric("exo_gateway_policy_reloads_total", result=result) == count:
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no {result} reload seen in 5 s")
+
+    async def scenario() -> None:
+        async with (
+            backend() as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, policyFile=str(policy)) as gateway,
+        ):
+            url = gateway.url + "/v1/models"
+            assert await status(url) == 200
+            policy.write_text('{"alice": {"requestsPerMinute": 1}}')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await reloads(gateway, "ok", 1)
+            assert await gateway.metric("exo_gateway_policy_reloads_total", result="error") == 0
+            assert await status(url) == 429  # the new limit applies
+            policy.write_text('{"alice": {"requestsPerMinute": "lots"}}')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await reloads(gateway, "error", 1)
+            assert await gateway.metric("exo_gateway_policy_reloads_total", result="ok") == 1
+            assert await status(url) == 429  # the last good policy stays
+            assert await gateway.metric("exo_gateway_key_reloads_total", result="ok") == 2
+
+    run(scenario())
+
+
+def test_sighup_without_a_policy_file_counts_no_policy_reload(tmp_path: Path) -> None:
+    """Policies from the config alone: a SIGHUP reloads the keys, and no policy read is
+    counted (there is no file to read)."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+
+    async def scenario() -> None:
+        policies = {"alice": {"requestsPerMinute": 100}}
+        async with (
+            backend() as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, keyPolicies=policies) as gateway,
+        ):
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(250):
+                if await gateway.metric("exo_gateway_key_reloads_total", result="ok") == 1:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise TimeoutError("no key reload seen in 5 s")
+            for result in ("ok", "error"):
+                metric = "exo_gateway_policy_reloads_total"
+                assert await gateway.metric(metric, result=result) == 0
+
+    run(scenario())
+
+
+def test_key_policies_limit_refuse_and_count_usage_in_process(tmp_path: Path) -> None:
+    """Per-key policy through the gateway's own process: a model outside the key's list is a
+    403, past its requests per minute a 429 with Retry-After, past its tokens per minute
+    (EXO's usage, from a document or a stream) a 429; usage counts by key and model, and an
+    error answer's usage is not counted."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\nbob:{KEY_B}\n")
+    usage_event = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+
+    async def exo(request: web.Request) -> web.StreamResponse:
+        document = json.loads(await request.read())
+        if document["model"] == "broken":
+            usage = {"prompt_tokens": 100, "completion_tokens": 100}
+            return web.json_response({"error": "bad", "usage": usage}, status=400)
+        if document.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"choices": []}\n\n' + usage_event + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        return web.json_response({"usage": {"prompt_tokens": 2, "completion_tokens": 5}})
+
+    async def post(url: str, key: str, model: str, stream: bool = False) -> Any:
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": model, "stream": stream, "messages": []}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as r,
+        ):
+            return r.status, r.headers, await r.read()
+
+    policies = {
+        "alice": {"requestsPerMinute": 3, "models": ["m", "broken"]},
+        "bob": {"tokensPerMinute": 5},
+    }
+
+    async def scenario() -> None:
+        async with (
+            backend(exo) as node,
+            served([node.url], keys_file=str(keys), key=KEY_A, keyPolicies=policies) as gateway,
+        ):
+            url = gateway.url + "/v1/chat/completions"
+            metric = gateway.metric
+            assert (await post(url, KEY_A, "m"))[0] == 200
+            assert (await post(url, KEY_A, "m", stream=True))[0] == 200
+            status, headers, body = await post(url, KEY_A, "other")
+            assert status == 403
+            assert "Retry-After" not in headers  # waiting would not help
+            error = json.loads(body)["error"]
+            assert error["type"] == "permission_error" and "'other'" in error["message"], error
+            assert await metric("exo_gateway_key_limited_total", key="alice", limit="model") == 1
+            assert (await post(url, KEY_A, "broken"))[0] == 400
+            status, headers, body = await post(url, KEY_A, "m")
+            assert status == 429
+            assert 1 <= int(headers["Retry-After"]) <= 60
+            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+            limit = "requests_per_minute"
+            assert await metric("exo_gateway_key_limited_total", key="alice", limit=limit) == 1
+            assert node.hits == 3
+            tokens = "exo_gateway_key_prompt_tokens_total"
+            assert await metric(tokens, key="alice", model="m") == 2 + 3
+            assert (
+                await metric("exo_gateway_key_completion_tokens_total", key="alice", model="m") == 9
+            )
+            assert await metric(tokens, key="alice", model="") == 0  # the 400's usage
+            completed = "exo_gateway_key_completion_tokens_total"
+            assert await metric(completed, key="alice", model="") == 0
+            # an answer of 400 and over is not counted under the model the request named
+            assert await metric("exo_gateway_key_requests_total", key="alice", model="broken") == 0
+            requests = "exo_gateway_key_requests_total"
+            assert await metric(requests, key="alice", model="m") == 2
+            # bob: tokens per minute; an error answer's usage does not use them up
+            assert (await post(url, KEY_B, "broken"))[0] == 400
+            assert (await post(url, KEY_B, "m"))[0] == 200  # 7 tokens of 5 used
+            status, _, body = await post(url, KEY_B, "m")
+            assert status == 429
+            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+            limit = "tokens_per_minute"
+            assert await metric("exo_gateway_key_limited_total", key="bob", limit=limit) == 1
+            assert await metric(tokens, key="bob", model="m") == 2
 
     run(scenario())
 

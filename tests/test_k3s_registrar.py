@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import trustme
+from lightkube import ApiError
 
 from exo_nixos.backoff import Backoff
 from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
-from exo_nixos.k3s.registrar import Registrar, slice_name
+from exo_nixos.k3s.registrar import Registrar, describe, log, retry_after, slice_name
 from exo_nixos.k3s.service import build_registrar
 from tests.kube_double import Fault, KubeApiDouble
 from tests.kube_double import until as _until
@@ -675,7 +679,7 @@ def test_a_slice_changed_by_someone_else_is_put_back_at_the_next_resync(
 
 
 def test_probe_verdicts_and_their_log_lines(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+    caplog.set_level(logging.DEBUG, logger="exo_nixos.k3s.registrar")
 
     class Raising(Health):
         async def __call__(self) -> bool:
@@ -713,3 +717,207 @@ def test_probe_verdicts_and_their_log_lines(tmp_path: Path, caplog) -> None:
     messages = caplog.messages
     assert messages.count("node healthy: endpoint ready") == 2
     assert "2 failed probes: endpoint not ready" in messages
+    # a probe that raises is a failed probe, and says why at debug level
+    assert "health probe raised RuntimeError: probe broke" in messages
+
+
+def _api_error(code: int, reason: str | None, message: str | None, **headers: str) -> ApiError:
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code}
+    if reason is not None:
+        body["reason"] = reason
+    if message is not None:
+        body["message"] = message
+    request = httpx2.Request("GET", "https://127.0.0.1:6443/apis")
+    return ApiError(request, httpx2.Response(code, json=body, headers=headers, request=request))
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (_api_error(500, "InternalError", "boom"), "500 InternalError (boom)"),
+        (_api_error(422, None, "bad name"), "422 (bad name)"),
+        (_api_error(500, None, None), "500 (no message)"),
+        (_api_error(410, "Gone", None), "410 Gone (Gone)"),
+        (
+            _api_error(401, "Unauthorized", "Unauthorized"),
+            "401 Unauthorized (Unauthorized): the token or kubeconfig was rejected",
+        ),
+        (
+            _api_error(403, "Forbidden", "no"),
+            "403 Forbidden (no): apply the exo manifests (Role/RoleBinding)",
+        ),
+        (
+            _api_error(429, "TooManyRequests", "slow down", **{"Retry-After": "2"}),
+            "429 Too Many Requests (slow down); retrying after 2s as asked",
+        ),
+        (_api_error(429, "TooManyRequests", "slow down"), "429 Too Many Requests (slow down)"),
+        (httpx2.ReadTimeout("read"), "API server timed out (ReadTimeout)"),
+        (
+            httpx2.HTTPStatusError(
+                "bad gateway",
+                request=httpx2.Request("GET", "https://127.0.0.1:6443/"),
+                response=httpx2.Response(502),
+            ),
+            "API server answered 502 without a Kubernetes Status",
+        ),
+        (httpx2.ConnectError("refused"), "API server unreachable (ConnectError: refused)"),
+        (ConnectionResetError("reset"), "API server unreachable (ConnectionResetError: reset)"),
+        (KeyError("Content-Type"), "KeyError: 'Content-Type'"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_each_api_failure_is_described_in_one_line(exc: BaseException, line: str) -> None:
+    """What an operator reads in the journal and in ``status`` for each kind of failure."""
+    assert describe(exc) == line
+
+
+@pytest.mark.parametrize(
+    ("code", "header", "seconds"),
+    [
+        (429, "3", 3.0),
+        (503, "1.5", 1.5),
+        (429, "-5", 0.0),  # never a negative wait
+        (429, "100000", 600.0),  # capped
+        (429, "inf", None),
+        (429, "nan", None),
+        (429, "Wed, 21 Oct 2026 07:28:00 GMT", None),  # a date is ignored
+        (429, None, None),
+        (500, "3", None),  # only 429 and 503 ask for a wait
+    ],
+)
+def test_retry_after_reads_the_servers_wait(code: int, header: str | None, seconds: float | None):
+    headers = {"Retry-After": header} if header is not None else {}
+    assert retry_after(_api_error(code, "X", "m", **headers)) == seconds
+    assert retry_after(httpx2.ConnectError("refused")) is None
+
+
+def test_writes_say_what_they_did_in_one_line_each(tmp_path: Path, caplog) -> None:
+    """created, updated (with the readiness written), a conflict, and an object already there
+    although it read as missing: one INFO line each, naming the object."""
+    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+
+    def lines() -> list[tuple[int, str]]:
+        found = [
+            (r.levelno, r.getMessage())
+            for r in caplog.records
+            if r.name == "exo_nixos.k3s.registrar"
+        ]
+        caplog.clear()
+        return found
+
+    async def main() -> None:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+        other = registrar_for(tmp_path, api, Health())
+        try:
+            await reg.sync()
+            assert lines() == [(logging.INFO, f"created EndpointSlice {NS}/{NAME} (ready=False)")]
+            reg.probes.passed()
+            await reg.sync()
+            assert lines() == [(logging.INFO, f"updated EndpointSlice {NS}/{NAME} (ready=True)")]
+            await reg.sync()
+            assert lines() == []  # nothing changed, nothing written
+
+            def annotate(obj: dict[str, Any]) -> None:
+                obj["metadata"]["annotations"] = {"touched-by": "kubectl"}
+
+            api.modify(NS, NAME, annotate)
+            reg.probes.give_up()
+            await reg.sync()
+            assert lines() == [
+                (logging.INFO, f"conflict on {NAME} (stale resourceVersion); reading it again"),
+                (logging.INFO, f"updated EndpointSlice {NS}/{NAME} (ready=False)"),
+            ]
+            # a read that missed the object (a stale cache behind a proxy): the create
+            # answers 409 AlreadyExists, and the object is read and written instead
+            api.fail_next = [Fault(404)]
+            other.probes.passed()
+            await other.sync()
+            assert lines() == [
+                (logging.INFO, f"{NAME} already exists; reading it"),
+                (logging.INFO, f"updated EndpointSlice {NS}/{NAME} (ready=True)"),
+            ]
+            assert api.ready(NS, NAME) is True
+            assert api.statuses("POST") == [201, 409]
+        finally:
+            await reg.client.close()
+            await other.client.close()
+            await api.stop()
+
+    asyncio.run(main())
+
+
+def test_a_removal_the_api_refuses_is_retried_with_growing_delays_until_the_stop_timeout(
+    tmp_path: Path, caplog
+) -> None:
+    """On stop the slice is deleted; while the API refuses, the delete is retried at once
+    (within the loop's first backoff), then after growing delays, and given up before the stop
+    timeout (1 s here) so that the service stops in time, with a warning per retry and one
+    error. Once the API answers, the removal says so."""
+    caplog.set_level(logging.INFO, logger="exo_nixos.k3s.registrar")
+
+    async def main() -> tuple[bool, float, list[float], bool, bool | None]:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+        try:
+            reg.probes.passed()
+            await reg.sync()
+            assert reg.published is True
+            api.requests.clear()
+            caplog.clear()
+            api.fail_next = [Fault(500)] * 100
+            started = time.monotonic()
+            refused = await reg.remove()
+            elapsed = time.monotonic() - started
+            times = [s.at for s in api.requests if s.method == "DELETE"]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            api.fail_next = []
+            removed = await reg.remove()
+            return refused, elapsed, gaps, removed, reg.published
+        finally:
+            await reg.client.close()
+            await api.stop()
+
+    refused, elapsed, gaps, removed, published = asyncio.run(main())
+    assert refused is False
+    # backoff from 0.02 s doubling (with jitter): five retries or more fit in the second
+    assert len(gaps) >= 4, gaps
+    assert gaps[0] < 0.2, gaps  # the first retry comes at once, not after half a second
+    assert gaps[-1] > 2 * gaps[0], gaps  # and the delays grow
+    # given up when the next delay (up to 0.64 s) would pass the stop timeout: the last
+    # attempt starts before it (its own request may end a little after, on a loaded machine)
+    assert 0.3 <= elapsed < 1.25, elapsed
+    reason = "500 InternalError (injected failure)"
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == log.name]
+    assert records == [
+        *[(logging.WARNING, f"removing the endpoint failed ({reason}); retrying")] * len(gaps),
+        (logging.ERROR, f"could not remove the endpoint before stopping: {reason}"),
+        (logging.INFO, f"removed EndpointSlice {NS}/{NAME}"),
+    ]
+    assert removed is True
+    assert published is None
+
+
+def test_an_unexpected_error_in_the_loop_ends_run_with_that_error(tmp_path: Path) -> None:
+    """Only API failures are retried: anything else (here the address source breaking) ends
+    ``run`` with that error rather than a loop that silently stopped."""
+
+    async def main() -> None:
+        api = KubeApiDouble(token=TOKEN)
+        await api.start()
+        reg = registrar_for(tmp_path, api, Health())
+
+        def broken() -> str | None:
+            raise RuntimeError("address source broke")
+
+        reg.address = broken
+        try:
+            with pytest.raises(RuntimeError, match="address source broke"):
+                await asyncio.wait_for(reg.run(asyncio.Event()), WAIT_LIMIT)
+        finally:
+            await reg.client.close()
+            await api.stop()
+
+    asyncio.run(main())
