@@ -40,34 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_client_key(path: str) -> str:
-    """The key to send: the first key line of ``path`` (``name:key`` or the key alone)."""
-    from exo_nixos.errors import UserError
-    from exo_nixos.gateway.auth import _NAMED
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--api-key-file {path}: no such file") from None
-    except PermissionError:
-        raise UserError(
-            f"--api-key-file {path}: cannot read it as this user (permission denied)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--api-key-file {path}: cannot read it: {exc}") from None
-    for raw in text.split("\n"):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _NAMED.match(line)
-        key = match["key"].strip() if match else line
-        if key and key.isprintable() and not any(c.isspace() for c in key):
-            return key
-        break
-    raise UserError(f"--api-key-file {path}: no key in it; write the key on the first line")
-
-
 def _target(args: argparse.Namespace) -> Target:
+    from exo_nixos.gateway.auth import read_client_key
     from exo_nixos.nodehealth import resolve_target
 
     key = read_client_key(args.api_key_file) if args.api_key_file else None

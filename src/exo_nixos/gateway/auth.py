@@ -88,6 +88,31 @@ def parse_keys(text: str, source: str) -> list[ApiKey]:
     return keys
 
 
+def read_client_key(path: str) -> str:
+    """A client's key to send (``--api-key-file`` of ``status`` and ``models``): the first key
+    line of ``path``, ``name:key`` as in the gateway's key file, or the key alone."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--api-key-file {path}: no such file") from None
+    except PermissionError:
+        raise UserError(
+            f"--api-key-file {path}: cannot read it as this user (permission denied)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--api-key-file {path}: cannot read it: {exc}") from None
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _NAMED.match(line)
+        key = match["key"].strip() if match else line
+        if key and key.isprintable() and not any(c.isspace() for c in key):
+            return key
+        break
+    raise UserError(f"--api-key-file {path}: no key in it; write the key on the first line")
+
+
 def _open_key_file(path: Path) -> bytes:
     """The file's bytes, once it is known to be a regular file other users cannot access."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -35,7 +34,6 @@ import aiohttp
 from pydantic import ValidationError
 
 from exo_nixos import jsonio
-from exo_nixos.errors import UserError
 from exo_nixos.exoapi import ExoApiError, State, normalize_url, parse_state_doc, request_json
 from exo_nixos.exoapi.state import Instance
 
@@ -75,21 +73,6 @@ class Preview:
         shards = assignments.get("runnerToShard") or assignments.get("runner_to_shard") or {}
         runners = assignments.get("nodeToRunner") or assignments.get("node_to_runner") or {}
         return {node: shards[runner] for node, runner in runners.items() if runner in shards}
-
-
-def read_api_key(path: Path) -> str:
-    """The key in ``path``: the file's first non-comment line, ``name:`` prefix allowed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"--api-key-file {path}: {exc.strerror or exc}") from None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key = line.split(":", 1)[1] if ":" in line else line
-            if key.strip():
-                return key.strip()
-    raise UserError(f"--api-key-file {path}: no key in it (one line: the key, or name:key)")
 
 
 class ModelsApi:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH, EXO_API_PORT
 from exo_nixos.errors import UserError
 from exo_nixos.exoapi import ExoApiError, State, short_id
-from exo_nixos.models.api import ModelsApi, Placement, read_api_key
+from exo_nixos.gateway.auth import read_client_key
+from exo_nixos.models.api import ModelsApi, Placement
 from exo_nixos.models.reconcile import download_status, instance_ready, instances_of
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = _config(args.config)
     url = _url(args, config)
-    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    key = read_client_key(str(args.api_key_file)) if args.api_key_file else None
 
     async def run() -> int:
         async with aiohttp.ClientSession() as session:
