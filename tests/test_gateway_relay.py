@@ -649,21 +649,32 @@ def test_expect_on_http_1_0_gets_no_interim_answer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- connections
 
 
-def test_connections_past_the_per_address_limit_are_closed_at_once() -> None:
+def test_connections_past_the_per_address_limit_are_closed_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the limit, new connections are closed without a word; the refusal is logged once
+    while the address stays at the limit, and once more when it is below it again."""
+
     async def scenario() -> None:
         async with (
             backend() as node,
             served([node.url], maxConnectionsPerAddress=2, headerReadTimeoutSec=30.0) as gateway,
         ):
             held = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(2)]
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a word
-            writer.close()
-            for _, w in held:
-                w.close()
-                await w.wait_closed()
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a word
+                writer.close()
+            assert connection_lines() == [refusing]
+            # one closed: below the limit again (said once), though another is still open
+            held[0][1].close()
+            await held[0][1].wait_closed()
             await asyncio.sleep(0.1)
-            assert await gateway.metric("exo_gateway_connections_refused_total") == 1
+            assert connection_lines() == [refusing, below]
+            held[1][1].close()
+            await held[1][1].wait_closed()
+            await asyncio.sleep(0.1)
+            assert await gateway.metric("exo_gateway_connections_refused_total") == 2
             assert await gateway.metric("exo_gateway_connections_open") == 1  # this request's
             # a held connection that sends a request is served as any other
             held = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(1)]
@@ -673,10 +684,28 @@ def test_connections_past_the_per_address_limit_are_closed_at_once() -> None:
                 assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
             writer.close()
 
-    run(scenario())
+    refusing = (
+        "WARNING",
+        "client 127.0.0.1 has 2 connections open, the most allowed "
+        "(maxConnectionsPerAddress): closing its new ones until some close",
+    )
+    below = ("INFO", "client 127.0.0.1 is below maxConnectionsPerAddress again")
+
+    def connection_lines() -> list[tuple[str, str]]:
+        return [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.name == "exo_nixos.gateway.connections"
+        ]
+
+    with caplog.at_level(logging.INFO, logger="exo_nixos.gateway.connections"):
+        run(scenario())
+    assert connection_lines() == [refusing, below]
 
 
-def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout() -> None:
+def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
         async with (
             backend() as node,
@@ -698,6 +727,46 @@ def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout()
                 assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
             writer.close()
             assert await gateway.metric("exo_gateway_header_timeouts_total") == 1
+
+    with caplog.at_level(logging.DEBUG, logger="exo_nixos.gateway.connections"):
+        run(scenario())
+    assert [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "exo_nixos.gateway.connections"
+    ] == [("DEBUG", "closing a connection from 127.0.0.1: no request within 0.2s")]
+
+
+def test_a_client_that_reads_slowly_gets_the_whole_answer() -> None:
+    """A large answer fills the client's socket; the gateway waits (aiohttp pauses writing)
+    and goes on when the client reads again: the pause and the resume reach aiohttp."""
+    size = 16 * 1024 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        for start in range(0, size, 1 << 20):
+            await response.write(payload[start : start + (1 << 20)])
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with backend(big) as node, served([node.url], streamIdleTimeoutSec=30.0) as gateway:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", gateway.port))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /blob HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            await asyncio.sleep(0.5)  # nothing read: the gateway's writes back up
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                body = await reader.read()
+            writer.close()
+            assert len(body) == size and body == payload
 
     run(scenario())
 
