@@ -750,7 +750,8 @@ def test_a_snapshot_that_cannot_be_written_is_a_warning(tmp_path: Path, caplog) 
     asyncio.run(scenario())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     path = tmp_path / "file/topology.json"
-    assert [w for w in warnings if w.startswith(f"cannot write topology snapshot {path}: ")]
+    (line,) = [w for w in warnings if w.startswith(f"cannot write topology snapshot {path}: ")]
+    assert line.endswith(f"File exists: {str(tmp_path / 'file')!r}"), line  # the reason
 
 
 def test_a_master_from_the_log_is_not_applied_to_another_node(tmp_path: Path) -> None:
