@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exo_nixos.config import parse_config
 from exo_nixos.exoapi import ExoApiError, NodeView
-from exo_nixos.gateway.server import serve
+from exo_nixos.gateway.server import Worker, serve
 from tests.exo_double.fixture import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,13 +81,14 @@ class Served:
     url: str
     port: int
     key: str | None = None  # sent with /metrics when the gateway has keys
+    tls: ssl.SSLContext | None = None  # the client's context when the gateway serves HTTPS
 
     async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """``/metrics`` as {(sample name, labels): value}."""
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         async with (
             aiohttp.ClientSession() as session,
-            session.get(self.url + "/metrics", headers=headers) as r,
+            session.get(self.url + "/metrics", headers=headers, ssl=self.tls or True) as r,
         ):
             assert r.status == 200
             text = await r.text()
@@ -100,7 +102,10 @@ class Served:
         return (await self.metrics()).get((name, frozenset(labels.items())), 0.0)
 
     async def health(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session, session.get(self.url + "/health") as r:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.url + "/health", ssl=self.tls or True) as r,
+        ):
             document: dict[str, Any] = await r.json()
             return document
 
@@ -113,12 +118,15 @@ async def served(
     keys_file: str | None = None,
     key: str | None = None,
     healthy: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    worker: Worker | None = None,
     **gateway: Any,
 ) -> AsyncIterator[Served]:
     """``serve`` with ``backends`` as its static backends; the probe passes for those in ``up``
     (all by default; it runs at start and then hourly). Yields once ``/health`` counts
     ``healthy`` backends (``len(up)`` by default). ``gateway`` adds gateway options; ``key``
-    is sent for ``/metrics``."""
+    is sent for ``/metrics``; ``tls`` is the client's context for a gateway given
+    ``tlsCertificateFile`` and ``tlsKeyFile``; ``worker`` serves as one of several workers."""
     up = set(backends) if up is None else up
 
     async def probe(url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
@@ -143,8 +151,9 @@ async def served(
             "healthCheck": {"intervalSec": 3600.0, "timeoutSec": 1.0, "failures": 3},
         }
     )
-    task = asyncio.create_task(serve(config, probe))
-    result = Served(f"http://127.0.0.1:{port}", port, key)
+    task = asyncio.create_task(serve(config, probe, worker))
+    scheme = "https" if tls else "http"
+    result = Served(f"{scheme}://127.0.0.1:{port}", port, key, tls)
     try:
         await _until_ready(task, result, len(up) if healthy is None else healthy)
         yield result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -212,8 +213,10 @@ async def serve(config: Config, probe: Probe = default_probe, worker: Worker | N
         )
     except OSError as exc:
         await runner.cleanup()
+        # asyncio's text repeats the address: the errno's own words are enough
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise UserError(
-            f"cannot listen on {gw.listen_address} port {gw.port}: {exc.strerror}; "
+            f"cannot listen on {gw.listen_address} port {gw.port}: {reason}; "
             "choose another gateway.port or stop what uses it"
         ) from None
     if worker is None or worker.shared.index == 0:
