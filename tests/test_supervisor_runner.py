@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 import os
 import signal
@@ -49,10 +50,15 @@ class RecordingNotifier(Notifier):
     def __init__(self, watchdog_usec: int | None = None) -> None:
         super().__init__(None, watchdog_usec)
         self.messages: list[tuple[str, ...]] = []
+        self.times: list[float] = []  # time.monotonic() of each message
 
     def send(self, *fields: str) -> bool:
         self.messages.append(fields)
+        self.times.append(time.monotonic())
         return True
+
+    def times_of(self, field_: str) -> list[float]:
+        return [t for t, m in zip(self.times, self.messages, strict=True) if field_ in m]
 
     def count(self, field_: str) -> int:
         return sum(field_ in m for m in self.messages)
@@ -65,9 +71,10 @@ class RecordingNotifier(Notifier):
 
 @dataclass
 class ScriptedProbe:
-    """The health probe: answers ``answer`` (a view, or an exception to raise)."""
+    """The health probe: answers ``answer`` (a view, or an exception to raise; None: never
+    answers, ignoring its timeout as a stuck connection would)."""
 
-    answer: NodeView | Exception = field(
+    answer: NodeView | Exception | None = field(
         default_factory=lambda: ExoApiError("connection refused", kind="connect")
     )
     calls: int = 0
@@ -75,8 +82,11 @@ class ScriptedProbe:
     async def __call__(self, url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
         assert (url, timeout) == (API, 1.0)
         self.calls += 1
+        if self.answer is None:
+            await asyncio.Event().wait()
         if isinstance(self.answer, Exception):
             raise self.answer
+        assert self.answer is not None
         return self.answer
 
 
@@ -126,9 +136,14 @@ class Run:
     probe: ScriptedProbe
     output: io.BytesIO
     task: asyncio.Task[int]
+    loop_errors: list[dict[str, Any]]
 
     async def result(self, limit: float = 5.0) -> int:
-        return await asyncio.wait_for(self.task, limit)
+        status = await asyncio.wait_for(self.task, limit)
+        # an exception in a callback (EXO's output is read in the protocol's callbacks) is
+        # only logged by asyncio: here it is a failure
+        assert self.loop_errors == [], self.loop_errors
+        return status
 
 
 def start(
@@ -143,7 +158,9 @@ def start(
     output = io.BytesIO()
     config = settings(**kwargs.pop("settings", {}))
     supervisor = Supervisor(launch, config, notifier, probe=probe, output=output, **kwargs)
-    return Run(supervisor, notifier, probe, output, asyncio.create_task(supervisor.run()))
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    return Run(supervisor, notifier, probe, output, asyncio.create_task(supervisor.run()), errors)
 
 
 def stop_signal() -> None:
@@ -224,16 +241,54 @@ def test_an_exception_without_a_message_is_named_by_its_type() -> None:
 
 
 def test_the_watchdog_is_pinged_at_least_twice_per_period() -> None:
-    """With WatchdogSec shorter than the probe interval, probes follow the watchdog."""
+    """With WatchdogSec shorter than the probe interval, probes follow the watchdog: systemd
+    never waits a whole period for a ping (here 0.4 s; pings every 0.2 s)."""
 
     async def scenario() -> None:
         run = start(
             fake_exo(SLEEPER),
-            notifier=RecordingNotifier(watchdog_usec=100_000),
+            notifier=RecordingNotifier(watchdog_usec=400_000),
             probe=ScriptedProbe(view()),
             settings={"interval": 3600.0},
         )
-        await until(lambda: run.notifier.count("WATCHDOG=1") >= 4, "pings every 0.05 s", 3)
+        await until(lambda: run.notifier.count("WATCHDOG=1") >= 5, "pings every 0.2 s", 4)
+        stop_signal()
+        await run.result()
+        pings = run.notifier.times_of("WATCHDOG=1")
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert max(gaps) < 0.4, gaps
+
+    asyncio.run(scenario())
+
+
+def test_before_ready_the_api_is_polled_at_the_startup_pace_not_the_interval() -> None:
+    """EXO takes a while to answer; the probes until it does come every ``startup_poll``
+    (here 0.01 s), not every health-check interval (an hour here)."""
+
+    async def scenario() -> None:
+        run = start(fake_exo(SLEEPER), settings={"interval": 3600.0})
+        await until(lambda: run.probe.calls >= 3, "probes at the startup pace")
+        assert run.notifier.count("READY=1") == 0
+        run.probe.answer = view()
+        await until(lambda: run.notifier.count("READY=1") == 1, "ready")
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_that_never_answers_fails_after_its_timeout(caplog) -> None:
+    """A probe stuck past its own timeout (a connection that hangs) is cut off a second
+    after it and counted as a failed probe; the watchdog stops."""
+    caplog.set_level(logging.WARNING, logger="exo_nixos.supervisor")
+
+    async def scenario() -> None:
+        run = start(fake_exo(SLEEPER), probe=ScriptedProbe(view()))
+        await until(lambda: run.notifier.count("READY=1") == 1, "ready")
+        run.probe.answer = None
+        await until(
+            lambda: "health probe 1 failed: TimeoutError" in caplog.messages, "a failed probe", 4
+        )
         stop_signal()
         await run.result()
 
