@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -20,6 +21,7 @@ import aiohttp
 import pytest
 
 from exo_nixos.gateway.workers import MAX_DEFAULT_WORKERS, default_workers
+from exo_nixos.supervisor.notify import Notifier
 from tests.exo_double.fixture import free_port, run_double
 from tests.gateway_helpers import (
     KEY_A,
@@ -226,3 +228,101 @@ def workers_of_safe(gateway: GatewayProcess) -> list[int]:
         return workers_of(gateway)
     except OSError:
         return []
+
+
+def test_what_a_dead_worker_held_is_let_go(tmp_path: Path):
+    """A worker killed while it serves a request: its share of the key's concurrency and of
+    the backend's requests in flight goes with it (the master clears its column of the
+    shared tables and its live gauges), so the key is not refused for ever."""
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    with run_double("--instance", MODEL) as double:
+        config = gateway_config(
+            port=free_port(),
+            keys_file=keys,
+            static_backends=[double.url],
+            workers=2,
+            key_policies={"alice": {"concurrency": 1}},
+            public_paths=["/health", "/metrics"],
+        )
+        with run_gateway(config) as gateway:
+            wait_for(lambda: "2 worker processes listening" in gateway.log_text(), "listening")
+            double.set_fault("hang", paths=["/v1/chat/completions"])
+            held = socket.create_connection(("127.0.0.1", gateway.port))
+            request = json.dumps(say(3, stream=False)).encode()
+            held.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                + f"Authorization: Bearer {KEY_A}\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {len(request)}\r\n\r\n".encode()
+                + request
+            )
+
+            def inflight() -> float:
+                samples = asyncio.run(metrics(gateway.url))
+                return sum(
+                    float(s.value)
+                    for s in samples["exo_gateway_backend_inflight"]
+                    if s.labels.get("backend") == double.url
+                )
+
+            try:
+                wait_for(lambda: inflight() == 1, "the request in flight")
+                # the key's one request at a time holds across the workers
+                for _ in range(4):
+                    status, _ = asyncio.run(fresh("GET", gateway.url + "/v1/models", headers=AUTH))
+                    assert status == 429
+                (holder,) = [p for p in workers_of(gateway) if accepted_by(p, gateway.port)]
+                os.kill(holder, signal.SIGKILL)
+                wait_for(lambda: "starting it again" in gateway.log_text(), "restarted")
+                wait_for(lambda: len(workers_of(gateway)) == 2, "two workers again")
+            finally:
+                held.close()
+            assert inflight() == 0
+            for _ in range(4):  # every worker's /health says so too
+                status, raw = asyncio.run(fresh("GET", gateway.url + "/health"))
+                assert [n["inflight"] for n in json.loads(raw)["nodes"]] == [0], raw
+            double.set_fault("ok")
+            for _ in range(4):  # whichever worker takes it
+                status, raw = asyncio.run(fresh("GET", gateway.url + "/v1/models", headers=AUTH))
+                assert status == 200, raw
+
+
+def test_systemd_hears_ready_only_once_every_worker_listens_or_has_reloaded(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The master's side of the workers' reports (a byte of kind and one of index through a
+    pipe): READY=1 when the last worker listens, and after a reload when the last one has
+    read its files, whatever the order they report in."""
+    from exo_nixos.config import parse_config
+    from exo_nixos.gateway.workers import Master
+
+    class Recorder(Notifier):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.sent: list[str] = []
+
+        def send(self, *fields: str) -> bool:
+            self.sent.append("\n".join(fields))
+            return True
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # the master sets it; restored after
+    config = parse_config({"schemaVersion": 1})
+    master = Master(config, 3, None)
+    notifier = master.notifier = Recorder()
+    try:
+        master.pids = {101: 0, 102: 1, 103: 2}
+        for report, ready in [(b"R\x02", []), (b"R\x00R\x02", []), (b"R\x01", ["READY=1"])]:
+            os.write(master._report_end, report)
+            master._read_reports()
+            assert notifier.sent == ready
+        notifier.sent.clear()
+        master._read_reports()  # nothing more to read: nothing said
+        master.reloading = True
+        for report, ready in [(b"H\x01", []), (b"H\x00", []), (b"H\x02", ["READY=1"])]:
+            os.write(master._report_end, report)
+            master._read_reports()
+            assert notifier.sent == ready
+        assert not master.reloading
+    finally:
+        os.close(master._reports)
+        os.close(master._report_end)
+        shutil.rmtree(master.metrics_dir)
