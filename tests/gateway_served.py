@@ -58,7 +58,7 @@ async def backend(handler: Handler | None = None) -> AsyncIterator[Backend]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", node._handle)
     node.server = TestServer(app)
-    await node.server.start_server()
+    await node.server.start_server(access_log=None)  # only the gateway's log is of interest
     try:
         yield node
     finally:
@@ -134,7 +134,7 @@ async def served(
             raise ExoApiError(f"cannot connect to {url}", kind="connect")
         return NodeView(url=url, node_id=url)
 
-    port = free_port()
+    port = gateway.pop("port", None) or free_port()
     options: dict[str, Any] = {
         "listenAddress": "127.0.0.1",
         "port": port,

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -120,12 +121,11 @@ def test_https_is_served_and_a_client_that_never_says_hello_is_closed(
     with caplog.at_level(logging.INFO, logger=SERVER_LOG):
         run(scenario())
     (started,) = [m for level, m in lines(caplog, SERVER_LOG) if m.startswith("gateway listening")]
-    assert started.startswith("gateway listening on https://127.0.0.1:")
-    assert started.endswith(" (0 API keys)")
+    assert re.fullmatch(r"gateway listening on https://127\.0\.0\.1:\d+ \(0 API keys\)", started)
 
 
 def test_tls_files_that_cannot_be_used_are_one_line_each(
-    pki: tuple[Path, Path, ssl.SSLContext], tmp_path: Path
+    pki: tuple[Path, Path, ssl.SSLContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cert, key, _ = pki
     with pytest.raises(UserError) as missing:
@@ -138,12 +138,20 @@ def test_tls_files_that_cannot_be_used_are_one_line_each(
     other.private_key_pem.write_to_path(str(other_key))
     with pytest.raises(UserError) as mismatched:
         tls_context(cert, other_key)
-    assert str(mismatched.value).startswith(
-        f"{cert}, {other_key}: not a matching PEM certificate and key: "
+    assert str(mismatched.value) == (
+        f"{cert}, {other_key}: not a matching PEM certificate and key: KEY_VALUES_MISMATCH"
     )
-    assert "\n" not in str(mismatched.value)
     context = tls_context(cert, key)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+    def denied(self: ssl.SSLContext, certfile: object, keyfile: object = None) -> None:
+        # what a file the service user may not read gives (the tests run as root)
+        raise PermissionError(13, "Permission denied", str(keyfile))
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", denied)
+    with pytest.raises(UserError) as unreadable:
+        tls_context(cert, key)
+    assert str(unreadable.value) == f"{key}: cannot read the TLS file (permission denied)"
 
 
 def test_check_says_where_it_listens_and_what_it_loaded(
@@ -334,23 +342,29 @@ def test_aiohttp_errors_are_one_line_and_a_clients_error_a_warning(
         try:
             raise RuntimeError("boom")
         except RuntimeError:
-            logger.exception("Error handling request")
+            logger.exception("Error handling request from %s", "192.0.2.9")
         logger.exception("explicit", exc_info=BadHttpMessage("given"))
+        given = RuntimeError("given, outside an except block")
+        logger.exception("explicit unexpected", exc_info=given)
         logger.debug("Ignored premature client disconnection", exc_info=ConnectionResetError())
         logger.debug("long", exc_info=ValueError("x" * 500))
         logger.debug("plain %s", "words")
+        logger.debug("100% plain")
     records = [r for r in caplog.records if r.name == "exo_nixos.gateway.http"]
     assert [(r.levelname, r.getMessage()) for r in records] == [
         ("WARNING", "Error handling request from 192.0.2.1: 400, message: bad header"),
-        ("ERROR", "Error handling request"),
+        ("ERROR", "Error handling request from 192.0.2.9"),
         ("WARNING", "explicit: 400, message: given"),
+        ("ERROR", "explicit unexpected"),
         ("DEBUG", "Ignored premature client disconnection: ConnectionResetError"),
         ("DEBUG", "long: " + "x" * 300),
         ("DEBUG", "plain words"),
+        ("DEBUG", "100% plain"),
     ]
-    # only the unexpected error keeps its traceback
-    assert [r.exc_info is not None for r in records] == [False, True, False, False, False, False]
-    assert records[1].exc_info is not None and isinstance(records[1].exc_info[1], RuntimeError)
+    # only the unexpected errors keep their tracebacks
+    tracebacks = [r.exc_info[1] if r.exc_info else None for r in records]
+    assert isinstance(tracebacks[1], RuntimeError) and tracebacks[3] is given
+    assert [t is not None for t in tracebacks] == [False, True, False, True] + [False] * 4
 
 
 def test_aiohttp_debug_lines_cost_nothing_when_debug_is_off(
@@ -364,3 +378,84 @@ def test_aiohttp_debug_lines_cost_nothing_when_debug_is_off(
     with caplog.at_level(logging.INFO, logger="exo_nixos.gateway.http"):
         logger.debug(Loud())
     assert caplog.records == []
+
+
+# ---------------------------------------------------------------- the listening socket
+
+
+def test_it_listens_on_the_listen_address_only_and_writes_no_access_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """127.0.0.1 only (the rest of 127/8 is as local, and refused); a request adds no access
+    log line (aiohttp's own would be one per request)."""
+
+    async def scenario() -> None:
+        async with backend() as node, served([node.url]) as gateway:
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.2", gateway.port)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(gateway.url + "/v1/models") as answer,
+            ):
+                assert answer.status == 200
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario())
+    assert [r for r in caplog.records if r.name.startswith("aiohttp.access")] == []
+
+
+def test_an_idle_client_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async def scenario() -> None:
+        async with (
+            backend() as node,
+            served([node.url], keepAliveTimeoutSec=0.3, headerReadTimeoutSec=30.0) as gateway,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            async with asyncio.timeout(5):
+                assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+                # the answer, then nothing: the gateway closes the connection (not after
+                # aiohttp's default of 75 s)
+                await reader.read()
+            assert reader.at_eof()
+            writer.close()
+
+    run(scenario())
+
+
+def test_a_restart_right_after_serving_binds_the_same_port() -> None:
+    """Connections the gateway closed sit in TIME_WAIT on its port; a restart (systemctl
+    restart) binds the port all the same (SO_REUSEADDR)."""
+    port = free_port()
+
+    async def once() -> None:
+        async with backend() as node, served([node.url], port=port) as gateway:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+                async with asyncio.timeout(5):
+                    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+                writer.close()
+
+    run(once())
+    run(once())
+
+
+def test_two_workers_listen_on_one_port() -> None:
+    """Each worker has a socket of its own on the port (SO_REUSEPORT)."""
+    port = free_port()
+
+    def worker(index: int) -> Worker:
+        shared = Shared(workers=2)
+        shared.become(index)
+        return Worker(shared, lambda: None, lambda: None)
+
+    async def scenario() -> None:
+        async with (
+            backend() as node,
+            served([node.url], port=port, worker=worker(0)),
+            served([node.url], port=port, worker=worker(1)) as second,
+        ):
+            assert (await second.health())["status"] == "ok"
+
+    run(scenario())
