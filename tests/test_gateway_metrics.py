@@ -1,5 +1,6 @@
-"""The gateway's metrics are the ones docs/gateway.md lists: each name, type and label set, and
-nothing more; the series a backend leaves behind are dropped with it."""
+"""The gateway's metrics are the ones docs/gateway.md lists: each name, type, label set and HELP
+text, and nothing more; several workers' values add up; the series a backend leaves behind
+are dropped with it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from prometheus_client import values
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,19 +16,23 @@ from exo_nixos.gateway.metrics import GatewayMetrics
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
 
-# | `name` | type | `label` (`value`, ...), `label` | meaning |
-ROW = re.compile(r"^\| `(exo_gateway_[a-z_*]+)` \| (\w+) \|\s*([^|]*?)\s*\|")
+# | `name` | type | `label` (`value`, ...), `label` | HELP text |
+ROW = re.compile(r"^\| `(exo_gateway_[a-z_*]+)` \| (\w+) \|\s*([^|]*?)\s*\| ([^|]*) \|$")
 LABEL = re.compile(r"`(\w+)`(?: \(([^)]*)\))?")
 
 
-def documented() -> dict[str, tuple[str, dict[str, list[str]]]]:
-    """{sample name as scraped: (type, {label: documented values})} from the doc's tables."""
-    rows: dict[str, tuple[str, dict[str, list[str]]]] = {}
+Row = tuple[str, dict[str, list[str]], str]
+
+
+def documented() -> dict[str, Row]:
+    """{sample name as scraped: (type, {label: documented values}, HELP text)} from the doc's
+    tables."""
+    rows: dict[str, Row] = {}
     for line in DOC.read_text().splitlines():
         match = ROW.match(line)
         if match is None:
             continue
-        name, kind, labels = match.groups()
+        name, kind, labels, meaning = match.groups()
         if name.endswith("*"):
             continue  # a summary row; the family's own table lists each metric
         rows[name] = (
@@ -35,6 +41,7 @@ def documented() -> dict[str, tuple[str, dict[str, list[str]]]]:
                 label: re.findall(r"`(\w+)`", values or "")
                 for label, values in LABEL.findall(labels)
             },
+            meaning.replace("`", ""),
         )
     return rows
 
@@ -55,7 +62,7 @@ def test_the_doc_lists_every_metric_with_its_type_and_labels() -> None:
     metrics = GatewayMetrics()
     objects = by_name(metrics)
     assert sorted(doc) == sorted(objects), "docs/gateway.md's tables and the metrics differ"
-    for name, (kind, labels) in doc.items():
+    for name, (kind, labels, _) in doc.items():
         metric = objects[name]
         # labels() takes exactly the metric's label names; the doc's values (or "x") fill them
         child = (
@@ -70,10 +77,10 @@ def test_the_doc_lists_every_metric_with_its_type_and_labels() -> None:
         else:
             child.observe(0.2)  # type: ignore[attr-defined]
     scraped = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
-    for name, (kind, labels) in doc.items():
+    for name, (kind, labels, meaning) in doc.items():
         family = scraped[name.removesuffix("_total")]
         assert family.type == kind, name
-        assert family.documentation, f"{name} has no HELP text"
+        assert family.documentation == meaning, name
         names = {s.name for s in family.samples}
         assert name in names or f"{name}_bucket" in names, (name, names)
         for sample in family.samples:
@@ -164,3 +171,47 @@ def test_a_departed_backend_leaves_no_series() -> None:
         "exo_gateway_backend_requests_total",
         (("backend", "http://a:1"), ("outcome", "error")),
     ) not in values
+
+
+def test_the_workers_values_add_up_as_each_metric_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prometheus_client's multiprocess mode, as the worker processes use it: each writes its
+    values to files in one directory, and any of them renders the sum (counters, requests in
+    flight, connections), or the most recent value (a backend's health), without a ``pid``
+    label. Two workers are two process identifiers here, in one process."""
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # put back after the test
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    real = values.MultiProcessValue
+
+    def worker(pid: int) -> GatewayMetrics:
+        monkeypatch.setattr(values, "MultiProcessValue", lambda: real(lambda: pid))
+        return GatewayMetrics(str(tmp_path))
+
+    backend = "http://10.0.0.2:52415"
+    first = worker(1001)
+    first.connections_open.inc(2)
+    first.inflight(backend, 2)
+    first.answered("GET", 200, 0.1)
+    first.backend_up.labels(backend).set(1)
+    first.backends_healthy.set(1)
+    second = worker(1002)
+    second.connections_open.inc(3)
+    second.inflight(backend, 1)
+    second.answered("GET", 200, 0.2)
+    second.backend_up.labels(backend).set(0)  # the later word: it is down
+    second.backends_healthy.set(0)
+    second.api_keys.set(4)
+    for metrics in (first, second):
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(metrics.render().decode())
+            for s in f.samples
+        }
+        assert not any("pid" in dict(labels) for _, labels in samples), samples
+        assert samples[("exo_gateway_connections_open", ())] == 5
+        assert samples[("exo_gateway_backend_inflight", (("backend", backend),))] == 3
+        assert samples[("exo_gateway_requests_total", (("code", "200"), ("method", "GET")))] == 2
+        assert samples[("exo_gateway_backend_up", (("backend", backend),))] == 0
+        assert samples[("exo_gateway_backends_healthy", ())] == 0
+        assert samples[("exo_gateway_api_keys", ())] == 4

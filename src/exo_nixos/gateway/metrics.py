@@ -48,7 +48,8 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "exo_gateway_requests",
-            "Requests answered by the gateway, by method and status code.",
+            "Requests answered by the gateway, by method and status code (499: the client went "
+            "away).",
             ["method", "code"],
             registry=r,
         )
@@ -68,14 +69,14 @@ class GatewayMetrics:
         )
         self.auth_failures = Counter(
             "exo_gateway_auth_failures",
-            "Requests refused with 401: no key or a wrong key.",
+            "Requests refused with 401, by reason: missing (no key) or invalid (a wrong key).",
             ["reason"],
             registry=r,
         )
         self.requests_by_key = Counter(
             "exo_gateway_key_requests",
-            "Authenticated requests answered, by key name and model (the request's model "
-            "when EXO answered it, else empty).",
+            "Authenticated requests answered, by key name and model (the request's model when "
+            "EXO answered it, below 400, else empty: made-up model names add no series).",
             ["key", "model"],
             registry=r,
         )
