@@ -130,6 +130,7 @@ async def served(
     up = set(backends) if up is None else up
 
     async def probe(url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
+        assert timeout == 1.0, timeout  # healthCheck.timeoutSec below
         if url not in up:
             raise ExoApiError(f"cannot connect to {url}", kind="connect")
         return NodeView(url=url, node_id=url)

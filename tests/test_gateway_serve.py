@@ -23,7 +23,15 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from exo_nixos.config import parse_config
 from exo_nixos.errors import UserError
-from exo_nixos.gateway.server import ServerLog, Shared, Worker, check, tls_context
+from exo_nixos.gateway.proxy import ProxySettings
+from exo_nixos.gateway.server import (
+    ServerLog,
+    Shared,
+    Worker,
+    build_gateway,
+    check,
+    tls_context,
+)
 from tests.exo_double.fixture import free_port
 from tests.gateway_helpers import KEY_A, KEY_B, write_keys
 from tests.gateway_served import backend, served
@@ -459,3 +467,71 @@ def test_two_workers_listen_on_one_port() -> None:
             assert (await second.health())["status"] == "ok"
 
     run(scenario())
+
+
+# ---------------------------------------------------------------- the parts
+
+
+def test_each_setting_reaches_the_part_that_uses_it(tmp_path: Path) -> None:
+    keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
+    config = parse_config(
+        {
+            "schemaVersion": 1,
+            "apiPort": 52499,
+            "healthCheck": {"intervalSec": 7.0, "timeoutSec": 2.5, "failures": 4},
+            "gateway": {
+                "apiKeysFile": str(keys),
+                "staticBackends": ["http://10.0.0.2:52415"],
+                "publicPaths": ["/health", "/metrics"],
+                "maxBodyBytes": 1 << 20,
+                "connectTimeoutSec": 3.0,
+                "responseTimeoutSec": 120.0,
+                "streamIdleTimeoutSec": 60.0,
+                "headerReadTimeoutSec": 4.0,
+                "maxConnectionsPerAddress": 9,
+                "keyPolicies": {"alice": {"concurrency": 1}},
+            },
+        }
+    )
+    shared = Shared(workers=2)
+    gateway = build_gateway(config, shared=shared)
+    pool = gateway.pool
+    assert (pool.api_port, pool.interval, pool.timeout, pool.failure_threshold) == (
+        52499,
+        7.0,
+        2.5,
+        4,
+    )
+    assert pool.local is not None and pool.local.url == "http://127.0.0.1:52499"
+    assert [b.url for b in pool.static] == ["http://10.0.0.2:52415"]
+    assert pool.shared is shared.backends
+    assert gateway.settings == ProxySettings(
+        public_paths=frozenset({"/health", "/metrics"}),
+        max_body_bytes=1 << 20,
+        connect_timeout=3.0,
+        response_timeout=120.0,
+        stream_idle_timeout=60.0,
+        header_read_timeout=4.0,
+        max_connections_per_address=9,
+    )
+    assert gateway.limiter is not None and gateway.limiter.table is shared.keys
+    assert gateway.metrics.multiprocess_dir is None  # one process: its own registry
+    # without keys there is nothing to limit
+    config = parse_config({"schemaVersion": 1})
+    assert build_gateway(config).limiter is None
+
+
+def test_tls_files_are_read_from_systemds_credentials_when_it_passes_them(
+    pki: tuple[Path, Path, ssl.SSLContext], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadCredential= hands the unit copies it may read; the configured paths (root's) are
+    then not opened."""
+    cert, key, _ = pki
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "tls-certificate").write_bytes(cert.read_bytes())
+    (credentials / "tls-key").write_bytes(key.read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    gateway = {"tlsCertificateFile": "/nonexistent/cert.pem", "tlsKeyFile": "/nonexistent/key.pem"}
+    config = parse_config({"schemaVersion": 1, "gateway": gateway})
+    assert check(config).startswith("gateway config usable: https://127.0.0.1:52417, ")
