@@ -703,6 +703,48 @@ def test_connections_past_the_per_address_limit_are_closed_at_once(
     assert connection_lines() == [refusing, below]
 
 
+def test_the_per_address_limit_holds_as_connections_come_and_go() -> None:
+    """Closing a connection gives back one place, no more: after connections opened and
+    closed in every order, the limit is what it was; and a client that leaves before the
+    header-read deadline is not counted as timed out."""
+
+    async def refused(port: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async with asyncio.timeout(0.3):
+                return await reader.read() == b""
+        except TimeoutError:
+            return False  # still open: admitted
+        finally:
+            writer.close()
+
+    async def scenario() -> None:
+        async with (
+            backend() as node,
+            served([node.url], maxConnectionsPerAddress=3, headerReadTimeoutSec=0.5) as gateway,
+        ):
+            for _ in range(2):
+                opened = [
+                    await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(3)
+                ]
+                assert await refused(gateway.port)
+                for _, writer in opened[:2]:  # two places back
+                    writer.close()
+                    await writer.wait_closed()
+                await asyncio.sleep(0.1)
+                more = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(2)]
+                assert await refused(gateway.port)  # 3 open again: the fourth is refused
+                for _, writer in [*opened[2:], *more]:
+                    writer.close()
+                    await writer.wait_closed()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.6)  # past the header-read deadline of every connection
+            # each was closed by its client first (or refused): none timed out
+            assert await gateway.metric("exo_gateway_header_timeouts_total") == 0
+
+    run(scenario())
+
+
 def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
