@@ -15,11 +15,12 @@ import io
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,9 @@ def test_failed_probes_after_ready_stop_the_watchdog_and_say_unhealthy(caplog) -
     assert levels["health probe 1 failed: timed out"] == logging.WARNING
     assert levels["health probe 2 failed: timed out"] == logging.WARNING
     assert levels["health probe 3 failed: timed out"] == logging.ERROR
-    assert any(m.startswith("EXO healthy again after ") for m in levels)
+    (again,) = [m for m in levels if m.startswith("EXO healthy again after ")]
+    match = re.fullmatch(r"EXO healthy again after (\d+) failed probes", again)
+    assert match is not None and int(match.group(1)) >= 6, again
 
 
 def test_an_exception_without_a_message_is_named_by_its_type() -> None:
@@ -702,14 +705,20 @@ def test_the_link_monitor_is_started_and_stopped_and_its_failure_is_a_warning(ca
 def test_the_last_snapshot_is_logged_at_start(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="exo_nixos.supervisor")
     store = SnapshotStore(tmp_path / "topology.json")
-    store.save("worker", Topology("node-a", "node-m", False, {"n2": [], "n1": ["10.0.0.1"]}, 1))
+    topology = Topology("node-a", "node-m", False, {"n2": [], "n1": ["10.0.0.1"]}, 1)
+    store.save("worker", topology, now=1_000_000_000)
 
     async def plain() -> None:
         await start(fake_exo("raise SystemExit(0)"), snapshots=store).result()
 
     asyncio.run(plain())
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("last topology")]
-    assert line.endswith("): node node-a, master node-m, peers n1, n2")
+    assert line == "last topology (2001-09-09 01:46:40): node node-a, master node-m, peers n1, n2"
+    caplog.clear()
+    store.save("worker", Topology("node-a", None, False, {}, 0), now=1_000_000_000)
+    asyncio.run(plain())
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("last topology")]
+    assert line == "last topology (2001-09-09 01:46:40): node node-a, master None, peers none"
 
 
 def test_an_accelerator_fallback_is_a_warning_and_in_every_status(caplog) -> None:
@@ -825,5 +834,110 @@ def test_a_master_from_the_log_is_not_applied_to_another_node(tmp_path: Path) ->
         assert run.notifier.statuses()[-1].startswith("worker; master unknown;")
         stop_signal()
         await run.result()
+
+    asyncio.run(scenario())
+
+
+def test_exo_gets_its_environment_no_stdin_and_its_stderr_reaches_the_output(caplog) -> None:
+    """EXO runs with the launch's environment (not the supervisor's), reads nothing from the
+    supervisor's stdin, and what it writes to stderr is passed on with its stdout."""
+    caplog.set_level(logging.INFO, logger="exo_nixos.supervisor")
+    code = (
+        "import os, sys\n"
+        "print('mark', os.environ.get('EXO_TEST_MARK'), os.environ.get('EXO_NOT_PASSED'), "
+        "repr(sys.stdin.read()), flush=True)\n"
+        "sys.stderr.write('on stderr\\n')\n"
+    )
+    launch = fake_exo(code)
+    launch = replace(launch, env={**launch.env, "EXO_TEST_MARK": "given"})
+
+    async def scenario() -> None:
+        os.environ["EXO_NOT_PASSED"] = "supervisor's own"
+        try:
+            run = start(launch)
+            assert await run.result() == 0
+        finally:
+            del os.environ["EXO_NOT_PASSED"]
+        lines = run.output.getvalue().decode().splitlines()
+        assert lines == ["mark given None ''", "on stderr"]
+
+    asyncio.run(scenario())
+    assert f"starting {sys.executable} -c {code}" in caplog.messages
+
+
+def test_a_process_that_left_exos_group_does_not_hold_the_supervisor(tmp_path: Path) -> None:
+    """A process EXO started that left its process group (so the group kill misses it) and
+    still holds EXO's output: the supervisor waits for the output a moment, then ends."""
+    pid_file = tmp_path / "stray.pid"
+    stray = tmp_path / "stray.py"
+    stray.write_text(
+        "import os, sys, time\n"
+        "os.setsid()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    code = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(stray)!r}])\n"
+        f"while not os.path.exists({str(pid_file)!r}):\n"  # it has left the group
+        "    time.sleep(0.01)\n"
+        "print('started', flush=True)\n"
+    )
+
+    async def scenario() -> None:
+        run = start(fake_exo(code))
+        try:
+            assert await run.result(limit=8) == 0
+        finally:
+            for _ in range(100):
+                if pid_file.exists() and pid_file.read_text():
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+
+
+def test_sustained_memory_pressure_shows_in_status(tmp_path: Path) -> None:
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+
+    def pressure(avg60: float) -> None:
+        (cgroup / "memory.pressure").write_text(
+            f"some avg10=0.00 avg60={avg60:.2f} avg300=0.00 total=1\n"
+            "full avg10=0.00 avg60=0.00 avg300=0.00 total=1\n"
+        )
+
+    async def scenario() -> None:
+        pressure(2.0)
+        run = start(fake_exo(SLEEPER), probe=ScriptedProbe(view()))
+        run.supervisor.memory_cgroup = cgroup
+        await until(lambda: run.notifier.count("READY=1") == 1, "ready")
+        assert not any("degraded" in s for s in run.notifier.statuses())
+        pressure(25.0)
+        await until(lambda: "degraded" in run.notifier.statuses()[-1], "degraded")
+        assert run.notifier.statuses()[-1] == (
+            "worker; master unknown; 0 peers; 0 instances; cpu; degraded: memory pressure: "
+            "tasks stalled on memory 25.0% of the last minute (PSI some avg60; 10% counts as "
+            "degraded)"
+        )
+        stop_signal()
+        await run.result()
+
+    asyncio.run(scenario())
+
+
+def test_a_link_monitor_that_fails_to_stop_does_not_change_the_exit(caplog) -> None:
+    class Links:
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            raise RuntimeError("netlink gone")
+
+    async def scenario() -> None:
+        run = start(fake_exo("raise SystemExit(4)"))
+        run.supervisor.links = Links()
+        assert await run.result() == 4
 
     asyncio.run(scenario())
