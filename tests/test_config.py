@@ -1,4 +1,7 @@
 import json
+import os
+import socket
+import threading
 from typing import Any
 
 import pytest
@@ -283,6 +286,40 @@ def test_load_config_failures_are_one_line_each(tmp_path):
     problem = f"{bad}: mode: 'boss' is not allowed; input should be 'master', 'worker' or 'auto'"
     assert str(caught.value) == problem
     assert caught.value.problems == [problem]
+    # an endless device or a file far larger than any config is refused at 8 MiB
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError) as caught:
+        load_config(zero)
+    assert str(caught.value) == (
+        f"{zero}: cannot read the config file: larger than {8 << 20} bytes"
+    )
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as out:
+        out.truncate((8 << 20) + 1)
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert str(caught.value).endswith(f"larger than {8 << 20} bytes")
+    socket_path = tmp_path / "config.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(socket_path))
+        with pytest.raises(ConfigError) as caught:
+            load_config(socket_path)
+    assert str(caught.value).endswith(": cannot read the config file: No such device or address")
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """``--config <(...)`` (a FIFO) and ``--config /dev/stdin`` work like a file."""
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(
+        target=lambda: fifo.write_text('{"schemaVersion": 1, "mode": "worker"}')
+    )
+    writer.start()
+    try:
+        assert load_config(fifo).mode == "worker"
+    finally:
+        writer.join(5)
 
 
 def test_json_schema_is_the_one_in_docs():

@@ -338,3 +338,41 @@ def test_a_reload_while_one_is_under_way_is_refused(tmp_path: Path, caplog, monk
         f"API keys not reloaded, keeping the 1 loaded: {path}: the previous reload "
         "has not finished reading it"
     ]
+
+
+def test_a_clients_key_file_is_read_once_and_bounded(tmp_path: Path):
+    """``--api-key-file`` of ``status`` and ``models``: the first key line, from a file or a
+    pipe; a directory, an endless device or a file without a key is one line."""
+    import os
+    import threading
+
+    from exo_nixos.errors import UserError
+    from exo_nixos.gateway.auth import read_client_key
+
+    named = tmp_path / "named"
+    named.write_text(f"# ops\n\nalice:{GOOD}a\nbob:{GOOD}b\n")
+    assert read_client_key(str(named)) == f"{GOOD}a"
+    bare = tmp_path / "bare"
+    bare.write_text(f"  {GOOD}z  \n")
+    assert read_client_key(str(bare)) == f"{GOOD}z"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(f"{GOOD}p\n"))
+    writer.start()
+    try:
+        assert read_client_key(str(fifo)) == f"{GOOD}p"
+    finally:
+        writer.join(5)
+    zero = tmp_path / "zero"
+    zero.symlink_to("/dev/zero")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n")
+    for path, message in [
+        (tmp_path / "absent", "no such file"),
+        (tmp_path, "cannot read it: Is a directory"),
+        (zero, "cannot read it: larger than 1048576 bytes"),
+        (empty, "no key in it; write the key on the first line"),
+    ]:
+        with pytest.raises(UserError) as caught:
+            read_client_key(str(path))
+        assert str(caught.value) == f"--api-key-file {path}: {message}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -201,6 +202,21 @@ def test_policy_file_errors_are_one_line(tmp_path: Path):
         assert fragment in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(UserError, match="not found"):
         read_policy_file(tmp_path / "missing.json")
+    # a FIFO would hold the reload for ever, a device or a huge file fill memory: refused
+    fifo = tmp_path / "policy.fifo"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    huge = tmp_path / "huge.json"
+    huge.write_text(" " * (1 << 20) + "{}")
+    for where, reason in [
+        (fifo, "not a regular file"),
+        (zero, "not a regular file"),
+        (huge, f"larger than {1 << 20} bytes"),
+    ]:
+        with pytest.raises(UserError) as caught:
+            read_policy_file(where)
+        assert str(caught.value) == f"{where}: cannot read the key policy file: {reason}"
 
 
 def test_a_bad_policy_file_on_reload_keeps_the_old_policies(tmp_path: Path, caplog):

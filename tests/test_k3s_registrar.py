@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -543,6 +544,17 @@ def test_configuration_mistakes_are_user_errors(tmp_path: Path, k3s: dict[str, A
     config = make_config(tmp_path, "http://127.0.0.1:1", **k3s)
     with pytest.raises(UserError, match=message):
         build_registrar(config, health=Health())
+
+
+def test_a_token_file_that_is_not_a_regular_file_is_a_user_error(tmp_path: Path) -> None:
+    """A FIFO would block the API client at its first request; a directory is no token."""
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    for path, reason in [(fifo, "not a regular file"), (tmp_path, "Is a directory")]:
+        config = make_config(tmp_path, "http://127.0.0.1:1", tokenFile=str(path))
+        with pytest.raises(UserError) as caught:
+            build_registrar(config, health=Health())
+        assert str(caught.value) == f"k3s.tokenFile: cannot read {path}: {reason}"
 
 
 def test_garbled_kubeconfig_is_a_user_error(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from exo_nixos.basetypes import (
     check,
 )
 from exo_nixos.errors import ConfigError, describe_value
-from exo_nixos.fsutil import os_reason
+from exo_nixos.fsutil import os_reason, read_bounded
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+# The most a config file may hold: a real one is a few KiB (a thousand models, some 200 KiB);
+# /dev/zero or a runaway pipe named by --config is refused at this size, not read for ever.
+CONFIG_FILE_LIMIT = 8 << 20
 
 GATEWAY_PORT = 52417
 EXPORTER_PORT = 52418
@@ -797,7 +800,7 @@ def load_config(path: str | Path, name: str | None = None) -> Config:
             f"--config {describe_value(str(source))}: a path cannot contain a NUL byte"
         )
     try:
-        text = source.read_text(encoding="utf-8")
+        text = read_bounded(source, CONFIG_FILE_LIMIT, streams=True).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{source}: no such config file; on NixOS set services.exo.enable, "

@@ -22,13 +22,20 @@ def os_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def read_bounded(path: str | os.PathLike[str], limit: int = HOST_FILE_LIMIT) -> bytes:
+def read_bounded(
+    path: str | os.PathLike[str], limit: int = HOST_FILE_LIMIT, *, streams: bool = False
+) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. A FIFO, device or socket (a
     captured tree can hold anything) is refused without blocking, as is a larger file: both
-    as OSError with a ``strerror`` a warning can quote."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    as OSError with a ``strerror`` a warning can quote. With ``streams``, a FIFO or a
+    character device (``<(...)``, ``/dev/stdin``) is read as well, up to the same limit."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if streams else os.O_NONBLOCK))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        readable = stat.S_ISREG(mode) or (streams and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)))
+        if not readable:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         chunks: list[bytes] = []
         size = 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from exo_nixos.basetypes import PATTERNS
 from exo_nixos.errors import UserError
-from exo_nixos.fsutil import os_reason
+from exo_nixos.fsutil import os_reason, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def read_client_key(path: str) -> str:
     """A client's key to send (``--api-key-file`` of ``status`` and ``models``): the first key
     line of ``path``, ``name:key`` as in the gateway's key file, or the key alone."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # a pipe too (``--api-key-file <(pass show exo)``), up to the key file's own limit
+        text = read_bounded(path, MAX_KEY_FILE_BYTES, streams=True).decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"--api-key-file {path}: no such file") from None
     except PermissionError:
@@ -100,7 +101,7 @@ def read_client_key(path: str) -> str:
             f"--api-key-file {path}: cannot read it as this user (permission denied)"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--api-key-file {path}: cannot read it: {exc}") from None
+        raise UserError(f"--api-key-file {path}: cannot read it: {os_reason(exc)}") from None
     for raw in text.split("\n"):
         line = raw.strip()
         if not line or line.startswith("#"):

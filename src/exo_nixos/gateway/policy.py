@@ -29,6 +29,7 @@ from typing import Any
 
 from exo_nixos.config import KeyPolicies, KeyPolicy
 from exo_nixos.errors import UserError
+from exo_nixos.fsutil import os_reason, read_bounded
 from exo_nixos.gateway.shared import SharedTable, TableFull
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,12 @@ def read_policy_file(path: Path) -> KeyPolicies:
     from exo_nixos import jsonio
 
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_POLICY_FILE_BYTES + 1)
+        # a regular file only: a FIFO would hold the reload (and its thread) for ever
+        data = read_bounded(path, MAX_POLICY_FILE_BYTES)
     except FileNotFoundError:
         raise UserError(f"{path}: key policy file not found; create it or fix policyFile") from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the key policy file: {exc.strerror}") from None
-    if len(data) > MAX_POLICY_FILE_BYTES:
-        raise UserError(f"{path}: the key policy file is over {MAX_POLICY_FILE_BYTES} bytes")
+        raise UserError(f"{path}: cannot read the key policy file: {os_reason(exc)}") from None
     try:
         document = jsonio.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

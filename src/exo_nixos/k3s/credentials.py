@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from exo_nixos.config import K3s
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
-from exo_nixos.fsutil import os_reason
+from exo_nixos.fsutil import os_reason, read_bounded
 
 if TYPE_CHECKING:
     from lightkube import KubeConfig
@@ -29,8 +29,7 @@ def credential_path(configured: str, kind: str) -> Path:
 
 def _readable(path: Path, option: str) -> Path:
     try:
-        with path.open("rb"):
-            pass
+        read_bounded(path)  # a regular file of a sane size: a FIFO would block the client
     except FileNotFoundError:
         raise UserError(f"k3s.{option}: {path} does not exist; create it or fix the path") from None
     except OSError as exc:
