@@ -372,6 +372,55 @@ def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
         server.shutdown()
 
 
+@pytest.mark.parametrize("length", [None, (32 << 20) + 1])
+def test_a_node_answering_without_end_is_cut_off_at_the_limit(length: int | None):
+    """Anything at a node's address that sends without end (or announces more than any answer
+    holds) is one error line, read no further than the limit: the client's memory stays
+    bounded whatever the time limit lets through."""
+    import http.server
+    import threading
+
+    sent = [0]
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if length is None:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(length))
+            self.end_headers()
+            chunk = b"[" + b"0," * 32767 + b"0"
+            framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if length is None else chunk
+            try:
+                while sent[0] < 1 << 30:
+                    self.wfile.write(framed)
+                    sent[0] += len(chunk)
+            except OSError:
+                pass  # the client stopped reading
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from exo_nixos.exoapi import ExoApiError, probe_sync
+
+        with pytest.raises(ExoApiError) as caught:
+            probe_sync(f"http://127.0.0.1:{server.server_address[1]}", 30.0)
+        if length is None:
+            assert str(caught.value) == f"/node_id answered more than {32 << 20} bytes"
+            assert sent[0] < 1 << 30  # it stopped reading
+        else:
+            assert str(caught.value) == (f"/node_id answered {length} bytes, more than {32 << 20}")
+    finally:
+        server.shutdown()
+
+
 # -- the /state models: what status, the exporter and a model reconciler read -------------
 
 OTHER = "mlx-community/Llama-3.2-1B-Instruct-4bit"

@@ -29,9 +29,31 @@ from exo_nixos.exoapi.sync import run_coroutine
 from exo_nixos.exoapi.urls import normalize_url
 from exo_nixos.exoapi.view import NodeView, summarize
 
+# The most of an answer this client reads. EXO's largest, /state, is some KiB per node,
+# instance and download; a node (or anything at its address) that sends without end is
+# stopped here instead of filling this process's memory before the time limit.
+ANSWER_LIMIT = 32 << 20
+
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
+
+
+async def _bounded_text(response: aiohttp.ClientResponse, path: str) -> str:
+    """The answer's body as text (UTF-8, as JSON is), at most ``ANSWER_LIMIT`` bytes."""
+    if (response.content_length or 0) > ANSWER_LIMIT:
+        raise ExoApiError(
+            f"{path} answered {response.content_length} bytes, more than {ANSWER_LIMIT}",
+            kind="shape",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > ANSWER_LIMIT:
+            raise ExoApiError(f"{path} answered more than {ANSWER_LIMIT} bytes", kind="shape")
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 async def get_json(
@@ -91,7 +113,7 @@ async def request_json(
             timeout=aiohttp.ClientTimeout(total=limit_s),
             headers=headers,
         ) as response:
-            text = await response.text(errors="replace")
+            text = await _bounded_text(response, path)
             if response.status != 200:
                 reason = _reason(text) if with_reason else ""
                 raise ExoApiError(
