@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +170,34 @@ def test_cli_render_to_a_path_that_cannot_take_it_is_one_line(
     assert cli_main(["k3s", "render", "--config", str(config), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and "--output" in err, err
+
+
+def test_cli_render_writes_into_a_pipe_and_through_a_link_without_replacing_them(
+    tmp_path: Path,
+) -> None:
+    """``-o`` names a FIFO (or a device such as /dev/stdout): the YAML goes into it and it
+    stays a FIFO; ``-o`` names a symbolic link: the file it points to gets the YAML and the
+    link stays a link. (Replacing them, as a rename onto the path would, is what a device
+    like /dev/full must never suffer.)"""
+    config = tmp_path / "config.json"
+    config.write_text('{"schemaVersion": 1, "k3s": {"integration": true}}')
+    fifo = tmp_path / "manifests.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert cli_main(["k3s", "render", "--config", str(config), "-o", str(fifo)]) == 0
+    reader.join(5)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert received and b"kind: Namespace" in received[0]
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "exo.yaml"
+    real.write_text("old")
+    link = tmp_path / "exo.yaml"
+    link.symlink_to(real)
+    assert cli_main(["k3s", "render", "--config", str(config), "-o", str(link)]) == 0
+    assert link.is_symlink() and "kind: Namespace" in real.read_text()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["exo.yaml"]  # no leftovers
 
 
 def test_cli_render_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -51,16 +51,31 @@ def read_bounded(
 
 def write_output(option: str, path: str | os.PathLike[str], data: str) -> None:
     """A command's ``--output`` file, written atomically; a path that cannot take it is one
-    UserError line naming the option, the path and what to do."""
+    UserError line naming the option, the path and what to do.
+
+    A regular file (or a new one) is replaced in one step; through a symbolic link, the file
+    it points to is (the link stays). A device, FIFO or socket (``/dev/stdout``, a pipe) is
+    written to as it is: replacing it would put a regular file where the device was."""
     from exo_nixos.errors import UserError
 
     target = Path(path)
     if target.is_dir():
         raise UserError(f"{option} {target}: is a directory; name a file in it")
-    if not target.parent.is_dir():
-        raise UserError(f"{option} {target}: the directory {target.parent} does not exist")
     try:
-        atomic_write(target, data)
+        kind = target.stat().st_mode
+    except FileNotFoundError:
+        kind = None
+    except OSError as exc:
+        raise UserError(f"{option} {target}: cannot write: {os_reason(exc)}") from None
+    try:
+        if kind is not None and not stat.S_ISREG(kind):
+            with open(target, "w", encoding="utf-8") as stream:
+                stream.write(data)
+            return
+        real = Path(os.path.realpath(target))
+        if not real.parent.is_dir():
+            raise UserError(f"{option} {target}: the directory {real.parent} does not exist")
+        atomic_write(real, data)
     except OSError as exc:
         raise UserError(f"{option} {target}: cannot write: {os_reason(exc)}") from None
 
