@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import http.server
 import json
+import threading
 from typing import Any
 
 import aiohttp
@@ -343,13 +345,31 @@ def test_parse_state_never_crashes_on_a_mangled_real_state(data):
     _parse_or_error(doc)
 
 
-def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
-    import http.server
-    import threading
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
 
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _probe_error(handler: type[http.server.BaseHTTPRequestHandler], timeout: float) -> str:
+    """The one line ``probe_sync`` raises against a plain HTTP server running ``handler``."""
+    from exo_nixos.exoapi import ExoApiError, probe_sync
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ExoApiError) as caught:
+            probe_sync(f"http://127.0.0.1:{server.server_address[1]}", timeout)
+        return str(caught.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
     body = b"[" * 100_000 + b"]" * 100_000
 
-    class Deep(http.server.BaseHTTPRequestHandler):
+    class Deep(_Quiet):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -357,19 +377,7 @@ def test_a_node_answering_json_nested_too_deep_is_one_problem_not_a_traceback():
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        from exo_nixos.exoapi import ExoApiError, probe_sync
-
-        with pytest.raises(ExoApiError) as caught:
-            probe_sync(f"http://127.0.0.1:{server.server_address[1]}", 5.0)
-        assert "did not answer JSON" in str(caught.value)
-    finally:
-        server.shutdown()
+    assert "did not answer JSON" in _probe_error(Deep, 5.0)
 
 
 @pytest.mark.parametrize("length", [None, (32 << 20) + 1])
@@ -377,14 +385,9 @@ def test_a_node_answering_without_end_is_cut_off_at_the_limit(length: int | None
     """Anything at a node's address that sends without end (or announces more than any answer
     holds) is one error line, read no further than the limit: the client's memory stays
     bounded whatever the time limit lets through."""
-    import http.server
-    import threading
-
     sent = [0]
 
-    class Endless(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Endless(_Quiet):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -402,23 +405,12 @@ def test_a_node_answering_without_end_is_cut_off_at_the_limit(length: int | None
             except OSError:
                 pass  # the client stopped reading
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        from exo_nixos.exoapi import ExoApiError, probe_sync
-
-        with pytest.raises(ExoApiError) as caught:
-            probe_sync(f"http://127.0.0.1:{server.server_address[1]}", 30.0)
-        if length is None:
-            assert str(caught.value) == f"/node_id answered more than {32 << 20} bytes"
-            assert sent[0] < 1 << 30  # it stopped reading
-        else:
-            assert str(caught.value) == (f"/node_id answered {length} bytes, more than {32 << 20}")
-    finally:
-        server.shutdown()
+    error = _probe_error(Endless, 30.0)
+    if length is None:
+        assert error == f"/node_id answered more than {32 << 20} bytes"
+        assert sent[0] < 1 << 30  # it stopped reading
+    else:
+        assert error == f"/node_id answered {length} bytes, more than {32 << 20}"
 
 
 # -- the /state models: what status, the exporter and a model reconciler read -------------
