@@ -88,6 +88,13 @@ class GatewayProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Until ``text`` is in the gateway's log; fails with the log after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
 

@@ -52,6 +52,29 @@ class Backend:
         return web.json_response({"backend": self.url})
 
 
+def cut_off(
+    headers: Mapping[str, str], *chunks: bytes, length: int | None = None, chunked: bool = False
+) -> Handler:
+    """A backend handler that starts an answer (``headers``, a ``length`` or chunked), sends
+    ``chunks`` and then drops the connection: a node failing half way through."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers=dict(headers))
+        if length is not None:
+            response.content_length = length
+        if chunked:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    return handler
+
+
 @contextlib.asynccontextmanager
 async def backend(handler: Handler | None = None) -> AsyncIterator[Backend]:
     node = Backend(handler)

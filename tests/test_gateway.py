@@ -138,10 +138,7 @@ def test_sighup_reloads_keys_and_keeps_them_on_a_bad_file(double, keys_file):
 
         keys_file.write_text("not-a-valid-key\n")
         gateway.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "keeping the 1 loaded" not in gateway.log_text():
-            assert time.monotonic() < deadline, gateway.log_text()
-            time.sleep(0.05)
+        gateway.wait_for_log("keeping the 1 loaded")
         assert call("GET", url, headers={"x-api-key": KEY_B})[0] == 200
         assert call("GET", url, headers=AUTH)[0] == 401
 
@@ -152,10 +149,7 @@ def test_sighup_with_a_fifo_for_key_file_keeps_serving(double, keys_file):
         keys_file.unlink()
         os.mkfifo(keys_file, 0o600)
         gateway.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "API keys not reloaded" not in gateway.log_text():
-            assert time.monotonic() < deadline, gateway.log_text()
-            time.sleep(0.05)
+        gateway.wait_for_log("API keys not reloaded")
         assert "not a regular file" in gateway.log_text()
         # the loop was never blocked: the gateway answers, with the keys it had
         assert call("GET", f"{gateway.url}/health")[0] == 200
@@ -526,10 +520,7 @@ def test_no_backend_answers_gives_502(keys_file):
         status, _, body = call("GET", f"{gateway.url}/health")
         assert status == 503 and json.loads(body)["status"] == "down"
         # the log says so: once for the backend, once for the pool, not once per request
-        deadline = time.monotonic() + 10
-        while "no EXO backend is up" not in gateway.log_text():
-            assert time.monotonic() < deadline, gateway.log_text()
-            time.sleep(0.05)
+        gateway.wait_for_log("no EXO backend is up")
         time.sleep(1.5)  # three more health checks, which must not repeat it
         log = gateway.log_text()
         assert log.count(f"backend {dead} down: ") == 1, log

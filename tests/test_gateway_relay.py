@@ -23,7 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tests.exo_double.cluster import Cluster
 from tests.exo_double.server import Double, Fault, Log, Options, build_app
 from tests.gateway_helpers import KEY_A, KEY_B, write_keys
-from tests.gateway_served import app_backend, backend, header_lines, raw_exchange, served
+from tests.gateway_served import (
+    app_backend,
+    backend,
+    cut_off,
+    header_lines,
+    raw_exchange,
+    served,
+)
 
 MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 
@@ -121,14 +128,7 @@ def test_a_stream_cut_off_by_its_backend_is_cut_off_for_the_client(caplog) -> No
     """Part of the answer is out: it cannot be retried, and the client must see an incomplete
     response (never one that looks whole). The backend is down until its probe passes."""
 
-    async def dying(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: one\n\n")
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.abort()
-        return response
+    dying = cut_off({"Content-Type": "text/event-stream"}, b"data: one\n\n")
 
     async def scenario() -> str:
         async with (
@@ -1098,16 +1098,7 @@ def test_a_json_document_cut_off_past_the_buffer_limit_is_cut_off_not_retried() 
     """Once more than the read-ahead is out, a failure cannot be retried: the client sees an
     incomplete response."""
 
-    async def dying(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for _ in range(4):
-            await response.write(b" " * (MIB // 2))
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.abort()
-        return response
+    dying = cut_off({"Content-Type": "application/json"}, *[b" " * (MIB // 2)] * 4, chunked=True)
 
     async def scenario() -> None:
         async with (
@@ -1193,15 +1184,7 @@ def test_a_stream_is_never_held_back_even_with_a_length(content_type: str) -> No
 
 
 def test_a_small_document_of_known_length_cut_off_is_retried() -> None:
-    async def dying(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        response.content_length = 100
-        await response.prepare(request)
-        await response.write(b"half of it")
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.abort()
-        return response
+    dying = cut_off({"Content-Type": "text/plain"}, b"half of it", length=100)
 
     async def scenario() -> None:
         async with (
