@@ -35,6 +35,7 @@ from exo_nixos.gateway.server import (
 from tests.exo_double.fixture import free_port
 from tests.gateway_helpers import KEY_A, KEY_B, write_keys
 from tests.gateway_served import backend, served
+from tests.notify_listener import NotifyListener
 
 SERVER_LOG = "exo_nixos.gateway.server"
 
@@ -62,22 +63,19 @@ def lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[tuple[str, str]
 
 
 @contextlib.contextmanager
-def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyListener]:
     """A datagram socket standing in for systemd's; NOTIFY_SOCKET names it."""
-    path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(path))
-        sock.setblocking(False)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        yield sock
+    listener = NotifyListener()
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.address)
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
-def received(sock: socket.socket) -> list[str]:
-    messages = []
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            messages.append(sock.recv(4096).decode())
-    return messages
+def heard(listener: NotifyListener) -> list[str]:
+    """The messages so far, each as its ``KEY=VALUE`` lines."""
+    return ["\n".join(f"{k}={v}" for k, v in m.fields.items()) for m in listener.messages]
 
 
 async def until(condition: Callable[[], object], what: str) -> None:
@@ -201,20 +199,16 @@ def test_systemd_hears_ready_then_reloading_and_ready_on_sighup_then_stopping(
     keys = write_keys(tmp_path / "keys", f"alice:{KEY_A}\n")
 
     async def scenario() -> None:
-        with notify_socket(tmp_path, monkeypatch) as sock:
+        with notify_socket(monkeypatch) as listener:
             async with backend() as node, served([node.url], keys_file=str(keys), key=KEY_A):
-                assert received(sock) == ["READY=1"]
+                await until(lambda: len(heard(listener)) >= 1, "ready")
+                assert heard(listener) == ["READY=1"]
                 write_keys(keys, f"alice:{KEY_A}\nbob:{KEY_B}\n")
                 os.kill(os.getpid(), signal.SIGHUP)
-                messages: list[str] = []
-
-                def reloaded() -> bool:
-                    messages.extend(received(sock))
-                    return len(messages) >= 2
-
-                await until(reloaded, "reload")
-                assert messages == ["RELOADING=1", "READY=1"]
-            assert received(sock) == ["STOPPING=1"]
+                await until(lambda: len(heard(listener)) >= 3, "reload")
+                assert heard(listener)[1:] == ["RELOADING=1", "READY=1"]
+            await until(lambda: len(heard(listener)) >= 4, "stopping")
+            assert heard(listener)[3:] == ["STOPPING=1"]
 
     with caplog.at_level(logging.INFO, logger="exo_nixos.gateway"):
         run(scenario())
@@ -269,12 +263,13 @@ def test_a_worker_tells_the_master_it_listens_and_reloaded(
     worker = Worker(shared, lambda: calls.append("ready"), lambda: calls.append("reloaded"))
 
     async def scenario() -> None:
-        with notify_socket(tmp_path, monkeypatch) as sock:
+        with notify_socket(monkeypatch) as listener:
             async with backend() as node, served([node.url], worker=worker):
                 assert calls == ["ready"]
                 os.kill(os.getpid(), signal.SIGHUP)
                 await until(lambda: calls == ["ready", "reloaded"], "reloaded")
-            assert received(sock) == []
+            await asyncio.sleep(0.1)  # what was sent has arrived
+            assert heard(listener) == []
 
     with caplog.at_level(logging.INFO, logger=SERVER_LOG):
         run(scenario())
