@@ -40,6 +40,13 @@ EVERY_KEY = "*"
 # the fields of a key's row in the shared table
 _RPM_TAT, _TPM_LEVEL, _TPM_STAMP = range(3)
 KEY_FIELDS = 3
+# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
+KEY_ROWS = 4096
+
+
+def key_table(workers: int = 1) -> SharedTable:
+    """The table of the key limits' state shared by ``workers`` processes (see Limiter)."""
+    return SharedTable(KEY_ROWS, KEY_FIELDS, workers)
 
 
 def read_policy_file(path: Path) -> KeyPolicies:

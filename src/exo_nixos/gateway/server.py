@@ -20,11 +20,10 @@ from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 from exo_nixos.gateway.auth import KeyStore
-from exo_nixos.gateway.backends import BACKEND_ROWS, BackendPool, Probe, default_probe
+from exo_nixos.gateway.backends import BackendPool, Probe, backend_table, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
-from exo_nixos.gateway.policy import KEY_FIELDS, Limiter, PolicyStore
+from exo_nixos.gateway.policy import Limiter, PolicyStore, key_table
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
-from exo_nixos.gateway.shared import SharedTable
 from exo_nixos.network.instance_net import node_urls
 from exo_nixos.supervisor.notify import Notifier
 
@@ -110,10 +109,6 @@ def _policies(config: Config) -> PolicyStore:
     return PolicyStore(gw.key_policies, Path(gw.policy_file) if gw.policy_file else None)
 
 
-# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
-KEY_ROWS = 4096
-
-
 @dataclass
 class Shared:
     """What the worker processes share, made before they are forked: the key policies'
@@ -124,8 +119,8 @@ class Shared:
     index: int = 0  # the worker this process is
 
     def __post_init__(self) -> None:
-        self.keys = SharedTable(KEY_ROWS, KEY_FIELDS, self.workers)
-        self.backends = SharedTable(BACKEND_ROWS, 1, self.workers)
+        self.keys = key_table(self.workers)
+        self.backends = backend_table(self.workers)
 
     def become(self, index: int) -> None:
         """In a forked worker: this process is worker ``index``."""
