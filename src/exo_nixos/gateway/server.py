@@ -127,6 +127,11 @@ class Shared:
         self.index = index
         self.keys.worker = self.backends.worker = index
 
+    def clear_worker(self, index: int) -> None:
+        """What worker ``index`` held in every table (it died): let go."""
+        self.keys.clear_worker(index)
+        self.backends.clear_worker(index)
+
 
 def build_gateway(
     config: Config, probe: Probe = default_probe, shared: Shared | None = None
