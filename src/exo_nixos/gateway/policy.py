@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exo_nixos.config import KeyPolicies, KeyPolicy
+from exo_nixos.config import EVERY_KEY, KeyPolicies, KeyPolicy
 from exo_nixos.errors import UserError
 from exo_nixos.fsutil import os_reason, read_bounded
 from exo_nixos.gateway.shared import SharedTable, TableFull
@@ -35,7 +35,6 @@ from exo_nixos.gateway.shared import SharedTable, TableFull
 log = logging.getLogger(__name__)
 
 MAX_POLICY_FILE_BYTES = 1 << 20
-EVERY_KEY = "*"
 
 # the fields of a key's row in the shared table
 _RPM_TAT, _TPM_LEVEL, _TPM_STAMP = range(3)
