@@ -93,15 +93,23 @@ def _tls(config: Config) -> ssl.SSLContext | None:
 
 def check(config: Config) -> str:
     """Load what the gateway needs at start and on reload; raise UserError on a problem."""
-    gw = config.gateway
-    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    keys = _keys(config)
     policies = _policies(config)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
     if len(policies):
         auth += f", {len(policies)} key policies"
-    url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
-    return f"gateway config usable: {url}, {auth}"
+    return f"gateway config usable: {_listen_url(config, tls)}, {auth}"
+
+
+def _listen_url(config: Config, tls: ssl.SSLContext | None) -> str:
+    gw = config.gateway
+    return url_for(gw.listen_address, gw.port, "https" if tls else "http")
+
+
+def _keys(config: Config) -> KeyStore:
+    gw = config.gateway
+    return KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
 
 
 def _policies(config: Config) -> PolicyStore:
@@ -138,7 +146,7 @@ def build_gateway(
 ) -> Gateway:
     gw = config.gateway
     shared = shared or Shared()
-    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    keys = _keys(config)
     metrics = GatewayMetrics(shared.metrics_dir)
     limiter = Limiter(_policies(config), shared.keys) if keys.enabled else None
     # one node per GPU: the host's nodes, each at its own address, are the local backends
@@ -222,7 +230,7 @@ async def serve(config: Config, probe: Probe = default_probe, worker: Worker | N
     if worker is None or worker.shared.index == 0:
         log.info(
             "gateway listening on %s (%d API keys)%s",
-            url_for(gw.listen_address, gw.port, "https" if context else "http"),
+            _listen_url(config, context),
             len(gateway.keys),
             f" in {worker.shared.workers} worker processes" if worker else "",
         )
