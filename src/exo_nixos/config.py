@@ -359,13 +359,17 @@ class KeyPolicy(_Section):
     )
 
 
+# the key policy name of every key without an entry of its own
+EVERY_KEY = "*"
+
+
 def _policy_name(value: str) -> str:
-    if value == "*":  # the policy of every key without an entry of its own
+    if value == EVERY_KEY:
         return value
     try:
         return check("apiKeyName", value)
     except ValueError as exc:
-        raise ValueError(f"{exc} (or '*' for every other key)") from None
+        raise ValueError(f"{exc} (or '{EVERY_KEY}' for every other key)") from None
 
 
 KeyPolicies = dict[Annotated[str, AfterValidator(_policy_name)], KeyPolicy]

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,18 +50,25 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
-def parse_keys(text: str, source: str) -> list[ApiKey]:
-    """Parse a key file's text; raise UserError naming the first bad line."""
-    keys: list[ApiKey] = []
-    names: set[str] = set()
-    digests: set[bytes] = set()
+def _key_lines(text: str) -> Iterator[tuple[int, str | None, str]]:
+    """The key lines of a key file's text: line number, name (None when unnamed) and key;
+    blank lines and ``#`` comments skipped."""
     # split("\n"), not splitlines(): that would also split at characters such as \x1c
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         match = _NAMED.match(line)
-        name, secret = (match["name"], match["key"].strip()) if match else (f"line{number}", line)
+        yield (number, match["name"], match["key"].strip()) if match else (number, None, line)
+
+
+def parse_keys(text: str, source: str) -> list[ApiKey]:
+    """Parse a key file's text; raise UserError naming the first bad line."""
+    keys: list[ApiKey] = []
+    names: set[str] = set()
+    digests: set[bytes] = set()
+    for number, named, secret in _key_lines(text):
+        name = named or f"line{number}"
         where = f"{source} line {number}"
         if any(c.isspace() for c in secret):
             raise UserError(f"{where}: a key must not contain whitespace; write one key per line")
@@ -102,12 +109,7 @@ def read_client_key(path: str) -> str:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--api-key-file {path}: cannot read it: {os_reason(exc)}") from None
-    for raw in text.split("\n"):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _NAMED.match(line)
-        key = match["key"].strip() if match else line
+    for _number, _name, key in _key_lines(text):
         if key and key.isprintable() and not any(c.isspace() for c in key):
             return key
         break

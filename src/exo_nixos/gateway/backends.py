@@ -35,6 +35,13 @@ Probe = Callable[[str, float], Awaitable[NodeView]]
 
 # rows of the shared backend table: the cluster's node APIs, and addresses they move to
 BACKEND_ROWS = 1024
+# the one shared field of a backend's row: when a request found it failing
+_FAILED_AT = 0
+
+
+def backend_table(workers: int = 1) -> SharedTable:
+    """The table of the backends' state shared by ``workers`` processes (see BackendPool)."""
+    return SharedTable(BACKEND_ROWS, 1, workers)
 
 
 async def default_probe(base_url: str, timeout: float) -> NodeView:  # noqa: ASYNC109
@@ -122,7 +129,7 @@ class BackendPool:
         # found the backend failing (field 0, time.monotonic()) and each worker's requests
         # in flight there. A failure any worker saw holds until this worker's next passing
         # probe, so no worker keeps sending requests to a node another found down.
-        self.shared = shared or SharedTable(BACKEND_ROWS, 1)
+        self.shared = shared or backend_table()
         self.interval = interval
         self.timeout = timeout
         self.failure_threshold = failures
@@ -159,7 +166,7 @@ class BackendPool:
         if not backend.healthy:
             return False
         row = self._row(backend)
-        return row is None or self.shared.get(row, 0) <= backend.confirmed
+        return row is None or self.shared.get(row, _FAILED_AT) <= backend.confirmed
 
     def load(self, backend: Backend) -> int:
         """Requests in flight at ``backend`` from every worker."""
@@ -183,7 +190,7 @@ class BackendPool:
         backend.probes.give_up()
         row = self._row(backend)
         if row is not None:
-            self.shared.set(row, 0, time.monotonic())
+            self.shared.set(row, _FAILED_AT, time.monotonic())
         self._set_health(backend, False, reason)
         if len(backend.urls) > 1:
             backend.next_address()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exo_nixos.config import KeyPolicies, KeyPolicy
+from exo_nixos.config import EVERY_KEY, KeyPolicies, KeyPolicy
 from exo_nixos.errors import UserError
 from exo_nixos.fsutil import os_reason, read_bounded
 from exo_nixos.gateway.shared import SharedTable, TableFull
@@ -35,11 +35,17 @@ from exo_nixos.gateway.shared import SharedTable, TableFull
 log = logging.getLogger(__name__)
 
 MAX_POLICY_FILE_BYTES = 1 << 20
-EVERY_KEY = "*"
 
 # the fields of a key's row in the shared table
 _RPM_TAT, _TPM_LEVEL, _TPM_STAMP = range(3)
 KEY_FIELDS = 3
+# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
+KEY_ROWS = 4096
+
+
+def key_table(workers: int = 1) -> SharedTable:
+    """The table of the key limits' state shared by ``workers`` processes (see Limiter)."""
+    return SharedTable(KEY_ROWS, KEY_FIELDS, workers)
 
 
 def read_policy_file(path: Path) -> KeyPolicies:
@@ -242,20 +248,28 @@ class Usage:
     def _see(
         self, source: dict[str, Any], prompt: tuple[str, ...], completion: tuple[str, ...]
     ) -> None:
-        for name in prompt:
-            value = source.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                self.prompt = max(self.prompt, value)
-        for name in completion:
-            value = source.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                self.completion = max(self.completion, value)
+        self.prompt = _largest(source, prompt, self.prompt)
+        self.completion = _largest(source, completion, self.completion)
 
     def take_body(self, body: bytes) -> None:
         """A whole JSON answer."""
-        if b'"usage"' in body or b"eval_count" in body:
+        if _names_usage(body):
             with contextlib.suppress(ValueError, UnicodeDecodeError):
                 self.take(json.loads(body))
+
+
+def _largest(source: dict[str, Any], names: tuple[str, ...], seen: int) -> int:
+    """The largest of ``seen`` and the integers ``source`` has under ``names``."""
+    for name in names:
+        value = source.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            seen = max(seen, value)
+    return seen
+
+
+def _names_usage(data: bytes) -> bool:
+    """Whether ``data`` may hold a usage (cheap: the JSON is parsed only when it may)."""
+    return b'"usage"' in data or b"eval_count" in data
 
 
 _MAX_LINE = 1 << 20
@@ -276,10 +290,10 @@ class UsageScanner:
         rest = data[end + 1 :]
         self._partial = rest if len(rest) <= _MAX_LINE else b""
         # the common case, on every event: nothing to parse (no generator, no copies)
-        if end < 0 or (b'"usage"' not in data and b"eval_count" not in data):
+        if end < 0 or not _names_usage(data):
             return
         for line in data[:end].split(b"\n"):
-            if b'"usage"' not in line and b"eval_count" not in line:
+            if not _names_usage(line):
                 continue
             text = line.strip()
             if text.startswith(b"data:"):

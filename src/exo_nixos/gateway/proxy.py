@@ -441,11 +441,8 @@ class Gateway:
             return
         # only models EXO answered for: a label per made-up model name would be unbounded
         model = state.model if status < 400 else ""
-        usage = state.usage
-        if usage is None:
-            self.metrics.key_used(key, model, 0, 0)
-        else:
-            self.metrics.key_used(key, model, usage.prompt, usage.completion)
+        usage = state.usage or Usage()  # none read (not proxied): no tokens
+        self.metrics.key_used(key, model, usage.prompt, usage.completion)
 
     @web.middleware
     async def authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -20,11 +20,10 @@ from exo_nixos.config import Config
 from exo_nixos.credentials import systemd_credential
 from exo_nixos.errors import UserError
 from exo_nixos.gateway.auth import KeyStore
-from exo_nixos.gateway.backends import BACKEND_ROWS, BackendPool, Probe, default_probe
+from exo_nixos.gateway.backends import BackendPool, Probe, backend_table, default_probe
 from exo_nixos.gateway.metrics import GatewayMetrics
-from exo_nixos.gateway.policy import KEY_FIELDS, Limiter, PolicyStore
+from exo_nixos.gateway.policy import Limiter, PolicyStore, key_table
 from exo_nixos.gateway.proxy import Gateway, ProxySettings
-from exo_nixos.gateway.shared import SharedTable
 from exo_nixos.network.instance_net import node_urls
 from exo_nixos.supervisor.notify import Notifier
 
@@ -94,24 +93,28 @@ def _tls(config: Config) -> ssl.SSLContext | None:
 
 def check(config: Config) -> str:
     """Load what the gateway needs at start and on reload; raise UserError on a problem."""
-    gw = config.gateway
-    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    keys = _keys(config)
     policies = _policies(config)
     tls = _tls(config)
     auth = f"{len(keys)} API keys" if keys.enabled else "no API keys (loopback only)"
     if len(policies):
         auth += f", {len(policies)} key policies"
-    url = url_for(gw.listen_address, gw.port, "https" if tls else "http")
-    return f"gateway config usable: {url}, {auth}"
+    return f"gateway config usable: {_listen_url(config, tls)}, {auth}"
+
+
+def _listen_url(config: Config, tls: ssl.SSLContext | None) -> str:
+    gw = config.gateway
+    return url_for(gw.listen_address, gw.port, "https" if tls else "http")
+
+
+def _keys(config: Config) -> KeyStore:
+    gw = config.gateway
+    return KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
 
 
 def _policies(config: Config) -> PolicyStore:
     gw = config.gateway
     return PolicyStore(gw.key_policies, Path(gw.policy_file) if gw.policy_file else None)
-
-
-# rows of the key table: the key file's names are far fewer (a file holds at most 1 MiB)
-KEY_ROWS = 4096
 
 
 @dataclass
@@ -124,13 +127,18 @@ class Shared:
     index: int = 0  # the worker this process is
 
     def __post_init__(self) -> None:
-        self.keys = SharedTable(KEY_ROWS, KEY_FIELDS, self.workers)
-        self.backends = SharedTable(BACKEND_ROWS, 1, self.workers)
+        self.keys = key_table(self.workers)
+        self.backends = backend_table(self.workers)
 
     def become(self, index: int) -> None:
         """In a forked worker: this process is worker ``index``."""
         self.index = index
         self.keys.worker = self.backends.worker = index
+
+    def clear_worker(self, index: int) -> None:
+        """What worker ``index`` held in every table (it died): let go."""
+        self.keys.clear_worker(index)
+        self.backends.clear_worker(index)
 
 
 def build_gateway(
@@ -138,7 +146,7 @@ def build_gateway(
 ) -> Gateway:
     gw = config.gateway
     shared = shared or Shared()
-    keys = KeyStore(Path(gw.api_keys_file) if gw.api_keys_file else None)
+    keys = _keys(config)
     metrics = GatewayMetrics(shared.metrics_dir)
     limiter = Limiter(_policies(config), shared.keys) if keys.enabled else None
     # one node per GPU: the host's nodes, each at its own address, are the local backends
@@ -222,7 +230,7 @@ async def serve(config: Config, probe: Probe = default_probe, worker: Worker | N
     if worker is None or worker.shared.index == 0:
         log.info(
             "gateway listening on %s (%d API keys)%s",
-            url_for(gw.listen_address, gw.port, "https" if context else "http"),
+            _listen_url(config, context),
             len(gateway.keys),
             f" in {worker.shared.workers} worker processes" if worker else "",
         )

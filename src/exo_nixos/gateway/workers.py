@@ -187,8 +187,7 @@ class Master:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
-        self.shared.keys.clear_worker(index)
-        self.shared.backends.clear_worker(index)
+        self.shared.clear_worker(index)
         self.ready.discard(index)
 
     def _stop(self) -> None:
