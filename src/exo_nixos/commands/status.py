@@ -49,12 +49,10 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _view(target: Target, cgroup_root: str) -> ClusterView:
-    from exo_nixos.monitoring.cluster import Local, gather
+    from exo_nixos.monitoring.cluster import gather, local_for
     from exo_nixos.nodehealth import assess
 
-    local = None
-    if target.node_unit is not None and target.hint_dir is not None:
-        local = Local(target.hint_dir, target.node_unit, target.api_port, Path(cgroup_root))
+    local = local_for(target, Path(cgroup_root))
     return gather(assess(target), local=local, api_port=target.api_port, timeout_s=target.timeout_s)
 
 
