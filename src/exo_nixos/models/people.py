@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH, EXO_API_PORT
 from exo_nixos.errors import UserError
 from exo_nixos.exoapi import ExoApiError, State, short_id
@@ -44,7 +45,7 @@ def _url(args: argparse.Namespace, config: Config | None) -> str:
     if args.url:
         return str(args.url)
     port = config.api_port if config is not None else EXO_API_PORT
-    return f"http://127.0.0.1:{port}"
+    return local_api_url(port)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,12 +99,7 @@ def _placement(args: argparse.Namespace) -> Placement:
     except ConfigError as exc:
         problem = (exc.problems or [str(exc)])[0]
         raise UserError(problem.replace("(document): ", "")) from None
-    return Placement(
-        model_id=args.model,
-        sharding=str(spec.sharding),
-        instance_meta=str(spec.instance_meta),
-        min_nodes=spec.min_nodes,
-    )
+    return Placement.declared(args.model, spec)
 
 
 # -- list ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.exoapi import ExoApiError, State, read_master_hint, short_id
 from exo_nixos.exoapi.state import Instance
 from exo_nixos.models.api import ModelsApi, Placement
@@ -336,13 +337,7 @@ class Reconciler:
         return blocked
 
     def _placement(self, model_id: str) -> Placement:
-        spec = self.declared[model_id]
-        return Placement(
-            model_id=model_id,
-            sharding=str(spec.sharding),
-            instance_meta=str(spec.instance_meta),
-            min_nodes=spec.min_nodes,
-        )
+        return Placement.declared(model_id, self.declared[model_id])
 
     async def _do(self, action: Action) -> bool:
         if action.kind in ("ok", "wait", "failed"):
@@ -474,7 +469,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     setup_logging(config.log_level)
-    url = args.url or f"http://127.0.0.1:{config.api_port}"
+    url = args.url or local_api_url(config.api_port)
     runtime = Path(config.security.runtime_dir)
     notifier = Notifier.from_environ()
     if not config.models:
