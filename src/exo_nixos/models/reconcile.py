@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Literal
 from exo_nixos.addresses import local_api_url
 from exo_nixos.exoapi import ExoApiError, State, read_master_hint, short_id
 from exo_nixos.exoapi.state import Instance
+from exo_nixos.fsutil import os_reason
 from exo_nixos.models.api import ModelsApi, Placement
 
 if TYPE_CHECKING:
@@ -414,7 +415,7 @@ def repair_function(config: Config) -> RepairFn:
                     "(run exo-nixos models verify --repair as the service user)",
                     model_id,
                     target,
-                    exc.strerror or exc,
+                    os_reason(exc),
                 )
                 return
             for report in reports:

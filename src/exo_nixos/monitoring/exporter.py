@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 from exo_nixos import exoapi
 from exo_nixos.errors import UserError
+from exo_nixos.fsutil import os_reason
 from exo_nixos.monitoring.cluster import ClusterView, Local, NodeRow, gather_async, local_for
 from exo_nixos.nodehealth import Target, Verdict, assess_async, target_for
 from exo_nixos.supervisor import oom
@@ -338,7 +339,7 @@ async def serve(config: Config, cgroup_root: Path) -> None:
         await runner.cleanup()
         raise UserError(
             f"cannot listen on {exoapi.url_for(settings.listen_address, settings.port)}: "
-            f"{exc.strerror or exc}; free the port or set exporter.port"
+            f"{os_reason(exc)}; free the port or set exporter.port"
         ) from None
     where = exoapi.url_for(settings.listen_address, settings.port)
     log.info("serving metrics at %s%s", where, METRICS_PATH)
