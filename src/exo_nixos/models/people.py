@@ -24,7 +24,12 @@ from exo_nixos.errors import UserError
 from exo_nixos.exoapi import ExoApiError, State, short_id
 from exo_nixos.gateway.auth import read_client_key
 from exo_nixos.models.api import ModelsApi, Placement
-from exo_nixos.models.reconcile import download_status, instance_ready, instances_of
+from exo_nixos.models.reconcile import (
+    download_status,
+    downloads_of,
+    instance_ready,
+    instances_of,
+)
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -141,16 +146,13 @@ def rows(state: State, config: Config | None) -> list[ModelRow]:
         else:
             label = "running" if spec.running else "downloaded"
         nodes: dict[str, str] = {}
-        for node, entries in state.downloads.items():
-            for entry in entries:
-                if entry.model_id != model_id:
-                    continue
-                if entry.status == "Completed":
-                    nodes[node] = "downloaded"
-                elif entry.status == "Failed":
-                    nodes[node] = f"download failed: {entry.error_message or 'no reason given'}"
-                else:
-                    nodes[node] = f"downloading {entry.fraction:.0%}"
+        for node, entry in downloads_of(state, model_id):
+            if entry.status == "Completed":
+                nodes[node] = "downloaded"
+            elif entry.status == "Failed":
+                nodes[node] = f"download failed: {entry.error_message or 'no reason given'}"
+            else:
+                nodes[node] = f"downloading {entry.fraction:.0%}"
         instances = instances_of(state, model_id)
         for instance in instances:
             for node in instance.node_ids:
@@ -287,17 +289,14 @@ def _mib(n: int) -> str:
 
 
 def _show_downloads(state: State, model_id: str, view: ProgressView) -> None:
-    for node, entries in state.downloads.items():
-        for entry in entries:
-            if entry.model_id == model_id:
-                view.update(node, entry.downloaded_bytes, entry.total_bytes, entry.status)
+    for node, entry in downloads_of(state, model_id):
+        view.update(node, entry.downloaded_bytes, entry.total_bytes, entry.status)
 
 
 def _failed_download(state: State, model_id: str) -> str | None:
-    for node, entries in state.downloads.items():
-        for entry in entries:
-            if entry.model_id == model_id and entry.status == "Failed":
-                return f"download failed on {short_id(node)}: {entry.error_message or '?'}"
+    for node, entry in downloads_of(state, model_id):
+        if entry.status == "Failed":
+            return f"download failed on {short_id(node)}: {entry.error_message or '?'}"
     return None
 
 

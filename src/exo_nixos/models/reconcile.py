@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 from exo_nixos.addresses import local_api_url
 from exo_nixos.exoapi import ExoApiError, State, read_master_hint, short_id
-from exo_nixos.exoapi.state import Instance
+from exo_nixos.exoapi.state import DownloadProgress, Instance
 from exo_nixos.fsutil import os_reason
 from exo_nixos.models.api import ModelsApi, Placement
 
@@ -109,14 +109,17 @@ def instances_of(state: State, model_id: str) -> list[Instance]:
     return sorted(found, key=lambda i: i.instance_id)
 
 
-def download_status(state: State, model_id: str) -> dict[str, str]:
-    """Node -> ``Pending``/``Ongoing``/``Completed``/``Failed`` for ``model_id``."""
-    result: dict[str, str] = {}
+def downloads_of(state: State, model_id: str) -> Iterator[tuple[str, DownloadProgress]]:
+    """``(node, download)`` for every download of ``model_id`` in ``/state``."""
     for node, entries in state.downloads.items():
         for entry in entries:
             if entry.model_id == model_id:
-                result[node] = entry.status
-    return result
+                yield node, entry
+
+
+def download_status(state: State, model_id: str) -> dict[str, str]:
+    """Node -> ``Pending``/``Ongoing``/``Completed``/``Failed`` for ``model_id``."""
+    return {node: entry.status for node, entry in downloads_of(state, model_id)}
 
 
 def plan(
@@ -191,11 +194,9 @@ def plan(
 
 def _download_progress(state: State, model_id: str) -> str:
     done = total = 0
-    for entries in state.downloads.values():
-        for entry in entries:
-            if entry.model_id == model_id:
-                done += entry.downloaded_bytes
-                total += entry.total_bytes
+    for _, entry in downloads_of(state, model_id):
+        done += entry.downloaded_bytes
+        total += entry.total_bytes
     return f"; downloaded {done / total:.0%}" if total else ""
 
 
