@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.commands.health import _positive_seconds, add_target_arguments
+from exo_nixos.monitoring.psi import CGROUP_ROOT
 
 if TYPE_CHECKING:
     from exo_nixos.monitoring.cluster import ClusterView
@@ -34,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cgroup-root",
-        default="/sys/fs/cgroup",
+        default=str(CGROUP_ROOT),
         metavar="DIR",
         help="where the node unit's cgroup is read (default %(default)s)",
     )
