@@ -333,15 +333,14 @@ async def serve(config: Config, cgroup_root: Path) -> None:
     runner = web.AppRunner(build_app(sources_for(config, cgroup_root)), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_address, settings.port, shutdown_timeout=1.0)
+    where = exoapi.url_for(settings.listen_address, settings.port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise UserError(
-            f"cannot listen on {exoapi.url_for(settings.listen_address, settings.port)}: "
-            f"{os_reason(exc)}; free the port or set exporter.port"
+            f"cannot listen on {where}: {os_reason(exc)}; free the port or set exporter.port"
         ) from None
-    where = exoapi.url_for(settings.listen_address, settings.port)
     log.info("serving metrics at %s%s", where, METRICS_PATH)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
