@@ -12,8 +12,9 @@ let
   networkService = import ./lib/network-service.nix;
   sec = cfg.security;
   netns = cfg.networking.networkNamespace;
-  inside = parent: dir: dir == parent || lib.hasPrefix "${parent}/" dir;
-  modelsDir = if cfg.modelsDir == null then "${sec.dataDir}/models" else cfg.modelsDir;
+  paths = import ./lib/paths.nix { inherit lib; };
+  inherit (paths) inside;
+  modelsDir = paths.modelsDir cfg;
   quarantineDir = if rec'.quarantineDir == null then "${sec.dataDir}/quarantine" else rec'.quarantineDir;
   # what a repair writes: the writable model dirs and the quarantine (the data dir holds the
   # defaults), and the runtime dir for the lock that keeps two reconcilers on a host apart

@@ -45,8 +45,9 @@ let
   cacheManaged = managed "/var/cache" sec.cacheDir;
   runtimeManaged = managed "/run" sec.runtimeDir;
   configManaged = managed "/etc" sec.configDir;
-  inside = parent: dir: dir == parent || lib.hasPrefix "${parent}/" dir;
-  modelsDir = if cfg.modelsDir == null then "${sec.dataDir}/models" else cfg.modelsDir;
+  paths = import ./lib/paths.nix { inherit lib; };
+  inherit (paths) inside;
+  modelsDir = paths.modelsDir cfg;
   # writable directories the service needs beyond its own managed ones
   unmanagedDirs =
     lib.optional (!stateManaged) sec.dataDir

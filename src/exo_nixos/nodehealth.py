@@ -76,6 +76,16 @@ def resolve_target(
         config = load_config(config_path)
     elif url is None and DEFAULT_CONFIG_PATH.exists():
         config = load_config(DEFAULT_CONFIG_PATH)
+    return target_for(config, url, timeout_s, api_key)
+
+
+def target_for(
+    config: Config | None,
+    url: str | None = None,
+    timeout_s: float | None = None,
+    api_key: str | None = None,
+) -> Target:
+    """The target :func:`resolve_target` describes, from a config already loaded (or none)."""
     if url is None:
         url = local_api_url(config.api_port) if config else DEFAULT_URL
     if timeout_s is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.monitoring.psi import CGROUP_ROOT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cgroup-root",
-        default="/sys/fs/cgroup",
+        default=str(CGROUP_ROOT),
         metavar="DIR",
         help="where the node unit's cgroup is read (default %(default)s)",
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.commands.health import _positive_seconds, add_target_arguments
+from exo_nixos.monitoring.psi import CGROUP_ROOT
 
 if TYPE_CHECKING:
     from exo_nixos.monitoring.cluster import ClusterView
@@ -34,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cgroup-root",
-        default="/sys/fs/cgroup",
+        default=str(CGROUP_ROOT),
         metavar="DIR",
         help="where the node unit's cgroup is read (default %(default)s)",
     )
@@ -49,12 +50,10 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _view(target: Target, cgroup_root: str) -> ClusterView:
-    from exo_nixos.monitoring.cluster import Local, gather
+    from exo_nixos.monitoring.cluster import gather, local_for
     from exo_nixos.nodehealth import assess
 
-    local = None
-    if target.node_unit is not None and target.hint_dir is not None:
-        local = Local(target.hint_dir, target.node_unit, target.api_port, Path(cgroup_root))
+    local = local_for(target, Path(cgroup_root))
     return gather(assess(target), local=local, api_port=target.api_port, timeout_s=target.timeout_s)
 
 

@@ -28,6 +28,7 @@ from exo_nixos.exoapi.state import State, parse_state_doc
 from exo_nixos.exoapi.sync import run_coroutine
 from exo_nixos.exoapi.urls import normalize_url
 from exo_nixos.exoapi.view import NodeView, summarize
+from exo_nixos.fsutil import os_reason
 
 # The most of an answer this client reads. EXO's largest, /state, is some KiB per node,
 # instance and download; a node (or anything at its address) that sends without end is
@@ -132,7 +133,7 @@ async def request_json(
             raise ExoApiError(
                 f"connection refused at {base}: is exo running?", kind="refused"
             ) from None
-        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+        reason = os_reason(exc.os_error)
         raise ExoApiError(f"cannot connect to {base}: {reason}", kind="unreachable") from None
     except aiohttp.InvalidURL:
         raise ExoApiError(f"invalid URL {url!r}", kind="url") from None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -36,6 +36,9 @@ from pydantic import ValidationError
 from exo_nixos import jsonio
 from exo_nixos.exoapi import ExoApiError, State, normalize_url, parse_state_doc, request_json
 from exo_nixos.exoapi.state import Instance
+
+if TYPE_CHECKING:
+    from exo_nixos.config import DeclaredModel
 
 AWAIT_LIMIT_S = 300.0  # upstream's Query(le=300.0) on timeout_seconds
 
@@ -48,6 +51,16 @@ class Placement:
     sharding: str = "Pipeline"
     instance_meta: str = "MlxRing"
     min_nodes: int = 1
+
+    @classmethod
+    def declared(cls, model_id: str, spec: DeclaredModel) -> Placement:
+        """The placement a ``models`` entry of the config asks for."""
+        return cls(
+            model_id=model_id,
+            sharding=str(spec.sharding),
+            instance_meta=str(spec.instance_meta),
+            min_nodes=spec.min_nodes,
+        )
 
     def params(self) -> dict[str, Any]:
         return {

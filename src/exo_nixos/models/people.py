@@ -18,12 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.basetypes import DEFAULT_CONFIG_PATH, EXO_API_PORT
 from exo_nixos.errors import UserError
 from exo_nixos.exoapi import ExoApiError, State, short_id
 from exo_nixos.gateway.auth import read_client_key
 from exo_nixos.models.api import ModelsApi, Placement
-from exo_nixos.models.reconcile import download_status, instance_ready, instances_of
+from exo_nixos.models.reconcile import (
+    download_status,
+    downloads_of,
+    instance_ready,
+    instances_of,
+)
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -44,7 +50,7 @@ def _url(args: argparse.Namespace, config: Config | None) -> str:
     if args.url:
         return str(args.url)
     port = config.api_port if config is not None else EXO_API_PORT
-    return f"http://127.0.0.1:{port}"
+    return local_api_url(port)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,12 +104,7 @@ def _placement(args: argparse.Namespace) -> Placement:
     except ConfigError as exc:
         problem = (exc.problems or [str(exc)])[0]
         raise UserError(problem.replace("(document): ", "")) from None
-    return Placement(
-        model_id=args.model,
-        sharding=str(spec.sharding),
-        instance_meta=str(spec.instance_meta),
-        min_nodes=spec.min_nodes,
-    )
+    return Placement.declared(args.model, spec)
 
 
 # -- list ----------------------------------------------------------------------------------
@@ -145,16 +146,13 @@ def rows(state: State, config: Config | None) -> list[ModelRow]:
         else:
             label = "running" if spec.running else "downloaded"
         nodes: dict[str, str] = {}
-        for node, entries in state.downloads.items():
-            for entry in entries:
-                if entry.model_id != model_id:
-                    continue
-                if entry.status == "Completed":
-                    nodes[node] = "downloaded"
-                elif entry.status == "Failed":
-                    nodes[node] = f"download failed: {entry.error_message or 'no reason given'}"
-                else:
-                    nodes[node] = f"downloading {entry.fraction:.0%}"
+        for node, entry in downloads_of(state, model_id):
+            if entry.status == "Completed":
+                nodes[node] = "downloaded"
+            elif entry.status == "Failed":
+                nodes[node] = f"download failed: {entry.error_message or 'no reason given'}"
+            else:
+                nodes[node] = f"downloading {entry.fraction:.0%}"
         instances = instances_of(state, model_id)
         for instance in instances:
             for node in instance.node_ids:
@@ -291,17 +289,14 @@ def _mib(n: int) -> str:
 
 
 def _show_downloads(state: State, model_id: str, view: ProgressView) -> None:
-    for node, entries in state.downloads.items():
-        for entry in entries:
-            if entry.model_id == model_id:
-                view.update(node, entry.downloaded_bytes, entry.total_bytes, entry.status)
+    for node, entry in downloads_of(state, model_id):
+        view.update(node, entry.downloaded_bytes, entry.total_bytes, entry.status)
 
 
 def _failed_download(state: State, model_id: str) -> str | None:
-    for node, entries in state.downloads.items():
-        for entry in entries:
-            if entry.model_id == model_id and entry.status == "Failed":
-                return f"download failed on {short_id(node)}: {entry.error_message or '?'}"
+    for node, entry in downloads_of(state, model_id):
+        if entry.status == "Failed":
+            return f"download failed on {short_id(node)}: {entry.error_message or '?'}"
     return None
 
 

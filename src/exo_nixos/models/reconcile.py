@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from exo_nixos.addresses import local_api_url
 from exo_nixos.exoapi import ExoApiError, State, read_master_hint, short_id
-from exo_nixos.exoapi.state import Instance
+from exo_nixos.exoapi.state import DownloadProgress, Instance
+from exo_nixos.fsutil import os_reason
 from exo_nixos.models.api import ModelsApi, Placement
 
 if TYPE_CHECKING:
@@ -107,14 +109,17 @@ def instances_of(state: State, model_id: str) -> list[Instance]:
     return sorted(found, key=lambda i: i.instance_id)
 
 
-def download_status(state: State, model_id: str) -> dict[str, str]:
-    """Node -> ``Pending``/``Ongoing``/``Completed``/``Failed`` for ``model_id``."""
-    result: dict[str, str] = {}
+def downloads_of(state: State, model_id: str) -> Iterator[tuple[str, DownloadProgress]]:
+    """``(node, download)`` for every download of ``model_id`` in ``/state``."""
     for node, entries in state.downloads.items():
         for entry in entries:
             if entry.model_id == model_id:
-                result[node] = entry.status
-    return result
+                yield node, entry
+
+
+def download_status(state: State, model_id: str) -> dict[str, str]:
+    """Node -> ``Pending``/``Ongoing``/``Completed``/``Failed`` for ``model_id``."""
+    return {node: entry.status for node, entry in downloads_of(state, model_id)}
 
 
 def plan(
@@ -189,11 +194,9 @@ def plan(
 
 def _download_progress(state: State, model_id: str) -> str:
     done = total = 0
-    for entries in state.downloads.values():
-        for entry in entries:
-            if entry.model_id == model_id:
-                done += entry.downloaded_bytes
-                total += entry.total_bytes
+    for _, entry in downloads_of(state, model_id):
+        done += entry.downloaded_bytes
+        total += entry.total_bytes
     return f"; downloaded {done / total:.0%}" if total else ""
 
 
@@ -336,13 +339,7 @@ class Reconciler:
         return blocked
 
     def _placement(self, model_id: str) -> Placement:
-        spec = self.declared[model_id]
-        return Placement(
-            model_id=model_id,
-            sharding=str(spec.sharding),
-            instance_meta=str(spec.instance_meta),
-            min_nodes=spec.min_nodes,
-        )
+        return Placement.declared(model_id, self.declared[model_id])
 
     async def _do(self, action: Action) -> bool:
         if action.kind in ("ok", "wait", "failed"):
@@ -419,7 +416,7 @@ def repair_function(config: Config) -> RepairFn:
                     "(run exo-nixos models verify --repair as the service user)",
                     model_id,
                     target,
-                    exc.strerror or exc,
+                    os_reason(exc),
                 )
                 return
             for report in reports:
@@ -474,7 +471,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     setup_logging(config.log_level)
-    url = args.url or f"http://127.0.0.1:{config.api_port}"
+    url = args.url or local_api_url(config.api_port)
     runtime = Path(config.security.runtime_dir)
     notifier = Notifier.from_environ()
     if not config.models:

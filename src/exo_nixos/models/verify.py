@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exo_nixos.fsutil import atomic_write
+from exo_nixos.fsutil import atomic_write, os_reason
 
 PARTIAL_SUFFIX = ".partial"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -137,7 +137,7 @@ def _safetensors_problem(
             return "truncated", f"tensor data and file size disagree ({text})", frozenset()
         return "header", f"header does not parse ({text})", frozenset()
     except OSError as exc:
-        return "unreadable", exc.strerror or str(exc), frozenset()
+        return "unreadable", os_reason(exc), frozenset()
 
 
 def _load_index(path: Path) -> dict[str, str]:
@@ -194,7 +194,7 @@ def check_model_dir(
             try:
                 info = path.lstat()
             except OSError as exc:
-                report.damage.append(Damage(path, "unreadable", exc.strerror or str(exc), False))
+                report.damage.append(Damage(path, "unreadable", os_reason(exc), False))
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue

@@ -25,7 +25,7 @@ from exo_nixos.errors import describe_value
 from exo_nixos.exoapi.state import Instance, State
 from exo_nixos.monitoring.facts import SupervisorFacts, read_facts
 from exo_nixos.monitoring.psi import CGROUP_ROOT, CgroupMemory, read_cgroup_memory, unit_cgroup
-from exo_nixos.nodehealth import HealthReport, Verdict
+from exo_nixos.nodehealth import HealthReport, Target, Verdict
 
 # Upstream's runner states in lifecycle order (src/exo/shared/types/worker/runners.py); an
 # instance is as far as its least advanced runner, and failed when any runner failed.
@@ -52,6 +52,13 @@ class Local:
     unit: str
     api_port: int
     cgroup_root: Path = CGROUP_ROOT
+
+
+def local_for(target: Target, cgroup_root: Path = CGROUP_ROOT) -> Local | None:
+    """This host's node behind ``target``; None when no config named its runtime dir and unit."""
+    if target.node_unit is None or target.hint_dir is None:
+        return None
+    return Local(target.hint_dir, target.node_unit, target.api_port, cgroup_root)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
 from exo_nixos import exoapi
 from exo_nixos.errors import UserError
-from exo_nixos.monitoring.cluster import ClusterView, Local, NodeRow, gather_async
-from exo_nixos.nodehealth import Target, Verdict, assess_async
+from exo_nixos.fsutil import os_reason
+from exo_nixos.monitoring.cluster import ClusterView, Local, NodeRow, gather_async, local_for
+from exo_nixos.nodehealth import Target, Verdict, assess_async, target_for
 from exo_nixos.supervisor import oom
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Sources:
     """Where the exporter looks."""
 
     target: Target
-    local: Local
+    local: Local | None
     data_dir: Path
 
 
@@ -318,18 +319,8 @@ def build_app(sources: Sources) -> web.Application:
 
 def sources_for(config: Config, cgroup_root: Path) -> Sources:
     """The local node of ``config``: its API, runtime and state directories, its unit."""
-    from exo_nixos.supervisor.environment import role_for
-
-    runtime = Path(config.security.runtime_dir)
-    target = Target(
-        url=f"http://127.0.0.1:{config.api_port}",
-        timeout_s=config.health_check.timeout_sec,
-        hint_dir=runtime,
-        api_port=config.api_port,
-        node_unit=f"exo-{role_for(config)}",
-    )
-    local = Local(runtime, f"exo-{role_for(config)}", config.api_port, cgroup_root)
-    return Sources(target, local, Path(config.security.data_dir))
+    target = target_for(config)
+    return Sources(target, local_for(target, cgroup_root), Path(config.security.data_dir))
 
 
 async def serve(config: Config, cgroup_root: Path) -> None:
@@ -342,15 +333,14 @@ async def serve(config: Config, cgroup_root: Path) -> None:
     runner = web.AppRunner(build_app(sources_for(config, cgroup_root)), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_address, settings.port, shutdown_timeout=1.0)
+    where = exoapi.url_for(settings.listen_address, settings.port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise UserError(
-            f"cannot listen on {exoapi.url_for(settings.listen_address, settings.port)}: "
-            f"{exc.strerror or exc}; free the port or set exporter.port"
+            f"cannot listen on {where}: {os_reason(exc)}; free the port or set exporter.port"
         ) from None
-    where = exoapi.url_for(settings.listen_address, settings.port)
     log.info("serving metrics at %s%s", where, METRICS_PATH)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_nixos import jsonio
-from exo_nixos.fsutil import atomic_write
+from exo_nixos.fsutil import atomic_write, os_reason
 
 FACTS_FILE = "supervisor.json"
 
@@ -76,6 +76,6 @@ def read_facts(directory: str | Path) -> tuple[SupervisorFacts | None, str | Non
     except PermissionError:
         return None, f"cannot read {path} as this user; run as root or the service user"
     except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror or exc}"
+        return None, f"cannot read {path}: {os_reason(exc)}"
     except ValueError as exc:
         return None, f"{path}: {exc}"

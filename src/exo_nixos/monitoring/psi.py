@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from exo_nixos.fsutil import os_reason
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEGRADED_SOME_AVG60 = 10.0
 """Percent of the last minute with some task stalled on memory that counts as degraded."""
@@ -123,7 +125,7 @@ def _why(path: Path, exc: OSError) -> str:
         return f"{path} does not exist: is {unit} running (and the host on cgroup v2)?"
     if isinstance(exc, PermissionError):
         return f"cannot read {path} as this user; run as root or the service user"
-    return f"cannot read {path}: {exc.strerror or exc}"
+    return f"cannot read {path}: {os_reason(exc)}"
 
 
 def read_cgroup_memory(path: Path) -> CgroupMemory:
