@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.fsutil import os_reason
 from exo_nixos.network.instance_net import namespace_for
 from exo_nixos.network.sysfs import read_if_inet6
 from exo_nixos.preflight import CheckResult, Status
@@ -40,7 +41,7 @@ def check_namespace(
         return CheckResult(
             check,
             Status.FAIL,
-            f"{netns_dir / name}: {exc.strerror}",
+            f"{netns_dir / name}: {os_reason(exc)}",
             f"start exo-netns@{instance.name}.service (exo-nixos instance-net up)",
         )
     if (wanted.st_dev, wanted.st_ino) != (mine.st_dev, mine.st_ino):
