@@ -61,6 +61,7 @@ let
   # The syntax exo-nixos' config model accepts (patterns.json): a percentage or a size in
   # binary units; groups: number, fraction, "%" or unit with suffix, unit, suffix.
   memoryLimitParts = text: builtins.match exoTypes.patterns.memoryLimit.pattern text;
+  memoryLimitValue = import ./lib/memory-limit.nix { inherit lib; };
   # "80 %" -> "80%", "64GiB" -> "64G", "1.5t" -> "1.5T": the forms systemd's MemoryMax= takes.
   memoryMax = text:
     let
@@ -78,15 +79,10 @@ let
   sharedNvidia = [ "/dev/nvidiactl rw" "char-nvidia-uvm rw" "char-nvidia-caps rw" ];
   # memoryLimit split between the instances, in the forms MemoryMax= takes: whole percent
   # (rounded down) or bytes
-  unitBytes = { K = 1024; M = 1048576; G = 1073741824; T = 1099511627776; P = 1125899906842624; E = 1152921504606846976; };
   memoryShare = text: count:
-    let
-      parts = memoryLimitParts text;
-      number = builtins.fromJSON (builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0);
-      unit = lib.toUpper (builtins.elemAt parts 3);
-    in
-    if builtins.elemAt parts 2 == "%" then "${toString (lib.max 1 (builtins.floor (number / count)))}%"
-    else toString (builtins.floor (number * unitBytes.${unit} / count));
+    let value = memoryLimitValue text; in
+    if value ? percent then "${toString (lib.max 1 (builtins.floor (value.percent / count)))}%"
+    else toString (builtins.floor (value.bytes / count));
   clusterLink = cfg.networking.bondInterface or null;
   linkDevice = "sys-subsystem-net-devices-${lib.strings.escapeC (lib.stringToCharacters "!\"#$%&'()*+,;<=>=@[\\]^`{|}~-") (toString clusterLink)}.device";
   # the instance-net units make namespaces and links as root: nothing else

@@ -7,22 +7,17 @@ let
   inherit (lib) mkOption mkIf mkDefault types;
   cfg = config.services.exo;
   res = cfg.resources;
-  exoTypes = import ./lib/types.nix { inherit lib; };
   exoNixos = lib.getExe' cfg.toolPackage "exo-nixos";
   limit = cfg.hardware.memoryLimit;
   # hardware.nodePerGpu: the node unit is a template; each instance's drop-in has its own
   # share of MemoryMax, so MemoryHigh (a share of the whole limit) is left to the drop-ins' MemoryMax
   perGpu = cfg.hardware.nodePerGpu.enable or false;
-  # hardware.memoryLimit as patterns.json splits it: number, fraction, "%" or unit, unit
-  parts = builtins.match exoTypes.patterns.memoryLimit.pattern limit;
-  number = builtins.fromJSON (builtins.elemAt (builtins.match "0*([0-9].*)" (builtins.elemAt parts 0)) 0);
-  unitBytes = { k = 1024; m = 1048576; g = 1073741824; t = 1099511627776; };
-  scaled = value: value * res.memoryHighPercent / 100.0;
+  value = import ./lib/memory-limit.nix { inherit lib; } limit;
+  scaled = number: number * res.memoryHighPercent / 100.0;
   # memoryHighPercent of the limit: a share of a share stays a percentage, a size is in bytes
   memoryHigh =
-    if builtins.elemAt parts 2 == "%" then "${toString (builtins.floor (scaled number))}%"
-    else
-      toString (builtins.floor (scaled (number * unitBytes.${lib.toLower (builtins.elemAt parts 3)})));
+    if value ? percent then "${toString (builtins.floor (scaled value.percent))}%"
+    else toString (builtins.floor (scaled value.bytes));
 in
 {
   imports = [ ./exo-service.nix ./exo-hardware.nix ];

@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from exo_nixos.config import Accelerator, Config, MemoryLimit
-from exo_nixos.fsutil import read_bounded
+from exo_nixos.fsutil import os_reason, read_bounded
 from exo_nixos.hardware.model import Disk, Inventory
 from exo_nixos.hosttree import Tree
 from exo_nixos.k3s.credentials import credential_path
@@ -86,7 +86,7 @@ def _port_in_use(kind: int, port: int) -> str | None:
                     return "not allowed for this user (privileged port)"
                 if exc.errno == errno.EADDRNOTAVAIL:
                     continue
-                return exc.strerror or str(exc)
+                return os_reason(exc)
     return None
 
 

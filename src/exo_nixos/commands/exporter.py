@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.commands.rootarg import add_config_argument
 from exo_nixos.monitoring.psi import CGROUP_ROOT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--cgroup-root",
         default=str(CGROUP_ROOT),

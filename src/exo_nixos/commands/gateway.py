@@ -6,18 +6,14 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.commands.rootarg import add_config_argument
 
 if TYPE_CHECKING:
     import asyncio
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        default=str(DEFAULT_CONFIG_PATH),
-        help=f"the config JSON (default {DEFAULT_CONFIG_PATH})",
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--check",
         action="store_true",

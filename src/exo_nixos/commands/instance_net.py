@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.commands.rootarg import add_config_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("up", "down", "host"))
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
-    )
+    add_config_argument(parser)
     parser.add_argument("--instance", metavar="NAME", help="the node, e.g. gpu0 (up, down)")
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.commands.rootarg import add_config_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--result",
         default=None,

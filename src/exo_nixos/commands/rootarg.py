@@ -1,11 +1,20 @@
-"""The ``--root DIR`` option every command that reads /sys, /proc and /dev shares."""
+"""Options several commands share: ``--root DIR`` of those that read /sys, /proc and /dev,
+``--config FILE`` of the units' commands."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
 from exo_nixos.errors import UserError
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``, default the installed config (the units pass it explicitly)."""
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
+    )
 
 
 def add_root_argument(parser: argparse.ArgumentParser, what: str = "/sys, /proc and /dev") -> None:

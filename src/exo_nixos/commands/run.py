@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.addresses import local_api_url
-from exo_nixos.basetypes import DEFAULT_CONFIG_PATH
+from exo_nixos.commands.rootarg import add_config_argument
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -22,9 +22,7 @@ ROLES = ("master", "worker")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG_PATH), help="the config JSON (default %(default)s)"
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--role",
         choices=ROLES,

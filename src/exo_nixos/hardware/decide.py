@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from exo_nixos.basetypes import Accelerator, MemoryLimit
 from exo_nixos.findings import Finding, Severity
 from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor, Inventory
-from exo_nixos.units import size
+from exo_nixos.units import GIB, MIB, size
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config, Hardware
@@ -28,8 +28,6 @@ EXO_BACKENDS: frozenset[Accelerator] = frozenset(
 )
 BACKEND_NAMES = {Accelerator.CUDA: "CUDA", Accelerator.ROCM: "ROCm", Accelerator.MLX: "MLX"}
 GPU_ACCELERATORS = (Accelerator.CUDA, Accelerator.ROCM, Accelerator.MLX)
-MiB = 1 << 20
-GiB = 1 << 30
 
 # The share of a GPU's memory the node offers EXO for placement. EXO places a model where its
 # weights fit the memory a node reports, and nothing more (master/placement_utils.py,
@@ -40,9 +38,9 @@ GiB = 1 << 30
 # is the share used here, applied to the GPU's memory rather than the host's: weights placed
 # below that line leave the GPU the room upstream itself plans to keep free.
 GPU_MEMORY_SHARE: tuple[tuple[int, float], ...] = (
-    (128 * GiB, 0.85),
-    (64 * GiB, 0.80),
-    (32 * GiB, 0.75),
+    (128 * GIB, 0.85),
+    (64 * GIB, 0.80),
+    (32 * GIB, 0.75),
     (0, 0.70),
 )
 
@@ -147,7 +145,7 @@ class MemoryPlan:
     @property
     def env(self) -> dict[str, str]:
         return (
-            {} if self.limit_bytes is None else {"OVERRIDE_MEMORY_MB": str(self.limit_bytes // MiB)}
+            {} if self.limit_bytes is None else {"OVERRIDE_MEMORY_MB": str(self.limit_bytes // MIB)}
         )
 
     def label(self) -> str | None:

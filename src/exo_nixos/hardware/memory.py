@@ -13,7 +13,8 @@ _MEMINFO = re.compile(r"^(\w+):\s*(\d+)\s*kB\s*$", re.MULTILINE)
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
-def _meminfo(tree: Tree) -> tuple[int | None, int | None]:
+def read_meminfo(tree: Tree) -> tuple[int | None, int | None]:
+    """``MemTotal`` and ``MemAvailable`` of ``/proc/meminfo`` in bytes (None: unknown)."""
     text = tree.text("/proc/meminfo", expected=True)
     if text is None:
         return None, None
@@ -60,7 +61,7 @@ def _cgroup_limit(tree: Tree, path: str) -> int | None:
 
 
 def read_memory(tree: Tree) -> Memory:
-    total, available = _meminfo(tree)
+    total, available = read_meminfo(tree)
     path = _cgroup_path(tree)
     limit = _cgroup_limit(tree, path) if path else None
     return Memory(total, available, path, limit)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from exo_nixos.hardware.model import Gpu, GpuKind, GpuVendor
 from exo_nixos.hardware.tree import Tree, key_values
+from exo_nixos.units import GIB
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 DISPLAY_CLASS = 0x03
@@ -25,7 +26,6 @@ VENDOR_NAMES = {
     "1013": "Cirrus Logic",
     "19a2": "Emulex",
 }
-GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def scan(tree: Tree) -> list[Gpu]:
         gpu.numa_node = numa if numa is not None and numa >= 0 else None
         gpu.drm = [n for n in tree.listdir(f"{base}/drm") if n.startswith(("card", "renderD"))]
         if known and known.memory_gib:
-            gpu.memory_bytes = known.memory_gib * GiB
+            gpu.memory_bytes = known.memory_gib * GIB
             gpu.memory_source = "pci id"
         elif known and known.unified:
             gpu.memory_source = "unified"  # detection fills in the system's memory

@@ -9,13 +9,14 @@ another.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import socket
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exo_nixos.fsutil import os_reason
 from exo_nixos.network.instance_net import namespace_for
+from exo_nixos.network.sysfs import read_if_inet6
 from exo_nixos.preflight import CheckResult, Status
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def check_namespace(
         return CheckResult(
             check,
             Status.FAIL,
-            f"{netns_dir / name}: {exc.strerror}",
+            f"{netns_dir / name}: {os_reason(exc)}",
             f"start exo-netns@{instance.name}.service (exo-nixos instance-net up)",
         )
     if (wanted.st_dev, wanted.st_ino) != (mine.st_dev, mine.st_ino):
@@ -78,15 +79,9 @@ def check_link(instance: Instance, interface: str) -> CheckResult:
                 f"{interface} has no IPv4 address: EXO's API listens on IPv4 only",
                 fix,
             )
-    try:
-        table = Path("/proc/self/net/if_inet6").read_text()
-    except OSError:
-        table = ""
-    link_local = [
-        str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
-        for fields in (line.split() for line in table.splitlines())
-        if len(fields) == 6 and fields[5] == interface and fields[0].startswith("fe80")
-    ]
+    # /proc/net is /proc/self/net: the addresses of this process's own namespace
+    addresses = read_if_inet6(Path("/")).get(interface, [])
+    link_local = [a.address for a in addresses if a.address.startswith("fe80")]
     if not link_local:
         return CheckResult(
             check,

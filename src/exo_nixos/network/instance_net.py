@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_nixos.errors import UserError
+from exo_nixos.fsutil import os_reason
 
 if TYPE_CHECKING:
     from exo_nixos.config import Config
@@ -74,7 +75,7 @@ class Ip:
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False)
         except OSError as exc:
-            raise UserError(f"cannot run {self.executable}: {exc.strerror}") from None
+            raise UserError(f"cannot run {self.executable}: {os_reason(exc)}") from None
         error = done.stderr.strip()
         if done.returncode != 0 and not any(text in error for text in ok_if):
             reason = error.splitlines()[-1] if error else f"exit status {done.returncode}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, replace
@@ -26,6 +25,9 @@ from typing import Any
 
 from exo_nixos import jsonio
 from exo_nixos.fsutil import atomic_write
+from exo_nixos.hardware.memory import read_meminfo
+from exo_nixos.hosttree import Tree
+from exo_nixos.units import MIB
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ RECOVER_AFTER_S = 6 * 3600
 RECORD = "exo-nixos/runs.json"
 OOM_RESULT = "oom-kill"
 """systemd's ``$SERVICE_RESULT`` when the kernel or systemd-oomd killed a process of the unit."""
-
-_MEMTOTAL = re.compile(r"^MemTotal:\s*(\d+)\s*kB", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -158,12 +158,8 @@ def offer(record: RunRecord, decided_mb: int | None, total_mb: int | None, now: 
 
 
 def _total_mb(root: Path) -> int | None:
-    try:
-        text = (root / "proc/meminfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    match = _MEMTOTAL.search(text)
-    return int(match.group(1)) // 1024 if match else None
+    total, _ = read_meminfo(Tree(root))
+    return total // MIB if total is not None else None
 
 
 def apply(env: MutableMapping[str, str], data_dir: str, root: Path = Path("/")) -> Offer:
